@@ -1,0 +1,19 @@
+"""Sparse Feature Attention: top-k feature-sparse queries and keys, exact softmax, dense values.
+
+Importable without Hydra or the models. See README "The SFA library" and ../docs/contract.md.
+"""
+
+from .ops import available_backends, register_backend, sfa_attention
+from .reference import dense_attention, sfa_attention_reference
+from .topk import SparseCode, topk_mask, topk_sparsify
+
+__all__ = [
+    "SparseCode",
+    "available_backends",
+    "dense_attention",
+    "register_backend",
+    "sfa_attention",
+    "sfa_attention_reference",
+    "topk_mask",
+    "topk_sparsify",
+]

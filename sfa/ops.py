@@ -1,0 +1,114 @@
+"""`sfa_attention`: argument checks, then dispatch to a backend.
+
+Backends are plain functions with the signature of `sfa_attention_reference` (arguments already
+checked, `topk_q`/`topk_k` resolved to ints). The Triton backends register themselves here from
+`sfa.kernels` when Triton is importable; "reference" is always there.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .reference import sfa_attention_reference
+from .topk import SparseCode
+
+Backend = Callable[..., torch.Tensor]
+BACKENDS: dict[str, Backend] = {"reference": sfa_attention_reference}
+
+
+def register_backend(name: str, fn: Backend) -> None:
+    """Make `fn` selectable as `sfa_attention(..., backend=name)`."""
+    BACKENDS[name] = fn
+
+
+def available_backends() -> list[str]:
+    return ["auto", *BACKENDS]
+
+
+def choose_backend(q, k, v, *, topk_q: int, topk_k: int, causal: bool) -> str:
+    """The `auto` rule. Overridden by sfa.kernels.dispatch when the kernels are available."""
+    return "reference"
+
+
+def _describe(x) -> str:
+    if isinstance(x, SparseCode):
+        return f"SparseCode(shape={tuple(x.shape)}, k={x.k}, dtype={x.dtype}, device={x.device})"
+    return f"tensor(shape={tuple(x.shape)}, dtype={x.dtype}, device={x.device})"
+
+
+def _resolve_topk(name: str, x, topk, dim: int) -> int:
+    if isinstance(x, SparseCode):
+        if topk is not None and topk != x.k:
+            raise ValueError(f"sfa_attention: {name}={topk} but the SparseCode for it holds k={x.k} entries per row")
+        return x.k
+    if topk is None:
+        raise ValueError(f"sfa_attention: {name} is required when the input is a dense tensor")
+    if isinstance(topk, bool) or not isinstance(topk, int):
+        raise TypeError(f"sfa_attention: {name} must be an int, got {type(topk).__name__}")
+    if not 1 <= topk <= dim:
+        raise ValueError(f"sfa_attention: {name}={topk} must be in [1, D={dim}] (D = head dim)")
+    return topk
+
+
+def check_attention_inputs(q, k, v, *, topk_q, topk_k, scale=None) -> tuple[int, int]:
+    """Raise a clear error for any argument outside the contract; return the resolved (topk_q, topk_k)."""
+    for name, x in (("q", q), ("k", k)):
+        if not isinstance(x, (torch.Tensor, SparseCode)):
+            raise TypeError(f"sfa_attention: {name} must be a tensor or a SparseCode, got {type(x).__name__}")
+    if not isinstance(v, torch.Tensor):
+        raise TypeError(f"sfa_attention: v must be a tensor, got {type(v).__name__}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if len(x.shape) != 4:
+            raise ValueError(f"sfa_attention: {name} must have rank 4 (B, H, N, D), got {_describe(x)}")
+        if not x.dtype.is_floating_point:
+            raise TypeError(f"sfa_attention: {name} must be floating point, got {_describe(x)}")
+    (b, hq, nq, d), (bk, hkv, nk, dk), (bv, hv, nv, _) = q.shape, k.shape, v.shape
+    if not (b == bk == bv):
+        raise ValueError(f"sfa_attention: batch sizes differ: q {b}, k {bk}, v {bv}")
+    if d != dk:
+        raise ValueError(f"sfa_attention: head dim of q ({d}) and k ({dk}) must match")
+    if hkv != hv or nk != nv:
+        raise ValueError(f"sfa_attention: k {tuple(k.shape)} and v {tuple(v.shape)} must agree in heads and length")
+    if hq % hkv != 0:
+        raise ValueError(f"sfa_attention: query heads ({hq}) must be a multiple of key/value heads ({hkv}) for GQA")
+    if nq > nk:
+        raise ValueError(f"sfa_attention: more queries ({nq}) than keys ({nk}); queries are the last positions of the keys")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"sfa_attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"sfa_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"sfa_attention: scale must be a positive number, got {scale!r}")
+    topk_q = _resolve_topk("topk_q", q, topk_q, d)
+    topk_k = _resolve_topk("topk_k", k, topk_q if topk_k is None and not isinstance(k, SparseCode) else topk_k, d)
+    return topk_q, topk_k
+
+
+def sfa_attention(
+    q: torch.Tensor | SparseCode,
+    k: torch.Tensor | SparseCode,
+    v: torch.Tensor,
+    *,
+    topk_q: int | None = None,
+    topk_k: int | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Sparse Feature Attention: softmax(mask(q)·mask(k)ᵀ·scale + causal)·v.
+
+    q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), Hq a multiple of Hkv (GQA), Nq <= Nk
+    (queries are the last Nq positions). q and k may be given as SparseCodes instead. topk_k
+    defaults to topk_q. scale defaults to 1/sqrt(D). Returns (B, Hq, Nq, Dv) in v's dtype.
+    Non-finite inputs are not checked (that would cost a device sync): NaN/Inf propagate in the
+    reference and give unspecified selections in the kernels.
+    """
+    topk_q, topk_k = check_attention_inputs(q, k, v, topk_q=topk_q, topk_k=topk_k, scale=scale)
+    if backend == "auto":
+        backend = choose_backend(q, k, v, topk_q=topk_q, topk_k=topk_k, causal=causal)
+    fn = BACKENDS.get(backend)
+    if fn is None:
+        raise ValueError(f"sfa_attention: unknown backend {backend!r}; available: {', '.join(available_backends())}")
+    return fn(q, k, v, topk_q=topk_q, topk_k=topk_k, causal=causal, scale=scale)

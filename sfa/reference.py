@@ -1,0 +1,91 @@
+"""The SFA oracle: plain PyTorch, runs everywhere, defines what every backend must compute.
+
+SFA(q, k, v) is *defined* as dense attention on top-k-masked q and k:
+    softmax(mask(q) · mask(k)^T · scale + causal) · v,   scale = 1/sqrt(D) (the full head dim).
+A query/key pair with no shared active coordinate scores exactly 0 (it still takes part in the
+softmax). Gradients reach q and k only at their selected coordinates (the mask is held fixed);
+v gets a dense gradient. Called on fp32 inputs this is the fp32 reference the kernel tests use.
+
+Causal alignment when there are fewer queries than keys (decode, chunked prefill): the queries are
+the *last* Nq positions, so query i sees keys j <= i + (Nk - Nq) (as in FlashAttention).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .topk import SparseCode, topk_sparsify
+
+
+def causal_mask(n_queries: int, n_keys: int, device) -> torch.Tensor:
+    """Boolean (Nq, Nk) mask, True where a query may attend; queries are the last Nq positions."""
+    offset = n_keys - n_queries
+    q_pos = torch.arange(n_queries, device=device)[:, None] + offset
+    k_pos = torch.arange(n_keys, device=device)[None, :]
+    return k_pos <= q_pos
+
+
+def dense_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Dense attention through SDPA with GQA by head repetition. q (B,Hq,Nq,D), k/v (B,Hkv,Nk,·)."""
+    group = q.shape[1] // k.shape[1]
+    if group > 1:
+        k = k.repeat_interleave(group, dim=1)
+        v = v.repeat_interleave(group, dim=1)
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    if causal and n_q != n_k:
+        mask = causal_mask(n_q, n_k, q.device)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+    return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale)
+
+
+def attention_math(q, k, v, *, causal: bool = True, scale: float | None = None) -> torch.Tensor:
+    """The same function written out (scores, mask, softmax, P·V) in the inputs' dtype; used to check
+    that the SDPA path above computes exactly the definition (e.g. in float64)."""
+    group = q.shape[1] // k.shape[1]
+    k = k.repeat_interleave(group, dim=1)
+    v = v.repeat_interleave(group, dim=1)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = (q @ k.transpose(-1, -2)) * scale
+    if causal:
+        allowed = causal_mask(q.shape[-2], k.shape[-2], q.device)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def masked_features(x: torch.Tensor | SparseCode, topk: int) -> torch.Tensor:
+    """The dense tensor SFA scores with: a code's scatter, or x with its top-k kept per row.
+    topk equal to the row length keeps x itself, so SFA with k = D *is* dense attention."""
+    if isinstance(x, SparseCode):
+        return x.to_dense()
+    if topk == x.shape[-1]:
+        return x
+    return topk_sparsify(x, topk).to_dense()
+
+
+def sfa_attention_reference(
+    q: torch.Tensor | SparseCode,
+    k: torch.Tensor | SparseCode,
+    v: torch.Tensor,
+    *,
+    topk_q: int,
+    topk_k: int,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """Reference backend (arguments already validated by sfa.ops.sfa_attention)."""
+    q_masked = masked_features(q, topk_q)
+    k_masked = masked_features(k, topk_k)
+    return dense_attention(q_masked, k_masked, v, causal=causal, scale=scale)
