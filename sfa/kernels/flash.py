@@ -1,0 +1,219 @@
+"""The `flash` backend: FlashSFA forward + backward in Triton, as torch.library custom ops.
+
+    flash_sfa_attention(q, k, v, *, topk_q, topk_k, causal, scale)
+
+1. Expand q and k once per tensor to masked-dense q̃, k̃ (top-k kept, rest zero). SparseCode inputs
+   are scattered; dense inputs go through top-k. Autograd of this step is what restricts dq and dk to
+   the selected coordinates (a gather at the code's indices), so the kernels stay plain dense tiles.
+2. `sfa::flash_fwd(q̃, k̃, v, causal, scale) -> (out, lse)` and its backward `sfa::flash_bwd`, linked by
+   `register_autograd` and with fake implementations, so torch.compile traces them without breaks.
+
+Supported by the kernels: head dims D, Dv in {16, 32, 64, 128} (tl.dot needs >= 16; larger tiles were
+not tuned or tested). Any other D falls back to the fp32-accurate reference with a warning naming the
+reason. The kernels run on CUDA, or on CPU under TRITON_INTERPRET=1 (tests).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+import triton
+
+from ..reference import masked_features, sfa_attention_reference
+from ..topk import SparseCode
+from .flash_bwd import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_bwd_preprocess_kernel
+from .flash_fwd import LOG2E, flash_fwd_kernel
+
+SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
+
+
+def interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+# ---------------------------------------------------------------------------------------------
+# Launch configurations. The interpreter cannot autotune and is slow per block, so it gets one small
+# fixed tile (small enough that the tiny test shapes span several blocks and hit every mask path).
+# On the GPU: a table measured with `scripts/bench_attention.py --sweep` (docs/bench/notes_flash.md).
+# ---------------------------------------------------------------------------------------------
+_INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
+
+# (kernel, head_dim) -> config; missing entries use the defaults below.
+GPU_CONFIGS: dict[tuple[str, int], dict] = {}
+_GPU_DEFAULTS = {
+    "fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    "dkdv": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),
+    "dq": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=2),
+}
+
+
+def launch_config(kernel: str, head_dim: int, override: dict | None = None) -> dict:
+    """Tile sizes and launch options for `kernel` in {"fwd", "dkdv", "dq"}."""
+    if override is not None:
+        return dict(override)
+    if interpreting():
+        return dict(_INTERPRETER_CONFIG)
+    return dict(GPU_CONFIGS.get((kernel, head_dim), _GPU_DEFAULTS[kernel]))
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs get exact fp32 dots (tests compare to the fp32 reference); 16-bit inputs ignore this.
+    return "ieee" if dtype == torch.float32 else "tf32"
+
+
+def _head_dim_block(dim: int) -> int:
+    return triton.next_power_of_2(dim)
+
+
+# ---------------------------------------------------------------------------------------------
+# Launchers (plain functions on masked-dense tensors; the custom ops wrap them).
+# ---------------------------------------------------------------------------------------------
+def flash_forward(q, k, v, *, causal: bool, scale: float, config: dict | None = None):
+    """out (B,Hq,Nq,Dv) in v's dtype and lse (B,Hq,Nq) fp32 (natural log of the scaled scores' sum)."""
+    b, hq, n_q, d = q.shape
+    hkv, n_k, dv = k.shape[1], k.shape[2], v.shape[-1]
+    out = torch.empty((b, hq, n_q, dv), dtype=v.dtype, device=q.device)
+    lse = torch.empty((b, hq, n_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    cfg = launch_config("fwd", d, config)
+    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    grid = (triton.cdiv(n_q, block_m), b * hq)
+    flash_fwd_kernel[grid](
+        q, k, v, out, lse,
+        *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
+        hq, hq // hkv, n_q, n_k, n_k - n_q, scale * LOG2E,
+        HEAD_DIM=d, VALUE_DIM=dv, BLOCK_D=_head_dim_block(d), BLOCK_DV=_head_dim_block(dv),
+        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), **cfg,
+    )
+    return out, lse
+
+
+def flash_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, configs: dict | None = None):
+    """Gradients (dq̃, dk̃, dv) with respect to the masked-dense q̃, k̃ and v; dk, dv summed over GQA groups."""
+    b, hq, n_q, d = q.shape
+    hkv, n_k, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
+    group = hq // hkv
+    dq = torch.empty_like(q)
+    dk = torch.empty_like(k)
+    dv = torch.empty_like(v)
+    if q.numel() == 0 or k.numel() == 0:
+        return dq.zero_(), dk.zero_(), dv.zero_()
+    lse = lse.contiguous()
+    delta = torch.empty_like(lse)
+    configs = configs or {}
+    block_d, block_dv, precision = _head_dim_block(d), _head_dim_block(dv_dim), _dot_precision(q.dtype)
+
+    pre_block = 64 if not interpreting() else 16
+    flash_bwd_preprocess_kernel[(triton.cdiv(n_q, pre_block), b * hq)](
+        out, grad_out, delta, *out.stride(), *grad_out.stride(), *delta.stride(), hq, n_q,
+        VALUE_DIM=dv_dim, BLOCK_DV=block_dv, BLOCK_M=pre_block,
+    )
+    common = dict(HEAD_DIM=d, VALUE_DIM=dv_dim, BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=causal,
+                  DOT_PRECISION=precision)
+
+    cfg = launch_config("dkdv", d, configs.get("dkdv"))
+    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    flash_bwd_dkdv_kernel[(triton.cdiv(n_k, block_n), b * hkv)](
+        q, k, v, grad_out, lse, delta, dk, dv,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(), *dk.stride(), *dv.stride(),
+        hkv, group, n_q, n_k, n_k - n_q, scale, scale * LOG2E,
+        BLOCK_M=block_m, BLOCK_N=block_n, **common, **cfg,
+    )
+
+    cfg = launch_config("dq", d, configs.get("dq"))
+    block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
+    flash_bwd_dq_kernel[(triton.cdiv(n_q, block_m), b * hq)](
+        q, k, v, grad_out, lse, delta, dq,
+        *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(), *dq.stride(),
+        hq, group, n_q, n_k, n_k - n_q, scale, scale * LOG2E,
+        BLOCK_M=block_m, BLOCK_N=block_n, **common, **cfg,
+    )
+    return dq, dk, dv
+
+
+# ---------------------------------------------------------------------------------------------
+# Custom ops: opaque to torch.compile (no graph breaks), differentiable through register_autograd.
+# ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("sfa::flash_fwd", mutates_args=())
+def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashSFA forward on masked-dense q̃ (B,Hq,Nq,D), k̃ (B,Hkv,Nk,D), v (B,Hkv,Nk,Dv) -> (out, lse)."""
+    return flash_forward(q, k, v, causal=causal, scale=scale)
+
+
+@flash_fwd.register_fake
+def _flash_fwd_fake(q, k, v, causal, scale):
+    b, hq, n_q, _ = q.shape
+    return q.new_empty((b, hq, n_q, v.shape[-1]), dtype=v.dtype), q.new_empty((b, hq, n_q), dtype=torch.float32)
+
+
+@torch.library.custom_op("sfa::flash_bwd", mutates_args=())
+def flash_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashSFA backward: (dq̃, dk̃, dv), dense in the masked-dense inputs; dk, dv summed over each GQA group."""
+    return flash_backward(grad_out, q, k, v, out, lse, causal=causal, scale=scale)
+
+
+@flash_bwd.register_fake
+def _flash_bwd_fake(grad_out, q, k, v, out, lse, causal, scale):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, causal, scale = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse)
+    ctx.causal, ctx.scale = causal, scale
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward(ctx, grad_out, _grad_lse):
+    q, k, v, out, lse = ctx.saved_tensors
+    dq, dk, dv = torch.ops.sfa.flash_bwd(grad_out, q, k, v, out, lse, ctx.causal, ctx.scale)
+    return dq, dk, dv, None, None
+
+
+flash_fwd.register_autograd(_backward, setup_context=_setup_context)
+
+
+# ---------------------------------------------------------------------------------------------
+# The backend entry (arguments already validated by sfa.ops.sfa_attention).
+# ---------------------------------------------------------------------------------------------
+def unsupported_reason(q, v) -> str | None:
+    """Why the kernels cannot take these inputs (None when they can)."""
+    d, dv = q.shape[-1], v.shape[-1]
+    if d not in SUPPORTED_HEAD_DIMS or dv not in SUPPORTED_HEAD_DIMS:
+        return f"head dims D={d}, Dv={dv} not in the kernel's supported set {SUPPORTED_HEAD_DIMS}"
+    return None
+
+
+def flash_sfa_attention(
+    q: torch.Tensor | SparseCode,
+    k: torch.Tensor | SparseCode,
+    v: torch.Tensor,
+    *,
+    topk_q: int,
+    topk_k: int,
+    causal: bool = True,
+    scale: float | None = None,
+) -> torch.Tensor:
+    """SFA through the FlashSFA kernels; same contract as sfa.sfa_attention_reference."""
+    if not (v.is_cuda or interpreting()):
+        raise RuntimeError(
+            f"flash backend: the Triton kernels need CUDA tensors (got device {v.device}); on CPU use "
+            "backend='reference', or set TRITON_INTERPRET=1 before importing sfa.kernels to run them interpreted"
+        )
+    reason = unsupported_reason(q, v)
+    if reason is not None:
+        warnings.warn(f"flash backend: {reason}; falling back to the reference backend", stacklevel=2)
+        return sfa_attention_reference(q, k, v, topk_q=topk_q, topk_k=topk_k, causal=causal, scale=scale)
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    q_masked = masked_features(q, topk_q)
+    k_masked = masked_features(k, topk_k)
+    out, _ = torch.ops.sfa.flash_fwd(q_masked, k_masked, v, bool(causal), float(scale))
+    return out
