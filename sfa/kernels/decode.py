@@ -1,0 +1,227 @@
+"""Decode over the compressed KV cache: a few query tokens against K as a SparseCode and V dense.
+
+Decode is bandwidth-bound: per key the kernel reads k values + k uint8 indices + Dv values of V,
+(3k + 2Dv) bytes in bf16 instead of the dense 2(D + Dv). So:
+  * split-KV: the cache length L is cut into chunks, one program per (batch, KV head, chunk), so
+    even batch 1 fills the GPU; a second small kernel merges the chunks' partial softmaxes.
+  * GQA: all query heads of one KV head (and all T query tokens) are rows of one program, so each
+    cache byte is read once, not once per query head.
+  * the scores gather the query (dense, top-k masked, L1/L2-resident, a few hundred bytes) at each
+    key's k indices: score[r, j] = sum_u q~[r, idx[j, u]] * val[j, u]. No dense key is formed.
+  * P·V runs on the tensor cores (the query rows are padded to 16, the minimum dot size).
+Causal alignment: the T queries are the last T positions, so query t sees keys j <= L - T + t.
+The cache tensors may be views with arbitrary batch/head/token strides (sfa/cache.py passes
+`[:, :, :L]` slices of preallocated buffers); only the last dim must be contiguous.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._config import interpreting, next_pow2, num_sms
+
+MAX_QUERY_ROWS = 64  # (query heads per KV head) x (query tokens) handled in one program
+LOG2_E = 1.4426950408889634
+
+
+@triton.jit
+def _decode_split_kernel(
+    Q, K_VAL, K_IDX, V, O_PART, LSE_PART,
+    stride_qb, stride_qh, stride_qt,
+    stride_kb, stride_kh, stride_kl,
+    stride_ib, stride_ih, stride_il,
+    stride_vb, stride_vh, stride_vl,
+    n_kv_heads, n_keys, n_queries, keys_per_split, n_splits, scale_log2,
+    GROUP: tl.constexpr, ROWS: tl.constexpr, KSEL: tl.constexpr, KSEL_PAD: tl.constexpr,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_L: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):
+    bh = tl.program_id(0)
+    split = tl.program_id(1)
+    b = bh // n_kv_heads
+    h_kv = bh % n_kv_heads
+
+    rows = tl.arange(0, ROWS)
+    row_ok = rows < GROUP * n_queries
+    head = h_kv * GROUP + rows // n_queries  # query head of each row
+    t = rows % n_queries
+    q_row = Q + b.to(tl.int64) * stride_qb + head * stride_qh + t * stride_qt
+    last_visible = n_keys - n_queries + t  # causal: query t sees keys <= this
+
+    sel = tl.arange(0, KSEL_PAD)
+    sel_ok = sel < KSEL
+    dv = tl.arange(0, DV_PAD)
+    dv_ok = dv < DV
+    k_val_base = K_VAL + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
+    k_idx_base = K_IDX + b.to(tl.int64) * stride_ib + h_kv.to(tl.int64) * stride_ih
+    v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
+
+    m_i = tl.full([ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([ROWS], tl.float32)
+    acc = tl.zeros([ROWS, DV_PAD], tl.float32)
+
+    start = split * keys_per_split
+    end = tl.minimum(start + keys_per_split, n_keys)
+    for l0 in range(start, end, BLOCK_L):
+        keys = l0 + tl.arange(0, BLOCK_L)
+        key_ok = keys < end
+        keys64 = keys.to(tl.int64)
+        code_ok = key_ok[:, None] & sel_ok[None, :]
+        idx = tl.load(k_idx_base + keys64[:, None] * stride_il + sel[None, :], mask=code_ok, other=0).to(tl.int32)
+        val = tl.load(k_val_base + keys64[:, None] * stride_kl + sel[None, :], mask=code_ok, other=0.0).to(tl.float32)
+        q_at_idx = tl.load(
+            q_row[:, None, None] + idx[None, :, :],
+            mask=row_ok[:, None, None] & code_ok[None, :, :], other=0.0,
+        ).to(tl.float32)
+        s = tl.sum(q_at_idx * val[None, :, :], axis=2) * scale_log2  # (ROWS, BLOCK_L), log2 units
+        visible = key_ok[None, :]
+        if CAUSAL:
+            visible = visible & (keys[None, :] <= last_visible[:, None])
+        s = tl.where(visible, s, float("-inf"))
+
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows that have seen no key yet
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        v = tl.load(v_base + keys64[:, None] * stride_vl + dv[None, :], mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    # Partials: normalised output and log2-sum-exp per (row, split); -inf marks "no visible key".
+    has_keys = l_i > 0
+    out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
+    lse = tl.where(has_keys, m_i + tl.log2(tl.where(has_keys, l_i, 1.0)), float("-inf"))
+    part_row = ((b * (n_kv_heads * GROUP) + head) * n_queries + t).to(tl.int64) * n_splits + split
+    tl.store(LSE_PART + part_row, lse, mask=row_ok)
+    tl.store(O_PART + part_row[:, None] * DV + dv[None, :], out, mask=row_ok[:, None] & dv_ok[None, :])
+
+
+@triton.jit
+def _combine_kernel(
+    O_PART, LSE_PART, OUT, n_splits,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)  # one (batch, query head, query token) row
+    s = tl.arange(0, SPLITS_PAD)
+    s_ok = s < n_splits
+    dv = tl.arange(0, DV_PAD)
+    dv_ok = dv < DV
+    lse = tl.load(LSE_PART + row * n_splits + s, mask=s_ok, other=float("-inf"))
+    m = tl.max(lse, axis=0)
+    w = tl.exp2(lse - m)  # splits without visible keys weigh 0; every row sees key 0, so m is finite
+    w = w / tl.sum(w, axis=0)
+    part = tl.load(O_PART + (row * n_splits + s)[:, None] * DV + dv[None, :], mask=s_ok[:, None] & dv_ok[None, :], other=0.0)
+    out = tl.sum(part * w[:, None], axis=0)
+    tl.store(OUT + row * DV + dv, out.to(OUT.dtype.element_ty), mask=dv_ok)
+
+
+def _split_plan(batch_heads: int, n_keys: int, block_l: int, device: torch.device) -> tuple[int, int]:
+    """(n_splits, keys_per_split): about 4 programs per SM overall, chunks a multiple of the block."""
+    if interpreting():
+        keys_per_split = 2 * block_l  # several splits even at tiny L, so the combine path is tested
+    else:
+        want = max(1, math.ceil(4 * num_sms(device) / batch_heads))
+        keys_per_split = max(block_l, math.ceil(math.ceil(n_keys / want) / block_l) * block_l)
+    return math.ceil(n_keys / keys_per_split), keys_per_split
+
+
+# Launch config. GPU values measured on H100 (docs/bench/notes_topk_decode.md); the interpreter one is small.
+GPU_DECODE_CONFIG = dict(BLOCK_L=64, num_warps=4, num_stages=3)
+INTERPRETER_DECODE_CONFIG = dict(BLOCK_L=16, num_warps=4, num_stages=1)
+
+
+def decode_into(
+    q_masked: torch.Tensor, k_values: torch.Tensor, k_indices: torch.Tensor, v: torch.Tensor,
+    out: torch.Tensor, *, scale: float, causal: bool, config: dict | None = None,
+) -> None:
+    """Launch both kernels. q_masked (B, Hq, T, D) dense top-k-masked queries; k_values/k_indices
+    (B, Hkv, L, k); v (B, Hkv, L, Dv); out (B, Hq, T, Dv) contiguous, written in place."""
+    b, hq, n_q, _ = q_masked.shape
+    _, hkv, n_keys, ksel = k_values.shape
+    dv = v.shape[-1]
+    group = hq // hkv
+    if q_masked.stride(-1) != 1:
+        q_masked = q_masked.contiguous()
+    cfg = dict(config or (INTERPRETER_DECODE_CONFIG if interpreting() else GPU_DECODE_CONFIG))
+    block_l = cfg.pop("BLOCK_L")
+    n_splits, keys_per_split = _split_plan(b * hkv, n_keys, block_l, v.device)
+    o_part = torch.empty((b * hq * n_q * n_splits, dv), dtype=torch.float32, device=v.device)
+    lse_part = torch.empty((b * hq * n_q * n_splits,), dtype=torch.float32, device=v.device)
+    dv_pad = max(16, next_pow2(dv))
+    _decode_split_kernel[(b * hkv, n_splits)](
+        q_masked, k_values, k_indices, v, o_part, lse_part,
+        q_masked.stride(0), q_masked.stride(1), q_masked.stride(2),
+        k_values.stride(0), k_values.stride(1), k_values.stride(2),
+        k_indices.stride(0), k_indices.stride(1), k_indices.stride(2),
+        v.stride(0), v.stride(1), v.stride(2),
+        hkv, n_keys, n_q, keys_per_split, n_splits, scale * LOG2_E,
+        GROUP=group, ROWS=max(16, next_pow2(group * n_q)), KSEL=ksel, KSEL_PAD=next_pow2(ksel),
+        DV=dv, DV_PAD=dv_pad, BLOCK_L=block_l, CAUSAL=causal,
+        DOT_PRECISION="ieee" if v.dtype == torch.float32 else "tf32",
+        **cfg,
+    )
+    _combine_kernel[(b * hq * n_q,)](
+        o_part, lse_part, out, n_splits, DV=dv, DV_PAD=dv_pad, SPLITS_PAD=max(2, next_pow2(n_splits)),
+    )
+
+
+@torch.library.custom_op("sfa::decode_attention", mutates_args=())
+def decode_attention_op(
+    q_masked: torch.Tensor, k_values: torch.Tensor, k_indices: torch.Tensor, v: torch.Tensor,
+    scale: float, causal: bool,
+) -> torch.Tensor:
+    out = torch.empty((*q_masked.shape[:-1], v.shape[-1]), dtype=v.dtype, device=v.device)
+    decode_into(q_masked, k_values, k_indices, v, out, scale=scale, causal=causal)
+    return out
+
+
+@decode_attention_op.register_fake
+def _(q_masked, k_values, k_indices, v, scale, causal):
+    return q_masked.new_empty((*q_masked.shape[:-1], v.shape[-1]), dtype=v.dtype)
+
+
+def _as_dense_masked(x, topk: int) -> torch.Tensor:
+    from ..topk import SparseCode
+    from .topk import fused_topk_masked
+
+    if isinstance(x, SparseCode):
+        return x.to_dense()
+    if topk == x.shape[-1]:
+        return x
+    return fused_topk_masked(x, topk)[1]
+
+
+def decode_sfa_attention(q, k, v, *, topk_q: int, topk_k: int, causal: bool = True, scale: float | None = None):
+    """The `decode` backend: few queries (Hq/Hkv x Nq <= 64 rows per KV head) against a compressed cache.
+
+    k is normally a SparseCode (the cache); a dense k is sparsified first (a full pass over the keys,
+    so only worth it when the same keys serve many steps -- `auto` never picks decode for dense k).
+    """
+    from ..topk import SparseCode
+    from ._config import kernel_can_run_on
+    from .topk import fused_topk_sparsify
+
+    hq, n_q, d = q.shape[1], q.shape[2], q.shape[3]
+    hkv = k.shape[1]
+    if (hq // hkv) * n_q > MAX_QUERY_ROWS:
+        raise ValueError(
+            f"decode backend: (query heads per KV head) x (queries) = {hq // hkv} x {n_q} exceeds "
+            f"{MAX_QUERY_ROWS}; use backend='masked' or 'flash' for prefill"
+        )
+    if d > 256:
+        raise ValueError(f"decode backend: head dim D={d} > 256 is not supported (uint8 indices)")
+    if not kernel_can_run_on(v):
+        raise ValueError(f"decode backend: needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got device {v.device}")
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    code = k if isinstance(k, SparseCode) else fused_topk_sparsify(k, topk_k)
+    values, indices = code.values, code.indices
+    if values.stride(-1) != 1 or indices.stride(-1) != 1:
+        values, indices = values.contiguous(), indices.contiguous()
+    q_masked = _as_dense_masked(q, topk_q).to(v.dtype)
+    return decode_attention_op(q_masked, values, indices, v, scale if scale is not None else 1.0 / math.sqrt(d), causal)
