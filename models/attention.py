@@ -1,0 +1,139 @@
+"""The one seam where a model's attention becomes dense, SFA, or the short-embedding baseline.
+
+Models compute q, k, v split into heads (and, for Qwen3, normalised and rotated) and hand them to
+`attend`. Everything that differs between the three kinds lives here, except the width of the q/k
+projections, which the models read from `qk_head_dim`:
+  dense : softmax(q kᵀ / sqrt(D) + causal) v through torch's SDPA.
+  sfa   : the same with q and k reduced to their top-k coordinates per head (sfa.sfa_attention).
+  short : q and k are projected to d_short per head instead of D (V and the output unchanged), so the
+          model simply produces narrower q/k and the attention is dense with scale 1/sqrt(d_short).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+import sfa
+from sfa.reference import causal_mask
+
+ATTENTION_KINDS = ("dense", "sfa", "short")
+
+
+@dataclass
+class AttentionConfig:
+    kind: str = "dense"
+    topk_q: int | None = None  # SFA: features kept per query row (per Q head)
+    topk_k: int | None = None  # SFA: features kept per key row (per KV head); defaults to topk_q
+    d_short: int | None = None  # short baseline: q/k width per head
+    backend: str = "auto"  # sfa.sfa_attention backend
+    feature_map: bool = False  # SFA on Qwen3: learned d×d map shared by Q and K after RoPE
+
+    @classmethod
+    def coerce(cls, attention: "AttentionConfig | dict | str | None") -> "AttentionConfig":
+        """Accept an AttentionConfig, a dict of its fields, a kind name, or None (dense)."""
+        if attention is None:
+            return cls()
+        if isinstance(attention, cls):
+            return attention
+        if isinstance(attention, str):
+            return cls(kind=attention)
+        if isinstance(attention, dict):
+            known = {f.name for f in fields(cls)}
+            unknown = sorted(set(attention) - known)
+            if unknown:
+                raise ValueError(f"attention: unknown field(s) {unknown}; known: {sorted(known)}")
+            return cls(**attention)
+        raise TypeError(f"attention must be an AttentionConfig, dict, kind name or None, got {type(attention).__name__}")
+
+    def resolved(self, head_dim: int) -> "AttentionConfig":
+        """Check this config against a model's head dim; return a copy with topk_k filled in."""
+        if self.kind not in ATTENTION_KINDS:
+            raise ValueError(f"attention.kind={self.kind!r} is unknown; choose one of {', '.join(ATTENTION_KINDS)}")
+        values = asdict(self)
+        if self.kind == "sfa":
+            if self.topk_q is None:
+                raise ValueError("attention.topk_q is required for attention.kind='sfa'")
+            values["topk_k"] = self.topk_q if self.topk_k is None else self.topk_k
+            for name in ("topk_q", "topk_k"):
+                k = values[name]
+                if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= head_dim:
+                    raise ValueError(f"attention.{name}={k!r} must be an int in [1, head_dim={head_dim}]")
+            if self.backend not in sfa.available_backends():
+                raise ValueError(
+                    f"attention.backend={self.backend!r} is unknown; available: {', '.join(sfa.available_backends())}"
+                )
+        elif self.topk_q is not None or self.topk_k is not None:
+            raise ValueError(f"attention.topk_q/topk_k are only meaningful for kind='sfa', not {self.kind!r}")
+        if self.kind == "short":
+            d = self.d_short
+            if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= head_dim:
+                raise ValueError(f"attention.d_short={d!r} must be an int in [1, head_dim={head_dim}] for kind='short'")
+        elif self.d_short is not None:
+            raise ValueError(f"attention.d_short is only meaningful for kind='short', not {self.kind!r}")
+        if self.feature_map and self.kind != "sfa":
+            raise ValueError("attention.feature_map=True needs attention.kind='sfa'")
+        return AttentionConfig(**values)
+
+    def qk_head_dim(self, head_dim: int) -> int:
+        """Width of q and k per head: d_short for the short baseline, else the head dim."""
+        return self.d_short if self.kind == "short" else head_dim
+
+
+def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal SDPA with GQA; queries are the last q.shape[-2] positions of the keys."""
+    n_q, n_k = q.shape[-2], k.shape[-2]
+    gqa = q.shape[1] != k.shape[1]
+    if n_q == n_k:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+    # SDPA's is_causal aligns top-left; with a cache the queries sit at the end (bottom-right).
+    mask = None if n_q == 1 else causal_mask(n_q, n_k, q.device)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
+
+
+def attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    config: AttentionConfig,
+    *,
+    layer_cache=None,
+    return_pair: bool = False,
+    dense_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
+):
+    """Causal attention of the kind `config.kind` (config already `resolved`).
+
+    q (B, Hq, T, Dqk), k (B, Hkv, T, Dqk), v (B, Hkv, T, Dv) -> (B, Hq, T, Dv).
+    With `layer_cache` (an sfa.cache.LayerCache) the new k/v are appended first and q attends to
+    everything cached. With `return_pair` (SFA only, no cache) also returns the dense attention output
+    of the same inputs computed without gradients, for the conversion loss (paper Eq. 8); `dense_qk`
+    overrides the q/k that dense output uses (Qwen3 passes them from before its feature map).
+    """
+    if layer_cache is not None:
+        if return_pair:
+            raise ValueError("return_attention_pairs cannot be combined with a KV cache")
+        k, v = layer_cache.append(k, v)
+        # The cache may hold another dtype than the activations (e.g. bf16 cache, fp32 model).
+        out_dtype, q = q.dtype, q.to(v.dtype)
+    else:
+        out_dtype = None
+    if config.kind == "sfa":
+        out = sfa.sfa_attention(
+            q, k, v, topk_q=config.topk_q, topk_k=None if layer_cache is not None else config.topk_k,
+            causal=True, backend=config.backend,
+        )
+    else:
+        out = dense_sdpa(q, k, v)
+    if out_dtype is not None:
+        out = out.to(out_dtype)
+    if not return_pair:
+        return out
+    if config.kind != "sfa":
+        raise ValueError(f"return_attention_pairs needs attention.kind='sfa', not {config.kind!r}")
+    dq, dk = dense_qk if dense_qk is not None else (q, k)
+    with torch.no_grad():
+        dense_out = dense_sdpa(dq, dk, v)
+    return out, dense_out
+

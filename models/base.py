@@ -1,0 +1,133 @@
+"""What GPT-2 and Qwen3 share: input checks, the loss, parameter counts, cache construction and the
+dimensions the FLOP and memory accounting reads. Each model supplies `embed_tokens` (its token
+embedding), `lm_head`, and `trunk` (embeddings through the final norm)."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from sfa.cache import KVCache, kv_cache_bytes_per_token
+
+from .attention import AttentionConfig
+
+
+def check_model_dims(name: str, config) -> None:
+    """Clear errors for impossible shapes, shared by both configs (called from __post_init__)."""
+    for field in ("vocab_size", "max_seq_len", "n_layer", "n_head", "n_kv_head", "head_dim", "d_model"):
+        value = getattr(config, field)
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}.{field} must be a positive int, got {value!r}")
+    if config.n_head % config.n_kv_head != 0:
+        raise ValueError(
+            f"{name}: n_head={config.n_head} must be a multiple of n_kv_head={config.n_kv_head} (grouped-query attention)"
+        )
+
+
+class CausalLM(nn.Module):
+    """Base for the decoder-only language models. forward -> (logits float (B, T, V), loss | None)."""
+
+    def __init__(self, config, attention: AttentionConfig | dict | str | None):
+        super().__init__()
+        self.config = config
+        self.attention = AttentionConfig.coerce(attention).resolved(config.head_dim)
+
+    # --- subclass hooks -------------------------------------------------------------------------
+    embed_tokens: nn.Embedding
+    lm_head: nn.Linear
+
+    def trunk(self, input_ids: torch.Tensor, start: int, cache: KVCache | None, pairs: list | None) -> torch.Tensor:
+        raise NotImplementedError
+
+    # --- forward ----------------------------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        targets: torch.Tensor | None = None,
+        cache: KVCache | None = None,
+        return_attention_pairs: bool = False,
+    ):
+        """Logits (float) for every position and the mean cross-entropy against `targets`
+        (-1 = ignore). With `cache`, input_ids continue the cached sequence. With
+        `return_attention_pairs` (SFA only) also returns, per layer, (sfa_out, dense_out), each
+        (B, H, T, Dv), where dense_out is dense attention on the same layer input without gradients."""
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
+            got = f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
+            raise ValueError(f"input_ids must be an integer tensor of shape (B, T), got {got}")
+        start = 0 if cache is None else cache.length
+        if cache is not None and len(cache) != self.config.n_layer:
+            raise ValueError(f"cache has {len(cache)} layers but the model has n_layer={self.config.n_layer}")
+        if start + input_ids.shape[1] > self.config.max_seq_len:
+            raise ValueError(
+                f"sequence of {start + input_ids.shape[1]} positions ({start} cached + {input_ids.shape[1]} new) "
+                f"exceeds max_seq_len={self.config.max_seq_len}"
+            )
+        if return_attention_pairs and self.attention.kind != "sfa":
+            raise ValueError(f"return_attention_pairs needs attention.kind='sfa', not {self.attention.kind!r}")
+        pairs = [] if return_attention_pairs else None
+        hidden = self.trunk(input_ids, start, cache, pairs)
+        logits = self.lm_head(hidden).float()
+        loss = None
+        if targets is not None:
+            if targets.shape != input_ids.shape:
+                raise ValueError(f"targets {tuple(targets.shape)} must have the shape of input_ids {tuple(input_ids.shape)}")
+            loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1)
+        if return_attention_pairs:
+            return logits, loss, pairs
+        return logits, loss
+
+    # --- accounting -------------------------------------------------------------------------------
+    @property
+    def qk_head_dim(self) -> int:
+        return self.attention.qk_head_dim(self.config.head_dim)
+
+    def num_params(self, exclude_embeddings: bool = False) -> int:
+        """Parameters, a tied embedding counted once. exclude_embeddings drops the token embedding
+        (and GPT-2's position table), as in the scaling-law convention of "non-embedding" params."""
+        total = sum(p.numel() for p in self.parameters())  # parameters() already de-duplicates tied weights
+        if exclude_embeddings:
+            total -= sum(p.numel() for p in self.embedding_parameters())
+        return total
+
+    def embedding_parameters(self) -> list[nn.Parameter]:
+        params = [self.embed_tokens.weight]
+        if self.lm_head.weight is not self.embed_tokens.weight:
+            params.append(self.lm_head.weight)
+        return params
+
+    def attention_flops_dims(self) -> dict:
+        cfg, att = self.config, self.attention
+        return {
+            "n_layer": cfg.n_layer,
+            "n_head": cfg.n_head,
+            "n_kv_head": cfg.n_kv_head,
+            "head_dim": self.qk_head_dim,
+            "v_head_dim": cfg.head_dim,
+            "topk_q": att.topk_q,
+            "topk_k": att.topk_k,
+        }
+
+    def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
+        cfg = self.config
+        topk = self.attention.topk_k if self.attention.kind == "sfa" else None
+        return kv_cache_bytes_per_token(cfg.n_layer, cfg.n_kv_head, self.qk_head_dim, cfg.head_dim, topk, dtype)
+
+    def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
+        """An empty cache of the layout this model's attention needs (dense / sfa / short).
+        dtype and device default to the model's parameters'."""
+        param = self.lm_head.weight
+        cfg = self.config
+        if capacity > cfg.max_seq_len:
+            raise ValueError(f"cache capacity={capacity} exceeds max_seq_len={cfg.max_seq_len}")
+        return KVCache(
+            n_layers=cfg.n_layer,
+            batch_size=batch_size,
+            capacity=capacity,
+            n_kv_heads=cfg.n_kv_head,
+            head_dim=self.qk_head_dim,
+            v_head_dim=cfg.head_dim,
+            topk=self.attention.topk_k if self.attention.kind == "sfa" else None,
+            dtype=dtype or param.dtype,
+            device=device or param.device,
+        )

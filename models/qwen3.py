@@ -1,0 +1,178 @@
+"""Qwen3: RMSNorm, QK-norm, RoPE, grouped-query attention, SwiGLU MLP, optionally tied embeddings.
+
+Parameter names follow HF's Qwen3ForCausalLM (model.layers.0.self_attn.q_proj, ...), so weights map
+one-to-one. SFA sits after QK-norm and RoPE, i.e. on exactly the q and k the dense model would score;
+with `attention.feature_map` a learned d×d map per layer, shared by Q and K and initialised to the
+identity, is applied after RoPE and before top-k (the paper's "extra linear transformation", which
+lets training move positional dimensions out of the sparsified coordinates).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .attention import AttentionConfig, attend
+from .base import CausalLM, check_model_dims
+
+
+@dataclass
+class Qwen3Config:
+    vocab_size: int = 151936
+    max_seq_len: int = 40960
+    n_layer: int = 28
+    n_head: int = 16
+    n_kv_head: int = 8
+    head_dim: int = 128
+    d_model: int = 1024
+    intermediate_size: int = 3072
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-6
+    tie_embeddings: bool = True
+    attention_bias: bool = False
+
+    def __post_init__(self):
+        check_model_dims("Qwen3Config", self)
+        if isinstance(self.intermediate_size, bool) or not isinstance(self.intermediate_size, int) or self.intermediate_size < 1:
+            raise ValueError(f"Qwen3Config.intermediate_size must be a positive int, got {self.intermediate_size!r}")
+        if not self.rope_theta > 0:
+            raise ValueError(f"Qwen3Config.rope_theta must be positive, got {self.rope_theta!r}")
+
+
+class RMSNorm(nn.Module):
+    """x / rms(x) * weight, computed in fp32 and cast back (as HF's Qwen3RMSNorm)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+class RotaryEmbedding(nn.Module):
+    """RoPE in the "rotate half" layout: dims i and i + D/2 form a rotated pair."""
+
+    def __init__(self, dim: int, theta: float):
+        super().__init__()
+        if dim % 2:
+            raise ValueError(f"RoPE needs an even q/k head dim, got {dim}")
+        inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
+        freqs = torch.outer(positions.float(), self.inv_freq)
+        angles = torch.cat((freqs, freqs), dim=-1)  # (T, D)
+        return angles.cos().to(dtype), angles.sin().to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rope(x, cos, sin):
+    return x * cos + rotate_half(x) * sin
+
+
+class Qwen3Attention(nn.Module):
+    def __init__(self, config: Qwen3Config, attention: AttentionConfig):
+        super().__init__()
+        self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
+        self.qk_dim = attention.qk_head_dim(config.head_dim)
+        self.attention = attention
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.d_model, self.n_head * self.qk_dim, bias=bias)
+        self.k_proj = nn.Linear(config.d_model, self.n_kv_head * self.qk_dim, bias=bias)
+        self.v_proj = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=bias)
+        self.q_norm = RMSNorm(self.qk_dim, config.rms_norm_eps)
+        self.k_norm = RMSNorm(self.qk_dim, config.rms_norm_eps)
+        self.feature_map = nn.Linear(self.qk_dim, self.qk_dim, bias=False) if attention.feature_map else None
+
+    def forward(self, x, cos, sin, layer_cache=None, pairs=None):
+        b, t, _ = x.shape
+        q = self.q_norm(self.q_proj(x).view(b, t, self.n_head, self.qk_dim)).transpose(1, 2)
+        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv_head, self.qk_dim)).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        dense_qk = None
+        if self.feature_map is not None:
+            dense_qk = (q, k)  # the dense target of conversion fine-tuning has no feature map
+            q, k = self.feature_map(q), self.feature_map(k)
+        if pairs is not None:
+            out, dense_out = attend(q, k, v, self.attention, return_pair=True, dense_qk=dense_qk)
+            pairs.append((out, dense_out))
+        else:
+            out = attend(q, k, v, self.attention, layer_cache=layer_cache)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
+
+
+class Qwen3MLP(nn.Module):
+    def __init__(self, config: Qwen3Config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.d_model, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.d_model, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.d_model, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Qwen3DecoderLayer(nn.Module):
+    def __init__(self, config: Qwen3Config, attention: AttentionConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.self_attn = Qwen3Attention(config, attention)
+        self.post_attention_layernorm = RMSNorm(config.d_model, config.rms_norm_eps)
+        self.mlp = Qwen3MLP(config)
+
+    def forward(self, x, cos, sin, layer_cache=None, pairs=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer_cache=layer_cache, pairs=pairs)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Qwen3(CausalLM):
+    def __init__(self, config: Qwen3Config, attention: AttentionConfig | dict | str | None = None):
+        super().__init__(config, attention)
+        self.model = nn.ModuleDict(
+            dict(
+                embed_tokens=nn.Embedding(config.vocab_size, config.d_model),
+                layers=nn.ModuleList(Qwen3DecoderLayer(config, self.attention) for _ in range(config.n_layer)),
+                norm=RMSNorm(config.d_model, config.rms_norm_eps),
+            )
+        )
+        self.rotary = RotaryEmbedding(self.qk_head_dim, config.rope_theta)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.apply(self._init_weights)
+
+    @staticmethod
+    def _init_weights(module):
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if getattr(module, "bias", None) is not None:
+                nn.init.zeros_(module.bias)
+        if isinstance(module, Qwen3Attention) and module.feature_map is not None:
+            # Identity start: the SFA model begins as exactly the dense model's q/k (then learns a basis).
+            nn.init.eye_(module.feature_map.weight)
+
+    @property
+    def embed_tokens(self) -> nn.Embedding:
+        return self.model.embed_tokens
+
+    def trunk(self, input_ids, start, cache, pairs):
+        x = self.model.embed_tokens(input_ids)
+        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        cos, sin = self.rotary(positions, x.dtype)
+        for i, layer in enumerate(self.model.layers):
+            x = layer(x, cos, sin, layer_cache=None if cache is None else cache[i], pairs=pairs)
+        return self.model.norm(x)

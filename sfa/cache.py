@@ -1,0 +1,175 @@
+"""KV caches for autoregressive decoding: dense, and SFA's compressed one.
+
+Per layer the cache preallocates `capacity` positions and is appended to one step (or one prompt)
+at a time. The SFA cache stores each key only as its top-k code (signed values in the cache dtype and
+their column indices, uint8 for head dims up to 256) while values stay dense; attention over it goes
+through `sfa.sfa_attention(q, keys_code, values, ...)`, which accepts SparseCodes and fewer queries
+than keys (the queries are the last positions).
+
+`kv_cache_bytes_per_token` is the single formula for the memory a token costs; the caches allocate
+exactly that, and the training loop logs it, so the number reported is the number allocated.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from .topk import SparseCode, index_dtype_for, topk_sparsify
+
+
+def _element_size(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def layer_bytes_per_token(
+    n_kv_heads: int, head_dim: int, v_head_dim: int, topk: int | None = None, dtype: torch.dtype = torch.bfloat16
+) -> int:
+    """Bytes one token occupies in one layer's cache.
+
+    dense: Hkv * (D + Dv) * elem;  SFA: Hkv * (k * (elem + index_elem) + Dv * elem)
+    (with bf16 values and uint8 indices that is Hkv * (3k + 2Dv)).
+    """
+    elem = _element_size(dtype)
+    if topk is None:
+        return n_kv_heads * (head_dim + v_head_dim) * elem
+    index_elem = _element_size(index_dtype_for(head_dim))
+    return n_kv_heads * (topk * (elem + index_elem) + v_head_dim * elem)
+
+
+def kv_cache_bytes_per_token(
+    n_layers: int,
+    n_kv_heads: int,
+    head_dim: int,
+    v_head_dim: int,
+    topk: int | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> int:
+    """Bytes one token occupies in a whole model's KV cache (what the training loop logs).
+
+    head_dim is the key width actually stored (d_short for the short-embedding baseline);
+    topk=None means a dense cache, an int the SFA cache that keeps k of head_dim key features.
+    """
+    for name, value in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim), ("v_head_dim", v_head_dim)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"kv_cache_bytes_per_token: {name} must be a positive int, got {value!r}")
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= head_dim):
+        raise ValueError(f"kv_cache_bytes_per_token: topk={topk!r} must be None (dense) or an int in [1, head_dim={head_dim}]")
+    return n_layers * layer_bytes_per_token(n_kv_heads, head_dim, v_head_dim, topk, dtype)
+
+
+class LayerCache:
+    """One layer's cache: keys (dense, or as a top-k code when `topk` is set) and dense values.
+
+    Shapes: keys (B, Hkv, capacity, D) dense, or values/indices (B, Hkv, capacity, k);
+    values (B, Hkv, capacity, Dv). `length` positions are filled.
+    """
+
+    def __init__(self, batch_size, capacity, n_kv_heads, head_dim, v_head_dim, topk=None, dtype=torch.bfloat16, device=None):
+        if topk is not None and not 1 <= topk <= head_dim:
+            raise ValueError(f"LayerCache: topk={topk} must be in [1, head_dim={head_dim}]")
+        self.topk = topk
+        self.head_dim = head_dim
+        self.capacity = capacity
+        self.length = 0
+        shape = (batch_size, n_kv_heads, capacity)
+        if topk is None:
+            self.keys = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
+        else:
+            self.key_values = torch.zeros(*shape, topk, dtype=dtype, device=device)
+            self.key_indices = torch.zeros(*shape, topk, dtype=index_dtype_for(head_dim), device=device)
+        self.values = torch.zeros(*shape, v_head_dim, dtype=dtype, device=device)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every buffer this layer allocated (for exact memory accounting)."""
+        keys = [self.keys] if self.topk is None else [self.key_values, self.key_indices]
+        return [*keys, self.values]
+
+    def append(self, k: torch.Tensor | SparseCode, v: torch.Tensor):
+        """Store new keys/values (B, Hkv, T, ·) and return everything cached so far:
+        (keys (B, Hkv, L, D) or their SparseCode, values (B, Hkv, L, Dv)).
+
+        An SFA cache takes dense keys (it selects their top-k here) or a ready SparseCode."""
+        n_new = v.shape[-2]
+        end = self.length + n_new
+        if end > self.capacity:
+            raise ValueError(
+                f"KV cache is full: {self.length} cached + {n_new} new positions exceed its capacity {self.capacity}"
+            )
+        if self.topk is None:
+            if isinstance(k, SparseCode):
+                k = k.to_dense()
+            self.keys[:, :, self.length : end] = k
+        else:
+            code = k if isinstance(k, SparseCode) else topk_sparsify(k, self.topk)
+            if code.k != self.topk or code.dim != self.head_dim:
+                raise ValueError(
+                    f"KV cache: key code has k={code.k}, dim={code.dim}; the cache holds k={self.topk}, dim={self.head_dim}"
+                )
+            self.key_values[:, :, self.length : end] = code.values
+            self.key_indices[:, :, self.length : end] = code.indices
+        self.values[:, :, self.length : end] = v
+        self.length = end
+        return self.cached_keys(), self.values[:, :, :end]
+
+    def cached_keys(self) -> torch.Tensor | SparseCode:
+        if self.topk is None:
+            return self.keys[:, :, : self.length]
+        return SparseCode(
+            values=self.key_values[:, :, : self.length],
+            indices=self.key_indices[:, :, : self.length],
+            dim=self.head_dim,
+        )
+
+
+class KVCache:
+    """A model's cache: one LayerCache per layer, all with the same layout.
+
+    topk=None gives the dense cache (also the short-embedding baseline's, with head_dim = d_short);
+    an int gives SFA's compressed cache.
+    """
+
+    def __init__(
+        self,
+        n_layers: int,
+        batch_size: int,
+        capacity: int,
+        n_kv_heads: int,
+        head_dim: int,
+        v_head_dim: int,
+        topk: int | None = None,
+        dtype: torch.dtype = torch.bfloat16,
+        device=None,
+    ):
+        for name, value in (("n_layers", n_layers), ("batch_size", batch_size), ("capacity", capacity)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"KVCache: {name} must be a positive int, got {value!r}")
+        # Validates head counts, dims and topk with the same messages as the accounting.
+        kv_cache_bytes_per_token(n_layers, n_kv_heads, head_dim, v_head_dim, topk, dtype)
+        self.n_kv_heads, self.head_dim, self.v_head_dim = n_kv_heads, head_dim, v_head_dim
+        self.topk, self.dtype, self.capacity = topk, dtype, capacity
+        self.layers = [
+            LayerCache(batch_size, capacity, n_kv_heads, head_dim, v_head_dim, topk, dtype, device) for _ in range(n_layers)
+        ]
+
+    @property
+    def kind(self) -> str:
+        return "dense" if self.topk is None else "sfa"
+
+    @property
+    def length(self) -> int:
+        """Positions cached so far (read before a forward: it is the new tokens' position offset)."""
+        return self.layers[0].length
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, layer: int) -> LayerCache:
+        return self.layers[layer]
+
+    def bytes_per_token(self) -> int:
+        """Bytes per cached position for the whole model (all layers, one sequence of the batch)."""
+        return kv_cache_bytes_per_token(len(self.layers), self.n_kv_heads, self.head_dim, self.v_head_dim, self.topk, self.dtype)
+
+    def nbytes(self) -> int:
+        """Bytes actually allocated (all layers, whole batch, full capacity)."""
+        return sum(t.numel() * t.element_size() for layer in self.layers for t in layer.tensors())
