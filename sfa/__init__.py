@@ -17,3 +17,9 @@ __all__ = [
     "topk_mask",
     "topk_sparsify",
 ]
+
+# The Triton backends register themselves when Triton imports; sfa works without it (reference only).
+try:
+    from . import kernels  # noqa: F401
+except ImportError:
+    pass

@@ -28,8 +28,12 @@ def available_backends() -> list[str]:
 
 
 def choose_backend(q, k, v, *, topk_q: int, topk_k: int, causal: bool) -> str:
-    """The `auto` rule. Overridden by sfa.kernels.dispatch when the kernels are available."""
-    return "reference"
+    """The `auto` rule: sfa.kernels.dispatch's measured table when the kernels import, else reference."""
+    try:
+        from .kernels.dispatch import choose_backend as measured_rule
+    except ImportError:  # no Triton: only the reference exists
+        return "reference"
+    return measured_rule(q, k, v, topk_q=topk_q, topk_k=topk_k, causal=causal)
 
 
 def _describe(x) -> str:
