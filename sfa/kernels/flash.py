@@ -68,6 +68,16 @@ def _head_dim_block(dim: int) -> int:
     return triton.next_power_of_2(dim)
 
 
+# Tests set this to fill every output with NaN before the kernels run, so an element a kernel forgets
+# to write fails the comparison instead of passing as whatever the allocator left there.
+POISON_OUTPUTS = False
+
+
+def _new_output(shape, dtype, device) -> torch.Tensor:
+    t = torch.empty(shape, dtype=dtype, device=device)
+    return t.fill_(float("nan")) if POISON_OUTPUTS else t
+
+
 # ---------------------------------------------------------------------------------------------
 # Launchers (plain functions on masked-dense tensors; the custom ops wrap them).
 # ---------------------------------------------------------------------------------------------
@@ -75,8 +85,8 @@ def flash_forward(q, k, v, *, causal: bool, scale: float, config: dict | None = 
     """out (B,Hq,Nq,Dv) in v's dtype and lse (B,Hq,Nq) fp32 (natural log of the scaled scores' sum)."""
     b, hq, n_q, d = q.shape
     hkv, n_k, dv = k.shape[1], k.shape[2], v.shape[-1]
-    out = torch.empty((b, hq, n_q, dv), dtype=v.dtype, device=q.device)
-    lse = torch.empty((b, hq, n_q), dtype=torch.float32, device=q.device)
+    out = _new_output((b, hq, n_q, dv), v.dtype, q.device)
+    lse = _new_output((b, hq, n_q), torch.float32, q.device)
     if out.numel() == 0:
         return out, lse
     cfg = launch_config("fwd", d, config)
@@ -97,13 +107,13 @@ def flash_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, c
     b, hq, n_q, d = q.shape
     hkv, n_k, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
     group = hq // hkv
-    dq = torch.empty_like(q)
-    dk = torch.empty_like(k)
-    dv = torch.empty_like(v)
+    dq = _new_output(q.shape, q.dtype, q.device)
+    dk = _new_output(k.shape, k.dtype, k.device)
+    dv = _new_output(v.shape, v.dtype, v.device)
     if q.numel() == 0 or k.numel() == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
     lse = lse.contiguous()
-    delta = torch.empty_like(lse)
+    delta = _new_output(lse.shape, torch.float32, lse.device)
     configs = configs or {}
     block_d, block_dv, precision = _head_dim_block(d), _head_dim_block(dv_dim), _dot_precision(q.dtype)
 
