@@ -15,7 +15,7 @@ from .attention import AttentionConfig
 
 def check_model_dims(name: str, config) -> None:
     """Clear errors for impossible shapes, shared by both configs (called from __post_init__)."""
-    for field in ("vocab_size", "max_seq_len", "n_layer", "n_head", "n_kv_head", "head_dim", "d_model"):
+    for field in ("vocab_size", "max_seq_len", "n_layer", "n_head", "d_model", "n_kv_head", "head_dim"):
         value = getattr(config, field)
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}.{field} must be a positive int, got {value!r}")

@@ -41,6 +41,8 @@ class GPT2Config:
         if self.mlp_hidden is None and isinstance(self.d_model, int):
             self.mlp_hidden = 4 * self.d_model
         check_model_dims("GPT2Config", self)
+        if isinstance(self.mlp_hidden, bool) or not isinstance(self.mlp_hidden, int) or self.mlp_hidden < 1:
+            raise ValueError(f"GPT2Config.mlp_hidden must be a positive int, got {self.mlp_hidden!r}")
         if self.n_kv_head != self.n_head:
             raise ValueError(f"GPT2Config: n_kv_head={self.n_kv_head} must equal n_head={self.n_head} (GPT-2 has no GQA)")
         if not 0.0 <= self.dropout < 1.0:
