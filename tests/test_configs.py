@@ -1,0 +1,180 @@
+"""Every config in configs/ composes; bad values fail at start with a message naming the key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
+
+from training.config_checks import ConfigError, check_config, check_vocab
+from training.distributed import resolve_mode, setup
+from training.hydra_setup import CONFIG_DIR, register_resolvers
+
+GROUPS = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir() and any(p.glob("*.yaml")))
+
+
+def compose_train(overrides=(), tmp_root="/tmp/sfa-test-root"):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        return compose("train", overrides=[f"root={tmp_root}", *overrides])
+
+
+def resolved(overrides=()):
+    return OmegaConf.to_container(compose_train(overrides), resolve=True)
+
+
+def all_options():
+    for group in GROUPS:
+        for path in sorted((CONFIG_DIR / group).glob("*.yaml")):
+            yield group, path.stem
+
+
+@pytest.mark.parametrize("group,option", list(all_options()))
+def test_every_config_composes_and_resolves(group, option):
+    extra = ["data.source=/some/texts"] if (group, option) == ("data", "local") else []
+    cfg = resolved([f"{group}={option}", *extra])
+    # each group's file names what it selects, so a misnamed or miswired file shows up here
+    selected = {"model": "preset", "attention": "kind", "logging": "mode", "dist": "mode", "optim": "name"}
+    if group in selected:
+        assert cfg[group][selected[group]] == option
+    if group == "data":
+        assert cfg["data"]["tokenizer"] == cfg["model"]["tokenizer"]
+    assert cfg["out_dir"].startswith("/tmp/sfa-test-root/runs/")
+
+
+def test_groups_the_issue_asks_for_exist():
+    names = {group: {stem for g, stem in all_options() if g == group} for group in GROUPS}
+    assert {"gpt2_tiny", "gpt2_small", "gpt2_medium", "qwen3_tiny", "qwen3_0.6b"} <= names["model"]
+    assert {"dense", "sfa", "short"} <= names["attention"]
+    assert {"embedded", "openwebtext", "local"} <= names["data"]
+    assert {"online", "offline", "disabled"} <= names["logging"]
+    assert {"none", "ddp", "fsdp2"} <= names["dist"]
+    assert "adamw" in names["optim"]
+
+
+@pytest.mark.parametrize("preset", ["gpt2_tiny", "gpt2_small", "gpt2_medium", "qwen3_tiny", "qwen3_0.6b"])
+@pytest.mark.parametrize("attention", ["dense", "sfa", "short"])
+def test_every_model_attention_pair_passes_the_checks(preset, attention):
+    plan = check_config(resolved([f"model={preset}", f"attention={attention}"]), world_size=1)
+    assert plan.attention.kind == attention
+    assert plan.grad_accum >= 1
+
+
+def test_default_is_tiny_gpt2_with_sfa_k8_of_64():
+    cfg = resolved()
+    plan = check_config(cfg, world_size=1)
+    assert cfg["model"]["preset"] == "gpt2_tiny" and cfg["data"]["source"] == "embedded"
+    assert (plan.attention.kind, plan.attention.topk_q, plan.attention.topk_k) == ("sfa", 8, 8)
+    assert plan.model_config.head_dim == 64
+    assert cfg["root"] == "/tmp/sfa-test-root"
+
+
+def test_default_root_is_workspace_at_repo_root(monkeypatch):
+    monkeypatch.delenv("SFA_WORKSPACE", raising=False)
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train")
+    assert Path(cfg.root) == CONFIG_DIR.parent / "workspace"
+    assert Path(cfg.out_dir) == CONFIG_DIR.parent / "workspace" / "runs" / "gpt2_tiny-sfa-q8k8"
+
+
+def test_attention_k_sets_both_and_each_can_be_overridden():
+    plan = check_config(resolved(["attention.k=4"]), world_size=1)
+    assert (plan.attention.topk_q, plan.attention.topk_k) == (4, 4)
+    plan = check_config(resolved(["attention.k=4", "attention.topk_k=16"]), world_size=1)
+    assert (plan.attention.topk_q, plan.attention.topk_k) == (4, 16)
+
+
+def test_dense_ignores_k_so_mixed_sweeps_compose():
+    plan = check_config(resolved(["attention=dense", "attention.k=4"]), world_size=1)
+    assert plan.attention.kind == "dense" and plan.attention.topk_q is None
+
+
+def test_grad_accumulation_is_derived_from_tokens():
+    plan = check_config(resolved(["train.batch_tokens=8192", "train.micro_batch=4", "train.seq_len=128"]), world_size=2)
+    assert plan.grad_accum == 8192 // (4 * 128 * 2)
+
+
+def test_model_overrides_reach_the_model_config():
+    plan = check_config(resolved(["model.n_layer=2", "model.head_dim=32"]), world_size=1)
+    assert (plan.model_config.n_layer, plan.model_config.head_dim) == (2, 32)
+
+
+def test_unknown_key_is_caught_by_struct_mode():
+    with pytest.raises(ConfigCompositionException, match="max_stepz"):
+        compose_train(["train.max_stepz=3"])
+
+
+def test_unknown_attention_group_option():
+    with pytest.raises(ConfigCompositionException, match="attention/sparse"):
+        compose_train(["attention=sparse"])
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (["attention.k=65"], r"attention.topk_q=65 must be an int in \[1, head_dim=64\]"),
+        (["attention.topk_k=0"], r"attention.topk_k=0 must be an int in \[1, head_dim=64\]"),
+        (["attention.kind=sparse"], r"attention.kind='sparse' is unknown"),
+        (["attention.backend=fastest"], r"attention.backend='fastest' is unknown; available: auto, reference"),
+        (["attention=dense", "attention.backend=nope"], r"attention.backend='nope' is unknown"),
+        (["attention=short", "attention.d_short=128"], r"attention.d_short=128 must be an int in \[1, head_dim=64\]"),
+        (["train.batch_tokens=5000"], r"train.batch_tokens=5000 is not divisible by train.micro_batch \* train.seq_len \* world_size = 16 \* 128 \* 1 = 2048"),
+        (["train.seq_len=2048"], r"train.seq_len=2048 exceeds the model's positions .*max_seq_len=1024"),
+        (["train.max_steps=0"], r"train.max_steps must be a positive integer, got 0"),
+        (["train.micro_batch=0"], r"train.micro_batch must be a positive integer"),
+        (["train.dtype=fp16"], r"train.dtype must be one of auto, fp32, bf16; got 'fp16'"),
+        (["train.resume=/no/such/ckpt.pt"], r"train.resume must be auto, none or an existing checkpoint file"),
+        (["optim.warmup_steps=500", "train.max_steps=100"], r"optim.warmup_steps=500 exceeds the decay horizon \(100 steps\)"),
+        (["optim.min_lr=1.0"], r"optim.min_lr <= optim.lr"),
+        (["logging.mode=loud"], r"logging.mode must be one of online, offline, disabled; got 'loud'"),
+        (["model.n_layer=0"], r"model: GPT2Config.n_layer must be a positive int, got 0"),
+        (["metrics.peak_flops=-1"], r"metrics.peak_flops must be a positive number"),
+    ],
+)
+def test_impossible_values_fail_with_a_clear_message(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        check_config(resolved(overrides), world_size=1)
+
+
+def test_batch_tokens_checked_against_world_size():
+    cfg = resolved(["train.batch_tokens=2048", "train.micro_batch=16", "train.seq_len=128"])
+    check_config(cfg, world_size=1)
+    with pytest.raises(ConfigError, match=r"= 16 \* 128 \* 2 = 4096"):
+        check_config(cfg, world_size=2)
+
+
+def test_data_vocab_larger_than_model_is_refused():
+    with pytest.raises(ConfigError, match=r"vocab_size=151669 but the model has vocab_size=50304"):
+        check_vocab(151669, 50304, Path("/data/x"))
+
+
+def test_fsdp2_on_one_cpu_process_is_refused(monkeypatch):
+    for var in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(var, raising=False)
+    cfg = compose_train(["dist=fsdp2"])
+    with pytest.raises(ValueError, match=r"dist=fsdp2 on a single CPU process"):
+        setup(cfg.dist, "cpu")
+
+
+def test_dist_modes():
+    assert resolve_mode("auto", 1) == "none" and resolve_mode("auto", 4) == "ddp"
+    with pytest.raises(ValueError, match=r"dist=none but torchrun started 2 processes"):
+        resolve_mode("none", 2)
+    with pytest.raises(ValueError, match=r"dist.mode must be one of auto, none, ddp, fsdp2; got 'zero3'"):
+        resolve_mode("zero3", 1)
+
+
+def test_cuda_requested_without_gpu(monkeypatch):
+    import torch
+
+    from training.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match=r"train.device=cuda but no CUDA device"):
+        resolve_device("cuda", 0)
+    with pytest.raises(ValueError, match=r"train.device must be one of auto, cpu, cuda; got 'tpu'"):
+        resolve_device("tpu", 0)

@@ -1,0 +1,271 @@
+"""Train GPT-2 or Qwen3 with dense attention, SFA, or the short-embedding baseline.
+
+    python train.py                                        # tiny GPT-2 + SFA k=8 on the embedded corpus
+    python train.py model=gpt2_small attention=sfa attention.k=8 data=openwebtext logging=online
+    python train.py -m attention=dense,sfa attention.k=4,8,16          # a sweep, one run dir per job
+    torchrun --nproc_per_node=8 train.py model=gpt2_small dist=ddp     # or dist=fsdp2
+
+Config: configs/ (Hydra). Files: <root>/runs/<run_name>/ (config.yaml, metrics.jsonl, checkpoints/).
+Docs: docs/training.md (how to), docs/metrics.md (what each number means).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from training import checkpoint as ckpt
+from training import distributed as dist
+from training.config_checks import check_config, check_vocab
+from training.device_peaks import detect_peak_flops
+from training.hydra_setup import register_resolvers
+from training.metrics import flops_per_token, mfu, peak_memory_bytes, reset_peak_memory
+from training.optim import build_optimizer, build_scheduler
+from training.sinks import JsonlSink, Progress, WandbSink, format_record
+
+log = logging.getLogger("train")
+register_resolvers()
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def autocast_context(device: torch.device, dtype: str):
+    """bf16 autocast on the GPU (dtype=auto or bf16); fp32 on the CPU unless dtype=bf16."""
+    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
+    if use_bf16:
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def prepare_data(cfg: DictConfig, info: dist.DistInfo) -> Path:
+    """Rank 0 prepares the token shards (once, cached under data.root); the others wait, then reuse them."""
+    from data.prepare import ensure_prepared
+
+    d = cfg.data
+    source = OmegaConf.to_container(d.source) if OmegaConf.is_list(d.source) else d.source
+    options = dict(max_tokens=d.max_tokens, val_fraction=d.val_fraction, hf_split=d.hf_split, text_field=d.text_field)
+    if info.is_main:
+        ensure_prepared(source=source, tokenizer=d.tokenizer, root=d.root, **options)
+    dist.barrier(info)
+    return Path(ensure_prepared(source=source, tokenizer=d.tokenizer, root=d.root, **options))
+
+
+@torch.no_grad()
+def evaluate(model, cfg: DictConfig, data_dir: Path, info: dist.DistInfo, micro_batch: int) -> float:
+    """Mean loss over the same `eval_batches` val micro-batches every time (a fresh loader per call)."""
+    from data.loader import TokenLoader
+
+    loader = TokenLoader(data_dir, "val", micro_batch, cfg.train.seq_len, info.rank, info.world_size, cfg.train.seed)
+    model.eval()
+    total = torch.zeros((), device=info.device)
+    for _ in range(cfg.train.eval_batches):
+        x, y = (t.to(info.device) for t in loader.next_batch())
+        with autocast_context(info.device, cfg.train.dtype):
+            _, loss = model(x, y)
+        total += loss.float()
+    model.train()
+    return dist.all_reduce_mean(total / cfg.train.eval_batches, info).item()
+
+
+def save_checkpoint(model, optimizer, scheduler, loader, step, tokens_seen, config, out_dir, info, keep):
+    """Collective (every rank calls it): gather full states, rank 0 writes the file atomically."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    model_state, optim_state = get_state_dict(
+        model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
+    )
+    loader_states = dist.gather_objects(loader.state_dict(), info)
+    rng_states = dist.gather_objects(ckpt.capture_rng_state(), info)
+    path = ckpt.checkpoint_path(out_dir, step)
+    if info.is_main:
+        ckpt.save_atomic(
+            {
+                "format_version": ckpt.FORMAT_VERSION,
+                "step": step,
+                "tokens_seen": tokens_seen,
+                "world_size": info.world_size,
+                "config": config,
+                "model": model_state,
+                "optimizer": optim_state,
+                "scheduler": scheduler.state_dict(),
+                "loaders": loader_states,
+                "rng": rng_states,
+            },
+            path,
+        )
+        ckpt.prune_checkpoints(out_dir, keep)
+    dist.barrier(info)
+    return path
+
+
+def resume_from(cfg: DictConfig, out_dir: Path) -> Path | None:
+    if cfg.train.resume == "none":
+        return None
+    if cfg.train.resume == "auto":
+        return ckpt.latest_checkpoint(out_dir)
+    return Path(cfg.train.resume)
+
+
+def train(cfg: DictConfig, out_dir: Path) -> dict:
+    info = dist.setup(cfg.dist, cfg.train.device)
+    try:
+        return _train(cfg, out_dir, info)
+    finally:
+        dist.teardown()
+
+
+def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
+    from models import build_model
+    from data.loader import TokenLoader
+
+    config = OmegaConf.to_container(cfg, resolve=True)
+    plan = check_config(config, info.world_size)
+    if not info.is_main:
+        log.setLevel(logging.WARNING)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    if info.is_main:
+        OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
+
+    data_dir = prepare_data(cfg, info)
+    check_vocab(json.loads((data_dir / "meta.json").read_text())["vocab_size"], plan.model_config.vocab_size, data_dir)
+
+    # Same seed on every rank for the weights (FSDP2 shards each rank's own copy); per-rank streams after.
+    seed_everything(cfg.train.seed)
+    model = build_model(plan.model_config, plan.attention).to(info.device)
+    costs = flops_per_token(model, cfg.train.seq_len)
+    kv_bytes = model.kv_cache_bytes_per_token(torch.bfloat16)
+    n_params, n_params_nonembed = model.num_params(), model.num_params(exclude_embeddings=True)
+    seed_everything(cfg.train.seed + info.rank)
+
+    if cfg.train.compile and info.mode != "fsdp2":
+        model = torch.compile(model)
+    model = dist.wrap_model(model, info)
+    if cfg.train.compile and info.mode == "fsdp2":
+        model = torch.compile(model)
+    optimizer = build_optimizer(model, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
+    loader = TokenLoader(data_dir, "train", plan.micro_batch, cfg.train.seq_len, info.rank, info.world_size, cfg.train.seed)
+
+    step, tokens_seen = 0, 0
+    resume_path = resume_from(cfg, out_dir)
+    if resume_path is not None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        payload = ckpt.load_checkpoint(resume_path)
+        ckpt.check_compatible(payload, config, info.world_size, resume_path)
+        set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optimizer"],
+                       options=StateDictOptions(full_state_dict=True))
+        scheduler.load_state_dict(payload["scheduler"])
+        loader.load_state_dict(payload["loaders"][info.rank])
+        ckpt.restore_rng_state(payload["rng"][info.rank])
+        step, tokens_seen = payload["step"], payload["tokens_seen"]
+        log.info("resumed from %s at step %d (%d tokens seen)", resume_path, step, tokens_seen)
+
+    device_name, peak = detect_peak_flops(info.device)
+    peak = cfg.metrics.peak_flops or peak
+    run_info = {
+        "params": n_params, "params_nonembedding": n_params_nonembed, **costs,
+        "kv_cache_bytes_per_token": kv_bytes, "device": device_name, "world_size": info.world_size,
+        "dist": info.mode, "grad_accum": plan.grad_accum, "attention": plan.attention.kind,
+        "topk_q": plan.attention.topk_q, "topk_k": plan.attention.topk_k, "d_short": plan.attention.d_short,
+        "head_dim": plan.model_config.head_dim, "peak_flops_per_device": peak,
+    }
+    sinks = [JsonlSink(out_dir, step), WandbSink(cfg.logging, config, out_dir, cfg.run_name)] if info.is_main else []
+    if info.is_main:
+        (out_dir / "run_info.json").write_text(json.dumps(run_info, indent=2))
+        log.info("run dir %s", out_dir)
+        log.info("%s + %s on %s x%d (%s): %.2fM params, %.3g FLOPs/token (dense-equivalent %.3g), "
+                 "KV cache %d B/token, grad accumulation %d",
+                 cfg.model.preset, cfg.attention.tag, device_name, info.world_size, info.mode, n_params / 1e6,
+                 costs["flops_per_token"], costs["dense_equiv_flops_per_token"], kv_bytes, plan.grad_accum)
+    progress = Progress(info.is_main, cfg.train.max_steps, step, cfg.train.log_every)
+
+    model.train()
+    last_val, last_ckpt, started = None, None, time.perf_counter()
+    record: dict = {}
+    reset_peak_memory(info.device)
+    while step < cfg.train.max_steps:
+        t0 = time.perf_counter()
+        lr = scheduler.get_last_lr()[0]
+        loss_sum = torch.zeros((), device=info.device)
+        for micro in range(plan.grad_accum):
+            x, y = (t.to(info.device, non_blocking=True) for t in loader.next_batch())
+            # Gradients are all-reduced only on the last micro-batch of the step.
+            with dist.gradient_sync(model, info, enabled=micro == plan.grad_accum - 1):
+                with autocast_context(info.device, cfg.train.dtype):
+                    _, loss = model(x, y)
+                (loss / plan.grad_accum).backward()
+            loss_sum += loss.detach().float()
+        clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
+            grad_norm = grad_norm.full_tensor()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        step += 1
+        tokens_seen += cfg.train.batch_tokens
+        train_loss = dist.all_reduce_mean(loss_sum / plan.grad_accum, info).item()  # .item() syncs the device
+        step_time = time.perf_counter() - t0
+        tokens_per_s = cfg.train.batch_tokens / step_time
+
+        record = {
+            "step": step, "tokens": tokens_seen, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+            "tokens_per_s": tokens_per_s, "step_time_s": step_time, "elapsed_s": time.perf_counter() - started,
+            "flops_per_token": costs["flops_per_token"],
+            "dense_equiv_flops_per_token": costs["dense_equiv_flops_per_token"],
+            "mfu": mfu(costs["flops_per_token"], tokens_per_s, peak * info.world_size if peak else None),
+            "kv_cache_bytes_per_token": kv_bytes, "peak_memory_bytes": peak_memory_bytes(info.device),
+        }
+        out_of_time = cfg.train.time_limit_s is not None and record["elapsed_s"] >= cfg.train.time_limit_s
+        done = step == cfg.train.max_steps or out_of_time
+        if done or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+            last_val = evaluate(model, cfg, data_dir, info, plan.micro_batch)
+            record.update(val_loss=last_val, val_perplexity=float(np.exp(min(last_val, 50.0))))
+        for sink in sinks:
+            sink.write(record)
+        progress.update(record)
+        if done or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0):
+            last_ckpt = save_checkpoint(model, optimizer, scheduler, loader, step, tokens_seen, config, out_dir,
+                                        info, cfg.train.keep_checkpoints)
+        if out_of_time:
+            log.info("train.time_limit_s=%s reached at step %d", cfg.train.time_limit_s, step)
+            break
+
+    progress.close()
+    for sink in sinks:
+        sink.close()
+    summary = {"out_dir": str(out_dir), "step": step, "tokens": tokens_seen, "loss": record.get("loss"),
+               "val_loss": last_val, "checkpoint": str(last_ckpt) if last_ckpt else None}
+    if info.is_main:
+        if record:
+            log.info(format_record(record))
+        else:
+            log.info("nothing to do: the checkpoint is already at train.max_steps=%d", cfg.train.max_steps)
+        log.info("done: run dir %s", out_dir)
+        print(f"run dir: {out_dir}", flush=True)
+    return summary
+
+
+@hydra.main(config_path="configs", config_name="train", version_base="1.3")
+def main(cfg: DictConfig) -> None:
+    # Multirun jobs each get their own directory under hydra.sweep.dir; a single run gets out_dir.
+    train(cfg, Path(HydraConfig.get().runtime.output_dir))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,162 @@
+"""Atomic, complete training checkpoints: one file per save, written by rank 0.
+
+A checkpoint holds the model, optimizer and scheduler states, every rank's data-loader and RNG states,
+the step and tokens seen, the config it was trained with and FORMAT_VERSION. Files are written to a
+temporary name in the same directory, fsynced, then os.replace'd, so a crash leaves either the old set
+of checkpoints or the new one, never a torn file. Layout: <out_dir>/checkpoints/step_00000010.pt.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+FORMAT_VERSION = 1
+CHECKPOINT_DIR = "checkpoints"
+_NAME = re.compile(r"^step_(\d{8})\.pt$")
+
+# Config sections that define what is being trained. A checkpoint whose values differ here belongs to
+# another run and is refused. Everything else (max_steps, intervals, logging, backend, paths) may change.
+IDENTITY_KEYS = ("model", "attention", "data.source", "data.tokenizer", "optim", "train.seq_len", "train.batch_tokens", "train.seed")
+# Implementation choices inside those sections that do not change the maths.
+IGNORED_KEYS = ("attention.backend", "attention.tag")
+
+
+def checkpoint_path(out_dir: str | Path, step: int) -> Path:
+    return Path(out_dir) / CHECKPOINT_DIR / f"step_{step:08d}.pt"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in out_dir, oldest first (temporary files of interrupted saves are ignored)."""
+    folder = Path(out_dir) / CHECKPOINT_DIR
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if _NAME.match(p.name))
+
+
+def latest_checkpoint(out_dir: str | Path) -> Path | None:
+    found = list_checkpoints(out_dir)
+    return found[-1] if found else None
+
+
+def save_atomic(payload: dict[str, Any], path: str | Path) -> Path:
+    """torch.save to a temp file beside `path`, fsync it, rename it over `path`, fsync the directory."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)  # make the rename itself durable
+    finally:
+        os.close(dir_fd)
+    return path
+
+
+def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
+    """Delete all but the newest `keep` checkpoints (keep <= 0 keeps everything)."""
+    if keep <= 0:
+        return
+    for old in list_checkpoints(out_dir)[:-keep]:
+        old.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"train.resume: checkpoint {path} does not exist")
+    # weights_only: a checkpoint is data, never code; every field we write is a tensor or plain Python.
+    payload = torch.load(path, map_location="cpu", weights_only=True)
+    if not isinstance(payload, dict) or "format_version" not in payload:
+        raise ValueError(f"train.resume: {path} is not a training checkpoint of this project (no format_version)")
+    if payload["format_version"] > FORMAT_VERSION:
+        raise ValueError(
+            f"train.resume: {path} has checkpoint format version {payload['format_version']}, newer than this "
+            f"code reads (up to {FORMAT_VERSION}); update the code or start a new run"
+        )
+    return payload
+
+
+def _select(cfg: dict, dotted: str) -> Any:
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return None
+        node = node[part]
+    return node
+
+
+def _flatten(value: Any, prefix: str) -> dict[str, Any]:
+    if isinstance(value, dict):
+        out: dict[str, Any] = {}
+        for key, sub in value.items():
+            out.update(_flatten(sub, f"{prefix}.{key}"))
+        return out
+    return {prefix: value}
+
+
+def config_differences(saved: dict, current: dict) -> list[str]:
+    """Identity keys whose values differ between a checkpoint's config and the current one."""
+    diffs = []
+    for key in IDENTITY_KEYS:
+        old, new = _flatten(_select(saved, key), key), _flatten(_select(current, key), key)
+        for leaf in sorted(set(old) | set(new)):
+            if leaf in IGNORED_KEYS:
+                continue
+            if old.get(leaf) != new.get(leaf):
+                diffs.append(f"{leaf}: checkpoint {old.get(leaf)!r} vs now {new.get(leaf)!r}")
+    return diffs
+
+
+def check_compatible(payload: dict[str, Any], config: dict, world_size: int, path: str | Path) -> None:
+    """Refuse a checkpoint of another model/config, or one written by a different number of processes."""
+    diffs = config_differences(payload["config"], config)
+    if diffs:
+        raise ValueError(
+            f"train.resume: checkpoint {path} was trained with another config; differing keys:\n  "
+            + "\n  ".join(diffs)
+            + "\nUse a fresh out_dir (or train.resume=none) to start a new run."
+        )
+    if payload["world_size"] != world_size:
+        raise ValueError(
+            f"train.resume: checkpoint {path} was written by {payload['world_size']} processes but this run has "
+            f"{world_size}; data-loader positions are per process, so resume with the same number of processes"
+        )
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """Python, NumPy, torch CPU and (if present) CUDA generator states, in weights_only-loadable form."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {
+        "python": random.getstate(),
+        "numpy": (kind, torch.from_numpy(keys.copy()), int(pos), int(has_gauss), float(gauss)),
+        "torch": torch.get_rng_state(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state()
+    return state
+
+
+def restore_rng_state(state: dict[str, Any]) -> None:
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy(), pos, has_gauss, gauss))
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])

@@ -1,0 +1,176 @@
+"""Process-group setup for torchrun, model wrapping (DDP or FSDP2), gradient-sync control, reductions.
+
+torchrun sets RANK / LOCAL_RANK / WORLD_SIZE (and MASTER_ADDR / MASTER_PORT); without them this is one
+process and no process group is created, unless dist=fsdp2 on a GPU, which needs one even alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    mode: str  # "none" | "ddp" | "fsdp2"
+    rank: int
+    local_rank: int
+    world_size: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def initialized(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name)
+    return default if value is None else int(value)
+
+
+def resolve_device(requested: str, local_rank: int) -> torch.device:
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if requested == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError("train.device=cuda but no CUDA device is available (use train.device=auto or cpu)")
+        return torch.device("cuda", local_rank % torch.cuda.device_count())
+    if requested == "cpu":
+        return torch.device("cpu")
+    raise ValueError(f"train.device must be one of auto, cpu, cuda; got {requested!r}")
+
+
+def resolve_mode(requested: str, world_size: int) -> str:
+    """The parallelism mode for `requested` (dist.mode) with `world_size` processes, or a clear error."""
+    if requested not in ("auto", "none", "ddp", "fsdp2"):
+        raise ValueError(f"dist.mode must be one of auto, none, ddp, fsdp2; got {requested!r}")
+    if requested == "auto":
+        return "ddp" if world_size > 1 else "none"
+    if requested == "none" and world_size > 1:
+        raise ValueError(
+            f"dist=none but torchrun started {world_size} processes; use dist=ddp, dist=fsdp2 or dist=auto"
+        )
+    return requested
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def setup(dist_cfg, device_request: str) -> DistInfo:
+    """Read the torchrun environment, pick the device, and create the process group when one is needed."""
+    world_size = _env_int("WORLD_SIZE", 1)
+    rank, local_rank = _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    mode = resolve_mode(dist_cfg.mode, world_size)
+    device = resolve_device(device_request, local_rank)
+    if mode == "fsdp2" and world_size == 1 and device.type == "cpu":
+        raise ValueError(
+            "dist=fsdp2 on a single CPU process: FSDP2 shards across processes; launch several with "
+            "`torchrun --nproc_per_node=N train.py dist=fsdp2` or use dist=none"
+        )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    needs_group = world_size > 1 or mode == "fsdp2"
+    if needs_group and not dist.is_initialized():
+        if world_size == 1:  # FSDP2 on one GPU without torchrun: a group of one
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("RANK", "0")
+            os.environ.setdefault("WORLD_SIZE", "1")
+        backend = dist_cfg.backend
+        if backend == "auto":
+            backend = "nccl" if device.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(minutes=dist_cfg.timeout_min),
+            device_id=device if device.type == "cuda" else None,
+        )
+    if mode == "ddp" and world_size == 1:
+        mode = "none"  # DDP over one process is a no-op wrapper
+    return DistInfo(mode=mode, rank=rank, local_rank=local_rank, world_size=world_size, device=device)
+
+
+def teardown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The model's stack of blocks: its largest nn.ModuleList (GPT-2's h, Qwen3's layers)."""
+    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
+    if not lists:
+        raise ValueError(f"dist=fsdp2: found no nn.ModuleList of blocks to shard in {type(model).__name__}")
+    return max(lists, key=len)
+
+
+def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
+    """DDP or FSDP2 around `model` (already on info.device); unchanged for mode none."""
+    if info.mode == "ddp":
+        from torch.nn.parallel import DistributedDataParallel
+
+        return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
+    if info.mode == "fsdp2":
+        from torch.distributed.fsdp import fully_shard
+
+        # Shard block by block (each all-gathered just before use), then the root for embeddings/head.
+        for block in _transformer_blocks(model):
+            fully_shard(block)
+        fully_shard(model)
+        return model
+    return model
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's model inside a DDP wrapper (FSDP2 modifies the module in place, nothing to unwrap)."""
+    from torch.nn.parallel import DistributedDataParallel
+
+    return model.module if isinstance(model, DistributedDataParallel) else model
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, info: DistInfo, enabled: bool):
+    """Skip the gradient all-reduce on all but the last micro-batch of an accumulation window."""
+    if info.mode == "ddp" and not enabled:
+        with model.no_sync():
+            yield
+    elif info.mode == "fsdp2":
+        model.set_requires_gradient_sync(enabled)
+        yield
+    else:
+        yield
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Mean of `value` over all processes (a no-op with one)."""
+    if info.world_size > 1:
+        value = value.clone()
+        dist.all_reduce(value, op=dist.ReduceOp.SUM)
+        value /= info.world_size
+    return value
+
+
+def gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's `obj`, in rank order (a one-element list with one process)."""
+    if info.world_size == 1:
+        return [obj]
+    out: list = [None] * info.world_size
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def barrier(info: DistInfo) -> None:
+    if info.world_size > 1:
+        dist.barrier()

@@ -1,0 +1,16 @@
+"""OmegaConf resolvers the configs use. Call `register_resolvers()` before composing configs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CONFIG_DIR = REPO_ROOT / "configs"
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    # The workspace root defaults to <repo>/workspace wherever train.py is launched from.
+    if not OmegaConf.has_resolver("sfa_repo_root"):
+        OmegaConf.register_new_resolver("sfa_repo_root", lambda: str(REPO_ROOT))
