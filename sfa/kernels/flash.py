@@ -3,8 +3,9 @@
     flash_sfa_attention(q, k, v, *, topk_q, topk_k, causal, scale)
 
 1. Expand q and k once per tensor to masked-dense q̃, k̃ (top-k kept, rest zero). SparseCode inputs
-   are scattered; dense inputs go through top-k. Autograd of this step is what restricts dq and dk to
-   the selected coordinates (a gather at the code's indices), so the kernels stay plain dense tiles.
+   are scattered; dense inputs go through the fused Triton top-k (sfa.kernels.topk, one pass writing
+   q̃). Autograd of this step is what restricts dq and dk to the selected coordinates (a gather at the
+   code's indices), so the kernels stay plain dense tiles.
 2. `sfa::flash_fwd(q̃, k̃, v, causal, scale) -> (out, lse)` and its backward `sfa::flash_bwd`, linked by
    `register_autograd` and with fake implementations, so torch.compile traces them without breaks.
 
@@ -22,10 +23,11 @@ import warnings
 import torch
 import triton
 
-from ..reference import masked_features, sfa_attention_reference
+from ..reference import sfa_attention_reference
 from ..topk import SparseCode
 from .flash_bwd import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_bwd_preprocess_kernel
 from .flash_fwd import LOG2E, flash_fwd_kernel
+from .masked import masked_features  # fused top-k -> masked-dense rows, straight-through backward
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
 
