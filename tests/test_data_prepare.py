@@ -1,0 +1,283 @@
+"""data.prepare: every source, the shard format, meta.json, reuse, and the errors a user can hit."""
+
+import json
+import lzma
+import os
+
+import numpy as np
+import pytest
+
+from data import prepare as prepare_module
+from data.build_corpus import strip_gutenberg_boilerplate
+from data.format import DataFormatError, open_shards, read_meta, token_dtype
+from data.prepare import data_dir_name, ensure_prepared, main, prepare
+from data.sources import (
+    EMBEDDED_CORPUS,
+    DataSourceError,
+    DatasetUnavailableError,
+    embedded_documents,
+    is_val_index,
+    split_tail_by_chars,
+)
+from data.tokenizers import get_tokenizer
+
+
+def split_tokens(data_dir, split):
+    shards = open_shards(data_dir, split)
+    return np.concatenate(shards) if shards else np.zeros(0, dtype=np.int64)
+
+
+def documents_of(tokens, eot):
+    """Cut a split's stream back into documents at the eot that starts each one."""
+    starts = np.flatnonzero(tokens == eot)
+    return [tokens[a + 1 : b].tolist() for a, b in zip(starts, list(starts[1:]) + [len(tokens)])]
+
+
+@pytest.fixture(scope="module")
+def embedded_gpt2(tmp_path_factory):
+    return prepare("embedded", "gpt2", tmp_path_factory.mktemp("prep") / "embedded-gpt2", progress=False)
+
+
+# --- the embedded corpus ---------------------------------------------------------------------------------
+
+
+def test_embedded_corpus_is_big_enough_and_deduplicated():
+    works = [json.loads(line) for line in lzma.open(EMBEDDED_CORPUS, "rt", encoding="utf-8")]
+    texts = [w["text"] for w in works]
+    assert sum(len(t.encode()) for t in texts) >= 4_000_000
+    assert len({w["id"] for w in works}) == len(works) == 42
+    # one edition per work: no two works share their opening 2,000 characters after the title block
+    assert len({t[200:2200] for t in texts}) == len(texts)
+    assert not any("project gutenberg" in t.lower() for t in texts)
+    assert [w["split"] for w in works] == ["train"] * 39 + ["val"] * 3  # the last works are held out
+    assert EMBEDDED_CORPUS.stat().st_size < 3_000_000  # the repo stays lean
+
+
+def test_strip_gutenberg_boilerplate():
+    raw = (
+        "The Project Gutenberg EBook of Hamlet\r\nlicence blah\r\n"
+        "*** START OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\n\r\nWho's there?\r\nNay, answer me.\r\n"
+        "*** END OF THIS PROJECT GUTENBERG EBOOK HAMLET ***\r\nEnd of licence\r\n"
+    )
+    assert strip_gutenberg_boilerplate(raw) == "Who's there?\nNay, answer me.\n"
+    assert strip_gutenberg_boilerplate("no markers\n\n") == "no markers\n"
+
+
+# --- embedded + GPT-2: the default job's data ---------------------------------------------------------------
+
+
+def test_embedded_gpt2_meta_and_shards(embedded_gpt2):
+    meta = read_meta(embedded_gpt2)
+    tok = get_tokenizer("gpt2")
+    assert meta["version"] == 1
+    assert (meta["tokenizer"], meta["vocab_size"], meta["eot_token"], meta["dtype"]) == ("gpt2", 50257, 50256, "uint16")
+    assert meta["tokenizer_sha256"] == tok.file_sha256 and meta["source"] == "embedded"
+    assert meta["prepare_seconds"] < 60, "preparing the embedded corpus should take well under a minute"
+    assert (embedded_gpt2 / "train_000000.bin").stat().st_size == 2 * meta["splits"]["train"]["tokens"]
+
+    docs = list(embedded_documents())
+    for split in ("train", "val"):
+        expected = [tok.encode(d.text) for d in docs if d.split == split]
+        tokens = split_tokens(embedded_gpt2, split)
+        assert tokens.dtype == np.uint16
+        assert documents_of(tokens, tok.eot_token) == expected  # every document, in order, each after one eot
+        assert meta["splits"][split]["documents"] == len(expected)
+        assert meta["splits"][split]["tokens"] == sum(1 + len(e) for e in expected)
+    assert 0.04 < meta["splits"]["val"]["tokens"] / meta["splits"]["train"]["tokens"] < 0.15
+
+
+def test_qwen_shards_are_uint32(tmp_path):
+    out = prepare("embedded", "qwen", tmp_path / "q", max_tokens=5000, progress=False)
+    meta = read_meta(out)
+    assert (meta["dtype"], meta["vocab_size"], meta["eot_token"]) == ("uint32", 151669, 151643)
+    tokens = split_tokens(out, "train")
+    assert tokens.dtype == np.uint32 and len(tokens) == 5000
+    first_work = next(embedded_documents()).text
+    assert get_tokenizer("qwen").decode(tokens[1:].tolist()) in first_work
+
+
+def test_token_dtype_boundary():
+    assert token_dtype(50257) == "uint16"
+    assert token_dtype(65536) == "uint16"  # ids 0..65535 fit
+    assert token_dtype(65537) == "uint32"
+    assert token_dtype(151936) == "uint32"
+
+
+def test_small_shards_split_the_same_stream(embedded_gpt2, tmp_path):
+    out = prepare("embedded", "gpt2", tmp_path / "sharded", shard_tokens=300_000, progress=False)
+    meta = read_meta(out)
+    train = meta["splits"]["train"]
+    assert len(train["shards"]) == -(-train["tokens"] // 300_000)
+    assert all(s["tokens"] == 300_000 for s in train["shards"][:-1])
+    assert [s["file"] for s in train["shards"][:2]] == ["train_000000.bin", "train_000001.bin"]
+    np.testing.assert_array_equal(split_tokens(out, "train"), split_tokens(embedded_gpt2, "train"))
+
+
+def test_max_tokens_caps_exactly(tmp_path):
+    out = prepare("embedded", "gpt2", tmp_path / "capped", max_tokens=12_345, progress=False)
+    meta = read_meta(out)
+    assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == 12_345
+    assert meta["options"]["max_tokens"] == 12_345
+
+
+def test_existing_output_is_not_overwritten(embedded_gpt2):
+    with pytest.raises(FileExistsError, match="already exists and is not empty; pass --overwrite"):
+        prepare("embedded", "gpt2", embedded_gpt2)
+
+
+def test_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="unknown tokenizer 'bert'"):
+        prepare("embedded", "bert", tmp_path / "x")
+    with pytest.raises(ValueError, match="max_tokens must be a positive number"):
+        prepare("embedded", "gpt2", tmp_path / "x", max_tokens=0)
+    assert not (tmp_path / "x").exists()
+
+
+# --- local files ------------------------------------------------------------------------------------------
+
+
+def write_local_corpus(root):
+    (root / "books").mkdir()
+    (root / "books" / "a.txt").write_text("alpha " * 200 + "\n")
+    (root / "books" / "b.md").write_text("# beta\n" + "beta words " * 100)
+    (root / "books" / "skip.bin").write_bytes(b"\x00\x01")  # not a text type: ignored inside directories
+    lines = [json.dumps({"text": f"record {i} " * 20, "id": i}) for i in range(8)]
+    (root / "records.jsonl").write_text("\n".join(lines) + "\n\n")
+    return root
+
+
+def test_local_files_dirs_globs_and_jsonl(tmp_path):
+    root = write_local_corpus(tmp_path)
+    out = prepare([str(root / "books"), str(root / "*.jsonl")], "gpt2", tmp_path / "out", val_fraction=0.2, progress=False)
+    meta = read_meta(out)
+    tok = get_tokenizer("gpt2")
+    train = documents_of(split_tokens(out, "train"), tok.eot_token)
+    val = documents_of(split_tokens(out, "val"), tok.eot_token)
+    texts = [tok.decode(d) for d in train + val]
+    # directory files sorted, then jsonl records in line order; the held-out documents are the last ones
+    expected = [(root / "books" / "a.txt").read_text(), (root / "books" / "b.md").read_text()]
+    expected += [f"record {i} " * 20 for i in range(8)]
+    assert texts == expected
+    assert meta["splits"]["val"]["documents"] == len(val) >= 1
+    val_chars = sum(len(t) for t in texts[len(train):])
+    assert val_chars >= 0.2 * sum(len(t) for t in texts)
+    assert val_chars - len(texts[len(train)]) < 0.2 * sum(len(t) for t in texts)  # no more than needed
+    assert meta["options"]["val_fraction"] == 0.2
+
+
+def test_single_local_document_is_cut_at_a_line(tmp_path):
+    text = "".join(f"line {i}\n" for i in range(1000))
+    docs = split_tail_by_chars([text], 0.1)
+    assert [d.split for d in docs] == ["train", "val"]
+    assert docs[0].text + docs[1].text == text
+    assert docs[0].text.endswith("\n") and abs(len(docs[1].text) - 0.1 * len(text)) < 20
+    assert [d.split for d in split_tail_by_chars([text], 0.0)] == ["train"]
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda r: str(r / "missing.txt"), "is neither 'embedded', 'hf:<name>', nor an existing file"),
+        (lambda r: str(r / "*.nothing"), "matches no files"),
+        (lambda r: (r / "x.csv").write_text("a,b") and str(r / "x.csv"), "unsupported file type '.csv'"),
+        (lambda r: (r / "x.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n') and str(r / "x.jsonl"),
+         r'x.jsonl:2: each line needs a string "text" field'),
+        (lambda r: (r / "y.jsonl").write_text("{not json\n") and str(r / "y.jsonl"), r"y.jsonl:1: not valid JSON"),
+        (lambda r: (r / "z.txt").write_bytes(b"\xff\xfe bad") and str(r / "z.txt"), "z.txt is not UTF-8 text"),
+        (lambda r: (r / "empty").mkdir() or str(r / "empty"), "holds no .txt/.md/.jsonl files"),
+    ],
+)  # fmt: skip
+def test_bad_local_sources(tmp_path, make, message):
+    with pytest.raises(DataSourceError, match=message):
+        prepare([make(tmp_path)], "gpt2", tmp_path / "out", progress=False)
+    assert not (tmp_path / "out").exists()
+
+
+def test_bad_val_fraction(tmp_path):
+    (tmp_path / "a.txt").write_text("text\n")
+    with pytest.raises(DataSourceError, match=r"val_fraction must be in \[0, 1\), got 1.5"):
+        prepare([str(tmp_path / "a.txt")], "gpt2", tmp_path / "out", val_fraction=1.5)
+
+
+# --- Hugging Face datasets, offline -----------------------------------------------------------------------
+
+
+def test_hf_dataset_saved_to_disk(tmp_path):
+    import datasets
+
+    texts = [f"document number {i}: " + "words " * (i % 7 + 1) for i in range(100)]
+    datasets.Dataset.from_dict({"text": texts, "n": list(range(100))}).save_to_disk(str(tmp_path / "ds"))
+    out = prepare(f"hf:{tmp_path / 'ds'}", "gpt2", tmp_path / "out", val_fraction=0.1, progress=False)
+    tok = get_tokenizer("gpt2")
+    val = [tok.decode(d) for d in documents_of(split_tokens(out, "val"), tok.eot_token)]
+    train = [tok.decode(d) for d in documents_of(split_tokens(out, "train"), tok.eot_token)]
+    assert val == [texts[i] for i in range(100) if is_val_index(i, 0.1)]  # spread evenly through the stream
+    assert len(val) == 10 and len(train) == 90 and sorted(val + train) == sorted(texts)
+    assert read_meta(out)["source"] == f"hf:{tmp_path / 'ds'}"
+
+
+def test_hf_json_builder_with_cap_and_text_field(tmp_path):
+    rows = [{"content": "line of json text " * 10} for _ in range(50)]
+    (tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    out = prepare("hf:json", "gpt2", tmp_path / "out", hf_data_files=[str(tmp_path / "d.jsonl")],
+                  text_field="content", max_tokens=300, progress=False)  # fmt: skip
+    meta = read_meta(out)
+    assert meta["splits"]["train"]["tokens"] + meta["splits"]["val"]["tokens"] == 300
+    with pytest.raises(DataSourceError, match=r"has no field 'text'; it has \['content'\] \(use --text-field\)"):
+        prepare("hf:json", "gpt2", tmp_path / "out2", hf_data_files=[str(tmp_path / "d.jsonl")], progress=False)
+
+
+def test_hf_dataset_unavailable_offline_names_it_and_says_what_to_do(tmp_path):
+    assert os.environ.get("HF_DATASETS_OFFLINE") == "1"  # set by tests/conftest.py
+    with pytest.raises(DatasetUnavailableError) as info:
+        prepare("hf:HuggingFaceFW/fineweb:sample-10BT", "gpt2", tmp_path / "out", progress=False)
+    message = str(info.value)
+    assert "'HuggingFaceFW/fineweb' (config='sample-10BT', split='train')" in message
+    assert "HF_DATASETS_OFFLINE/HF_HUB_OFFLINE is set" in message
+    assert "--source embedded" in message and "save_to_disk" in message
+    assert not (tmp_path / "out").exists() and not list(tmp_path.iterdir())  # no temp folder left behind
+    with pytest.raises(DataSourceError, match="names no dataset"):
+        prepare("hf:", "gpt2", tmp_path / "out")
+
+
+# --- ensure_prepared and the CLI --------------------------------------------------------------------------
+
+
+def test_ensure_prepared_prepares_once_then_reuses(tmp_path, monkeypatch):
+    out = ensure_prepared("embedded", "gpt2", root=tmp_path, max_tokens=2000, progress=False)
+    assert out == tmp_path / "embedded-gpt2" and read_meta(out)["splits"]["train"]["tokens"] == 2000
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".embedded-gpt2.lock", "embedded-gpt2"]  # no temp left
+
+    def must_not_run(*args, **kwargs):
+        raise AssertionError("prepared again instead of reusing")
+
+    monkeypatch.setattr(prepare_module, "prepare", must_not_run)
+    assert ensure_prepared("embedded", "gpt2", root=tmp_path, max_tokens=2000) == out
+    with pytest.raises(DataFormatError, match=r"prepared with options=.*'max_tokens': 2000.*delete .*embedded-gpt2"):
+        ensure_prepared("embedded", "gpt2", root=tmp_path, max_tokens=3000)
+    with pytest.raises(TypeError, match=r"unknown option\(s\) \['max_token'\]"):
+        ensure_prepared("embedded", "gpt2", root=tmp_path, max_token=3000)
+    (out / "meta.json").write_text("{garbled")
+    with pytest.raises(DataFormatError, match="meta.json is not valid JSON"):
+        ensure_prepared("embedded", "gpt2", root=tmp_path, max_tokens=2000)
+
+
+def test_data_dir_names():
+    assert data_dir_name("embedded", "gpt2") == "embedded-gpt2"
+    assert data_dir_name("hf:HuggingFaceFW/fineweb:sample-10BT", "qwen") == "hf-HuggingFaceFW_fineweb_sample-10BT-qwen"
+    local = data_dir_name(["a/*.txt", "b"], "gpt2")
+    assert local.startswith("local-") and local.endswith("-gpt2") and local != data_dir_name(["a/*.txt"], "gpt2")
+    assert prepare_module.DEFAULT_ROOT == prepare_module.REPO_ROOT / "workspace" / "data"
+
+
+def test_cli(tmp_path, capsys):
+    (tmp_path / "a.txt").write_text("To be, or not to be, that is the question.\n" * 50)
+    main(["--source", str(tmp_path / "a.txt"), "--tokenizer", "gpt2", "--out", str(tmp_path / "out"),
+          "--val-fraction", "0.25", "--max-tokens", "1e3", "--shard-tokens", "100"])  # fmt: skip
+    meta = read_meta(tmp_path / "out")
+    assert meta["options"]["max_tokens"] == 1000 and len(meta["splits"]["train"]["shards"]) > 1
+    assert "prepared" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        main(["--source", "embedded", "--max-tokens", "ten"])
+    main(["--source", str(tmp_path / "a.txt"), "--out", str(tmp_path / "out"), "--overwrite"])
+    assert read_meta(tmp_path / "out")["options"]["max_tokens"] is None
