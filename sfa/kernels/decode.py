@@ -120,19 +120,19 @@ def _combine_kernel(
     tl.store(OUT + row * DV + dv, out.to(OUT.dtype.element_ty), mask=dv_ok)
 
 
-def _split_plan(batch_heads: int, n_keys: int, block_l: int, device: torch.device) -> tuple[int, int]:
-    """(n_splits, keys_per_split): about 4 programs per SM overall, chunks a multiple of the block."""
+def _split_plan(batch_heads: int, n_keys: int, block_l: int, device: torch.device, programs_per_sm: int):
+    """(n_splits, keys_per_split): about `programs_per_sm` programs per SM, chunks a multiple of the block."""
     if interpreting():
         keys_per_split = 2 * block_l  # several splits even at tiny L, so the combine path is tested
     else:
-        want = max(1, math.ceil(4 * num_sms(device) / batch_heads))
+        want = max(1, math.ceil(programs_per_sm * num_sms(device) / batch_heads))
         keys_per_split = max(block_l, math.ceil(math.ceil(n_keys / want) / block_l) * block_l)
     return math.ceil(n_keys / keys_per_split), keys_per_split
 
 
 # Launch config. GPU values measured on H100 (docs/bench/notes_topk_decode.md); the interpreter one is small.
-GPU_DECODE_CONFIG = dict(BLOCK_L=64, num_warps=4, num_stages=3)
-INTERPRETER_DECODE_CONFIG = dict(BLOCK_L=16, num_warps=4, num_stages=1)
+GPU_DECODE_CONFIG = dict(BLOCK_L=64, PROGRAMS_PER_SM=4, num_warps=4, num_stages=3)
+INTERPRETER_DECODE_CONFIG = dict(BLOCK_L=16, PROGRAMS_PER_SM=1, num_warps=4, num_stages=1)
 
 
 def decode_into(
@@ -149,7 +149,7 @@ def decode_into(
         q_masked = q_masked.contiguous()
     cfg = dict(config or (INTERPRETER_DECODE_CONFIG if interpreting() else GPU_DECODE_CONFIG))
     block_l = cfg.pop("BLOCK_L")
-    n_splits, keys_per_split = _split_plan(b * hkv, n_keys, block_l, v.device)
+    n_splits, keys_per_split = _split_plan(b * hkv, n_keys, block_l, v.device, cfg.pop("PROGRAMS_PER_SM", 4))
     o_part = torch.empty((b * hq * n_q * n_splits, dv), dtype=torch.float32, device=v.device)
     lse_part = torch.empty((b * hq * n_q * n_splits,), dtype=torch.float32, device=v.device)
     dv_pad = max(16, next_pow2(dv))

@@ -76,7 +76,7 @@ _GPU_CONFIGS = [
     triton.Config({"BLOCK_R": br}, num_warps=w)
     for br, w in ((4, 4), (8, 4), (16, 4), (16, 8), (32, 8))
 ]
-_INTERPRETER_BLOCK_R = 4
+_INTERPRETER_BLOCK_R = 16  # the interpreter pays per op, not per element: big blocks are cheap
 _tuned_kernel = None
 
 

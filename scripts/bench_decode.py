@@ -1,0 +1,162 @@
+"""Benchmark SFA decode over the compressed cache against dense SDPA decode (cuDNN, flash).
+
+One query token per sequence (T=1; also T=4 at one point), GQA (32 query / 8 KV heads), D = Dv = 128,
+k = 16 (D/8), bf16, context 8k..128k, batch 1 and 8. Reports latency, the cache bytes each kernel must
+read and the achieved GB/s against the measured device-to-device copy bandwidth (read + write), and
+KV-cache bytes per token. A launch-config sweep picks the decode kernel's config first.
+Prints tables, writes JSON (--out, and $OUT/decode.json when $OUT is set). GPU only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+import sfa  # noqa: E402
+from sfa.kernels import decode as decode_mod  # noqa: E402
+from sfa.reference import sfa_attention_reference  # noqa: E402
+
+HQ, HKV, D, K = 32, 8, 128, 16
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def copy_bandwidth_gbps() -> float:
+    x = torch.randn(256 * 1024 * 1024, device="cuda", dtype=torch.bfloat16)  # 512 MiB
+    y = torch.empty_like(x)
+    ms = bench(lambda: y.copy_(x))
+    return 2 * x.numel() * x.element_size() / ms / 1e6
+
+
+def make_inputs(b, n_keys, n_q=1):
+    q = torch.randn(b, HQ, n_q, D, device="cuda", dtype=torch.bfloat16)
+    keys = torch.randn(b, HKV, n_keys, D, device="cuda", dtype=torch.bfloat16)
+    v = torch.randn(b, HKV, n_keys, D, device="cuda", dtype=torch.bfloat16)
+    code = sfa.topk_sparsify(keys, K)
+    q_masked = sfa.topk_mask(q, K)
+    return q, q_masked, keys, code, v
+
+
+def dense_times(q, keys, v) -> dict:
+    out = {}
+    for name, backend in (("cudnn", SDPBackend.CUDNN_ATTENTION), ("flash", SDPBackend.FLASH_ATTENTION),
+                          ("efficient", SDPBackend.EFFICIENT_ATTENTION)):
+        def fn():
+            with sdpa_kernel([backend]):
+                return F.scaled_dot_product_attention(q, keys, v, is_causal=False, enable_gqa=True)
+        try:
+            fn()
+            out[name] = bench(fn)
+        except RuntimeError as e:
+            out[name] = None
+            out[name + "_error"] = str(e).splitlines()[0][:160]
+    return out
+
+
+def sfa_time(q_masked, code, v, config=None) -> float:
+    out = torch.empty(*q_masked.shape[:-1], v.shape[-1], device="cuda", dtype=v.dtype)
+    scale = 1 / math.sqrt(D)
+    fn = lambda: decode_mod.decode_into(q_masked, code.values, code.indices, v, out, scale=scale, causal=True,  # noqa: E731
+                                        config=config)
+    return bench(fn)
+
+
+def sweep_configs() -> list[dict]:
+    rows = []
+    shapes = ((1, 131072), (8, 32768), (8, 131072))
+    inputs = {s: make_inputs(*s) for s in shapes}
+    # 6 compiled variants x 3 split densities (PROGRAMS_PER_SM changes only the grid, not the binary)
+    for block_l, warps, stages in ((32, 4, 3), (64, 4, 3), (64, 8, 3), (64, 4, 2), (128, 8, 3), (128, 4, 3)):
+        for per_sm in (2, 4, 8):
+            cfg = dict(BLOCK_L=block_l, PROGRAMS_PER_SM=per_sm, num_warps=warps, num_stages=stages)
+            try:
+                times = [sfa_time(inputs[s][1], inputs[s][3], inputs[s][4], dict(cfg)) for s in shapes]
+            except Exception as e:  # out of resources for this config
+                print("config failed", cfg, str(e).splitlines()[0][:100])
+                continue
+            rows.append(dict(config=cfg, ms=times, total=sum(times)))
+    rows.sort(key=lambda r: r["total"])
+    del inputs
+    torch.cuda.empty_cache()
+    return rows
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--out", default=None)
+    p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--contexts", default="8192,16384,32768,65536,131072")
+    args = p.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_decode.py: needs a CUDA GPU")
+    torch.manual_seed(0)
+    env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
+               cudnn=torch.backends.cudnn.version())
+    copy_gbps = copy_bandwidth_gbps()
+    sweep = [] if args.no_sweep else sweep_configs()
+    best = sweep[0]["config"] if sweep else dict(decode_mod.GPU_DECODE_CONFIG)
+
+    # correctness of the timed path on one bench-sized input (fp32 reference)
+    q, q_masked, keys, code, v = make_inputs(2, 20000, n_q=1)
+    out = torch.empty(2, HQ, 1, D, device="cuda", dtype=torch.bfloat16)
+    decode_mod.decode_into(q_masked, code.values, code.indices, v, out, scale=1 / math.sqrt(D), causal=True,
+                           config=dict(best))
+    ref = sfa_attention_reference(q.float(), keys.float(), v.float(), topk_q=K, topk_k=K, causal=True)
+    rel_err = ((out.float() - ref).norm() / ref.norm()).item()
+    del q, q_masked, keys, code, v, out, ref
+
+    dense_bpt = HKV * (D + D) * 2
+    sfa_bpt = HKV * (3 * K + 2 * D)
+    table = []
+    for b in (1, 8):
+        for n_keys in map(int, args.contexts.split(",")):
+            for n_q in ((1, 4) if n_keys == 32768 else (1,)):
+                q, q_masked, keys, code, v = make_inputs(b, n_keys, n_q)
+                dense = dense_times(q, keys, v)
+                best_dense = min(t for name, t in dense.items() if isinstance(t, float))
+                t_kernel = sfa_time(q_masked, code, v, dict(best))
+                decode_mod.GPU_DECODE_CONFIG.update(best)
+                t_backend = bench(lambda: sfa.sfa_attention(q, code, v, topk_q=K, backend="decode"))
+                dense_bytes, sfa_bytes = b * n_keys * dense_bpt, b * n_keys * sfa_bpt
+                table.append(dict(
+                    batch=b, context=n_keys, queries=n_q, dense_ms=dense, best_dense_ms=best_dense,
+                    sfa_kernel_ms=t_kernel, sfa_backend_ms=t_backend, speedup=best_dense / t_kernel,
+                    speedup_backend=best_dense / t_backend,
+                    dense_gbps=dense_bytes / best_dense / 1e6, sfa_gbps=sfa_bytes / t_kernel / 1e6,
+                    sfa_fraction_of_copy_bw=sfa_bytes / t_kernel / 1e6 / copy_gbps,
+                ))
+                del q, q_masked, keys, code, v
+                torch.cuda.empty_cache()
+    result = dict(env=env, copy_gbps=copy_gbps, heads=dict(q=HQ, kv=HKV), d=D, k=K, dtype="bfloat16",
+                  kv_bytes_per_token_per_layer=dict(dense=dense_bpt, sfa=sfa_bpt, ratio=sfa_bpt / dense_bpt),
+                  byte_ratio_cap=dense_bpt / sfa_bpt, decode_config=best, rel_err_vs_fp32=rel_err,
+                  sweep_top10=sweep[:10], table=table)
+    for path in filter(None, (args.out, os.environ.get("OUT") and os.path.join(os.environ["OUT"], "decode.json"))):
+        with open(path, "w") as f:
+            json.dump(result, f, indent=1)
+    print(json.dumps(env), f"copy {copy_gbps:.0f} GB/s", "config", best, f"rel_err {rel_err:.2e}")
+    print(f"KV bytes/token/layer: dense {dense_bpt}, sfa {sfa_bpt} (cap {dense_bpt / sfa_bpt:.2f}x)")
+    for r in sweep[:6]:
+        print("sweep", r["config"], [round(t, 4) for t in r["ms"]])
+    print(f"{'B':>2} {'L':>7} {'T':>2} {'cudnn':>8} {'flash':>8} {'effic':>8} {'sfa':>8} {'sfa+topk':>8} {'x':>5} {'sfaGB/s':>8} {'%copy':>6}")
+    for r in table:
+        d = r["dense_ms"]
+        f = lambda t: f"{t:8.4f}" if isinstance(t, float) else f"{'-':>8}"  # noqa: E731
+        print(f"{r['batch']:>2} {r['context']:>7} {r['queries']:>2} {f(d.get('cudnn'))} {f(d.get('flash'))} "
+              f"{f(d.get('efficient'))} {r['sfa_kernel_ms']:8.4f} {r['sfa_backend_ms']:8.4f} {r['speedup']:5.2f} "
+              f"{r['sfa_gbps']:8.0f} {100 * r['sfa_fraction_of_copy_bw']:6.1f}")
+
+
+if __name__ == "__main__":
+    main()

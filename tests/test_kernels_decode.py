@@ -1,0 +1,97 @@
+"""Split-KV decode over the compressed cache vs the fp32 reference: GQA, several query tokens, causal
+alignment to the last positions, odd cache lengths, cache views with capacity (strided), poisoned outputs."""
+
+import math
+
+import pytest
+import torch
+
+import sfa
+from sfa.kernels.decode import decode_into, decode_sfa_attention
+from sfa.reference import sfa_attention_reference
+
+TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
+
+
+def rel_err(out, ref):
+    return ((out.float() - ref).norm() / ref.norm()).item()
+
+
+def _cache_views(b, hkv, n_keys, d, dv, k, dtype, device="cpu", capacity_extra=7):
+    """Codes and V as `[:, :, :L]` views of preallocated buffers, as sfa/cache.py passes them."""
+    keys = torch.randn(b, hkv, n_keys, d, device=device).to(dtype)
+    code = sfa.topk_sparsify(keys, k)
+    cap = n_keys + capacity_extra
+    val_buf = torch.randn(b, hkv, cap, k, device=device).to(dtype)
+    idx_buf = torch.randint(0, d, (b, hkv, cap, k), device=device, dtype=torch.uint8)
+    v_buf = torch.randn(b, hkv, cap, dv, device=device).to(dtype)
+    val_buf[:, :, :n_keys] = code.values
+    idx_buf[:, :, :n_keys] = code.indices
+    v = v_buf[:, :, :n_keys]
+    return keys, sfa.SparseCode(val_buf[:, :, :n_keys], idx_buf[:, :, :n_keys], d), v
+
+
+CASES = [  # b, hq, hkv, n_q, n_keys, d, dv, k, causal
+    (2, 4, 2, 1, 37, 32, 32, 4, True),  # GQA 2, k = D/8
+    (1, 6, 2, 3, 50, 64, 48, 32, True),  # three queries, k = D/2, Dv != D
+    (2, 2, 2, 2, 33, 16, 16, 16, False),  # k = D, not causal
+    (1, 8, 1, 1, 45, 32, 32, 1, True),  # MQA, k = 1
+    (1, 4, 4, 4, 21, 32, 32, 4, True),  # no GQA, k = 4
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
+def test_decode_matches_reference(dtype, case):
+    b, hq, hkv, n_q, n_keys, d, dv, k, causal = case
+    keys, code, v = _cache_views(b, hkv, n_keys, d, dv, k, dtype)
+    q = torch.randn(b, hq, n_q, d).to(dtype)
+    q_masked = sfa.topk_mask(q, k)
+    out = torch.full((b, hq, n_q, dv), float("nan"), dtype=dtype)
+    decode_into(q_masked, code.values, code.indices, v, out, scale=1 / math.sqrt(d), causal=causal)
+    ref = sfa_attention_reference(q.float(), keys.float(), v.float(), topk_q=k, topk_k=k, causal=causal)
+    assert not out.isnan().any(), "some output elements were never written"
+    assert rel_err(out, ref) < TOL[dtype]
+
+
+def test_through_sfa_attention_with_dense_keys_and_custom_scale():
+    q, keys, v = torch.randn(1, 4, 2, 32), torch.randn(1, 2, 29, 32), torch.randn(1, 2, 29, 32)
+    out = sfa.sfa_attention(q, keys, v, topk_q=8, topk_k=4, scale=0.3, backend="decode")
+    ref = sfa_attention_reference(q, keys, v, topk_q=8, topk_k=4, causal=True, scale=0.3)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_batch_strided_cache_view():
+    """A cache whose batch dim is not the outermost (e.g. a (L, B, H, k) buffer permuted)."""
+    keys = torch.randn(2, 2, 40, 32)
+    code = sfa.topk_sparsify(keys, 4)
+    values = code.values.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
+    indices = code.indices.permute(2, 0, 1, 3).contiguous().permute(1, 2, 0, 3)
+    v = torch.randn(40, 2, 2, 32).permute(1, 2, 0, 3)
+    q = torch.randn(2, 4, 1, 32)
+    out = sfa.sfa_attention(q, sfa.SparseCode(values, indices, 32), v, topk_q=4, backend="decode")
+    ref = sfa_attention_reference(q, keys, v, topk_q=4, topk_k=4, causal=True)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
+def test_too_many_query_rows_is_a_clear_error():
+    q, keys, v = torch.randn(1, 8, 16, 32), torch.randn(1, 1, 20, 32), torch.randn(1, 1, 20, 32)
+    with pytest.raises(ValueError, match="exceeds 64; use backend='masked'"):
+        sfa.sfa_attention(q, keys, v, topk_q=4, backend="decode")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "b,hq,hkv,n_q,n_keys,d,k,causal",
+    [(2, 32, 8, 1, 5003, 128, 16, True), (1, 16, 8, 4, 20011, 128, 16, True), (3, 8, 8, 2, 777, 64, 8, False),
+     (1, 32, 4, 1, 9000, 128, 64, True), (2, 8, 2, 16, 3001, 64, 1, True)],
+)
+def test_gpu_decode_matches_reference(dtype, b, hq, hkv, n_q, n_keys, d, k, causal):
+    keys, code, v = _cache_views(b, hkv, n_keys, d, d, k, dtype, device="cuda")
+    q = torch.randn(b, hq, n_q, d, device="cuda").to(dtype)
+    out = torch.full((b, hq, n_q, d), float("nan"), dtype=dtype, device="cuda")
+    decode_into(sfa.topk_mask(q, k), code.values, code.indices, v, out, scale=1 / math.sqrt(d), causal=causal)
+    ref = sfa_attention_reference(q.float(), keys.float(), v.float(), topk_q=k, topk_k=k, causal=causal)
+    assert not out.isnan().any()
+    assert rel_err(out, ref) < TOL[dtype]

@@ -1,0 +1,118 @@
+"""Fused top-k kernel: bit-identical to sfa.topk_sparsify (ties to the lower index), every slot written."""
+
+import pytest
+import torch
+
+import sfa
+from sfa.kernels.topk import fused_topk_masked, fused_topk_sparsify, kernel_supports, topk_rows_into
+
+CPU_DTYPES = [torch.float32, torch.float16]  # the interpreter mishandles bf16; bf16 runs in the GPU tests
+
+
+def _with_ties(x: torch.Tensor) -> torch.Tensor:
+    """Plant rows where the choice depends only on the tie rule: a constant row, equal +/- pairs,
+    signed zeros, and a row where many entries share the k-th magnitude."""
+    x = x.clone()
+    rows = x.view(-1, x.shape[-1])
+    d = rows.shape[-1]
+    rows[0] = 0.5
+    if rows.shape[0] > 1:
+        rows[1, 1::2] = -rows[1, 0::2][: rows[1, 1::2].numel()]
+    if rows.shape[0] > 2:
+        rows[2] = 0.0
+        rows[2, ::3] = -0.0
+    if rows.shape[0] > 3:
+        rows[3, d // 2 :] = rows[3, 0]
+    return x
+
+
+def _poisoned_outputs(x, k):
+    values = torch.full((*x.shape[:-1], k), float("nan"), dtype=x.dtype)
+    indices = torch.full((*x.shape[:-1], k), 255, dtype=torch.uint8)
+    masked = torch.full(x.shape, float("nan"), dtype=x.dtype)
+    return values, indices, masked
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+@pytest.mark.parametrize(
+    "dim,k",
+    [(16, 1), (32, 4), (64, 8), (32, 16), (32, 32), (48, 5), (100, 7), (256, 16)],
+    ids=["k1", "k4", "k=D/8", "k=D/2", "k=D", "D48-k5", "D100-k7", "D256-k16"],
+)
+def test_matches_topk_sparsify_bit_exactly(dtype, dim, k):
+    x = _with_ties(torch.randn(3, 7, dim).to(dtype))  # 21 rows: two row blocks, the second partial
+    values, indices, masked = _poisoned_outputs(x, k)
+    topk_rows_into(x, k, values, indices, masked)
+    want = sfa.topk_sparsify(x, k)
+    assert torch.equal(indices, want.indices), "selected columns differ from the contract"
+    assert torch.equal(values, want.values)
+    assert torch.equal(masked, want.to_dense())
+
+
+def test_without_masked_output_and_strided_input():
+    x = torch.randn(24, 2, 64).transpose(0, 1)  # non-contiguous rows
+    code = fused_topk_sparsify(x, 8)
+    want = sfa.topk_sparsify(x, 8)
+    assert code.indices.dtype == torch.uint8
+    assert torch.equal(code.indices, want.indices) and torch.equal(code.values, want.values)
+
+
+def test_empty_input_gives_empty_code():
+    code = fused_topk_sparsify(torch.randn(0, 32), 4)
+    assert code.values.shape == (0, 4) and code.indices.shape == (0, 4)
+
+
+def test_rows_longer_than_256_fall_back_to_pytorch():
+    x = torch.randn(5, 300)
+    assert not kernel_supports(x, 9)
+    code, masked = fused_topk_masked(x, 9)
+    want = sfa.topk_sparsify(x, 9)
+    assert code.indices.dtype == torch.int16
+    assert torch.equal(code.indices, want.indices) and torch.equal(masked, want.to_dense())
+
+
+def test_gradient_is_straight_through_at_selected_coordinates():
+    x = torch.randn(2, 3, 7, 32, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    w_values, w_masked = torch.randn(2, 3, 7, 4), torch.randn(2, 3, 7, 32)
+
+    code, masked = fused_topk_masked(x, 4)
+    ((code.values * w_values).sum() + (masked * w_masked).sum()).backward()
+    ref = sfa.topk_sparsify(x_ref, 4)
+    ((ref.values * w_values).sum() + (ref.to_dense() * w_masked).sum()).backward()
+
+    assert torch.allclose(x.grad, x_ref.grad, rtol=0, atol=1e-6)
+    assert (x.grad != 0).sum() <= 2 * 3 * 7 * 4
+
+
+@pytest.mark.parametrize(
+    "x,k,error,message",
+    [
+        (torch.randn(4, 8), 0, ValueError, "k=0 must be in [1, 8]"),
+        (torch.randn(4, 8), 9, ValueError, "k=9 must be in [1, 8]"),
+        (torch.randn(4, 8), 2.0, TypeError, "k must be an int"),
+        (torch.ones(4, 8, dtype=torch.int32), 2, TypeError, "floating-point"),
+        ([1.0, 2.0], 1, TypeError, "x must be a torch.Tensor"),
+    ],
+)
+def test_bad_arguments_name_the_problem(x, k, error, message):
+    with pytest.raises(error, match=message.replace("[", r"\[").replace("]", r"\]")):
+        fused_topk_sparsify(x, k)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+@pytest.mark.parametrize("dim,k", [(64, 8), (128, 16), (128, 1), (128, 64), (256, 32), (96, 12)])
+def test_gpu_bit_exact_on_large_inputs(dtype, dim, k):
+    x = _with_ties(torch.randn(4, 16, 1037, dim, device="cuda").to(dtype))
+    x[0, 0, 5:9] = x[0, 0, 4]  # more ties at distinct positions
+    values, indices, masked = (
+        torch.full((*x.shape[:-1], k), float("nan"), dtype=dtype, device="cuda"),
+        torch.full((*x.shape[:-1], k), 255, dtype=torch.uint8, device="cuda"),
+        torch.full(x.shape, float("nan"), dtype=dtype, device="cuda"),
+    )
+    topk_rows_into(x, k, values, indices, masked)
+    want = sfa.topk_sparsify(x, k)
+    assert torch.equal(indices, want.indices)
+    assert torch.equal(values, want.values)
+    assert torch.equal(masked, want.to_dense())
