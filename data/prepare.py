@@ -276,11 +276,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
 
     source = args.source[0] if len(args.source) == 1 else args.source
-    out = prepare(
-        source, args.tokenizer, args.out, val_fraction=args.val_fraction, max_tokens=args.max_tokens,
-        shard_tokens=args.shard_tokens, hf_split=args.hf_split, text_field=args.text_field,
-        streaming=not args.no_streaming, hf_data_files=args.hf_data_files, overwrite=args.overwrite,
-    )  # fmt: skip
+    try:
+        out = prepare(
+            source, args.tokenizer, args.out, val_fraction=args.val_fraction, max_tokens=args.max_tokens,
+            shard_tokens=args.shard_tokens, hf_split=args.hf_split, text_field=args.text_field,
+            streaming=not args.no_streaming, hf_data_files=args.hf_data_files, overwrite=args.overwrite,
+        )  # fmt: skip
+    except (ValueError, OSError) as err:  # bad input and unavailable sources: a message, not a traceback
+        parser.exit(2, f"{parser.prog}: error: {err}\n")
     meta = read_meta(out)
     counts = ", ".join(f"{s}: {info['tokens']:,} tokens in {len(info['shards'])} shard(s)" for s, info in meta["splits"].items())
     print(f"prepared {out} ({meta['tokenizer']}, {meta['dtype']}) in {meta['prepare_seconds']} s: {counts}", file=sys.stderr)

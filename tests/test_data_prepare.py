@@ -279,5 +279,10 @@ def test_cli(tmp_path, capsys):
     assert "prepared" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["--source", "embedded", "--max-tokens", "ten"])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:
+        main(["--source", "hf:Skylion007/openwebtext", "--out", str(tmp_path / "owt")])
+    assert info.value.code == 2
+    assert "error: could not load Hugging Face dataset 'Skylion007/openwebtext'" in capsys.readouterr().err
     main(["--source", str(tmp_path / "a.txt"), "--out", str(tmp_path / "out"), "--overwrite"])
     assert read_meta(tmp_path / "out")["options"]["max_tokens"] is None
