@@ -43,8 +43,16 @@ def interpreting() -> bool:
 # ---------------------------------------------------------------------------------------------
 _INTERPRETER_CONFIG = dict(BLOCK_M=16, BLOCK_N=16, num_warps=4, num_stages=1)
 
-# (kernel, head_dim) -> config; missing entries use the defaults below.
-GPU_CONFIGS: dict[tuple[str, int], dict] = {}
+# (kernel, head_dim) -> config; missing entries use the defaults below. Measured on an H200 (bf16,
+# causal, N=8192, B=4, H=16, k=D/8) with `bench_attention.py --sweep`; docs/bench/notes_flash.md.
+GPU_CONFIGS: dict[tuple[str, int], dict] = {
+    ("fwd", 64): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    ("dkdv", 64): dict(BLOCK_M=32, BLOCK_N=64, num_warps=4, num_stages=3),
+    ("dq", 64): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
+    ("fwd", 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
+    ("dkdv", 128): dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
+    ("dq", 128): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+}
 _GPU_DEFAULTS = {
     "fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     "dkdv": dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=2),

@@ -54,7 +54,7 @@ def _dkdv_block(
         row_ok = offs_m < n_q
         q = tl.load(q_ptrs + start_m * stride_qm, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
         do = tl.load(do_ptrs + start_m * stride_dom, mask=row_ok[:, None] & (offs_dv[None, :] < VALUE_DIM), other=0.0)
-        lse = tl.load(lse_ptrs + start_m * stride_lm, mask=row_ok, other=float("inf"))
+        lse = tl.load(lse_ptrs + start_m * stride_lm, mask=row_ok, other=float("inf"))  # -> p = 0
         delta = tl.load(delta_ptrs + start_m * stride_dm, mask=row_ok, other=0.0)
     else:
         if BLOCK_D == HEAD_DIM:
@@ -67,9 +67,11 @@ def _dkdv_block(
             do = tl.load(do_ptrs + start_m * stride_dom, mask=offs_dv[None, :] < VALUE_DIM, other=0.0)
         lse = tl.load(lse_ptrs + start_m * stride_lm)
         delta = tl.load(delta_ptrs + start_m * stride_dm)
-    # lse is natural-log; scores are taken in base 2 with qk_scale = scale * log2(e).
-    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
-    p_t = tl.math.exp2(s_t - lse[None, :] * 1.4426950408889634)
+    # lse is natural-log; scores are taken in base 2 with qk_scale = scale * log2(e), so each score
+    # costs one fused multiply-add and one exp2.
+    lse2 = lse * 1.4426950408889634
+    s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
+    p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
     if MASKED:
         allowed = offs_m[None, :] < n_q
         if CAUSAL:
@@ -181,8 +183,8 @@ def _dq_block(
             v = tl.load(v_ptrs + start_n * stride_vn)
         else:
             v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_dv[None, :] < VALUE_DIM, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
-    p = tl.math.exp2(s - lse2[:, None])
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
+    p = tl.math.exp2(s * qk_scale - lse2[:, None])
     if MASKED:
         allowed = offs_n[None, :] < n_k
         if CAUSAL:

@@ -46,14 +46,16 @@ def _fwd_block(
             v = tl.load(v_ptrs + start_n * stride_vn)
         else:
             v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_dv[None, :] < VALUE_DIM, other=0.0)
-    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+    s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         allowed = offs_n[None, :] < n_k
         if CAUSAL:
             allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
         s = tl.where(allowed, s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.math.exp2(s - m_new[:, None])
+    # The scale is positive, so it commutes with max; applying it inside exp2's argument makes the
+    # per-score work one fused multiply-add and one exp2.
+    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+    p = tl.math.exp2(s * qk_scale - m_new[:, None])
     alpha = tl.math.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None]
