@@ -45,6 +45,8 @@ class TokenLoader:
         for name, value, low in (("batch_size", batch_size, 1), ("seq_len", seq_len, 1), ("world_size", world_size, 1)):
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+        if not isinstance(seed, int) or seed < 0:  # numpy seeds must be non-negative integers
+            raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
         if not isinstance(rank, int) or not 0 <= rank < world_size:
             raise ValueError(f"rank must be in [0, world_size={world_size}), got {rank!r}")
         self.data_dir = Path(data_dir)

@@ -204,6 +204,8 @@ def test_bad_arguments(data_dir):
         TokenLoader(data_dir, "test", 2, 8)
     with pytest.raises(ValueError, match=r"rank must be in \[0, world_size=2\), got 2"):
         TokenLoader(data_dir, "train", 2, 8, rank=2, world_size=2)
+    with pytest.raises(ValueError, match="seed must be a non-negative integer, got -3"):
+        TokenLoader(data_dir, "train", 2, 8, seed=-3)
     with pytest.raises(ValueError, match="batch_size must be an integer >= 1, got 0"):
         TokenLoader(data_dir, "train", 0, 8)
     with pytest.raises(ValueError, match="seq_len must be an integer >= 1, got -1"):
