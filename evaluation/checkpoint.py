@@ -116,3 +116,46 @@ def load_model(path: str | Path, device="cpu", attention=None) -> tuple[torch.nn
         )
     model.load_state_dict(state)
     return model.to(resolve_device(device)).eval(), cfg
+
+
+def save_model(model: torch.nn.Module, cfg: dict, path: str | Path) -> Path:
+    """`load_model`'s counterpart: write the fields it reads ("model", "config") atomically, in the
+    layout train.py uses, e.g. for a model converted from HF weights or built in a test. Optimizer,
+    loader and RNG states are absent, so train.py cannot resume from such a file."""
+    from training.checkpoint import FORMAT_VERSION, save_atomic
+
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    return save_atomic({"format_version": FORMAT_VERSION, "config": cfg, "model": state}, path)
+
+
+def compose_run_config(overrides: list[str] = ()) -> dict:
+    """The resolved config train.py would run with these Hydra overrides (e.g. ["model=gpt2_tiny",
+    "attention=dense"]), as a plain dict: what a checkpoint stores under "config"."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    from training.hydra_setup import CONFIG_DIR, register_resolvers
+
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)
+
+
+def run_data_dir(cfg: dict) -> Path | None:
+    """The prepared data directory a run trained on (as train.py derives it), or None if unknown."""
+    from data.prepare import data_dir_name
+
+    data = cfg.get("data")
+    if not isinstance(data, dict) or not all(k in data for k in ("root", "source", "tokenizer")):
+        return None
+    return Path(data["root"]) / data_dir_name(data["source"], data["tokenizer"])
+
+
+def run_tokenizer(cfg: dict) -> str | None:
+    """The tokenizer name a run trained with (data.tokenizer, else model.tokenizer)."""
+    for section in ("data", "model"):
+        name = (cfg.get(section) or {}).get("tokenizer") if isinstance(cfg.get(section), dict) else None
+        if name:
+            return name
+    return None
