@@ -42,6 +42,7 @@ QWEN3_SPECIAL_TOKENS = (
     "<|fim_middle|>", "<|fim_suffix|>", "<|fim_pad|>", "<|repo_name|>", "<|file_sep|>", "<tool_response>",
     "</tool_response>", "<think>", "</think>",
 )  # fmt: skip
+QWEN3_FIRST_PLAIN_ADDED = QWEN3_SPECIAL_TOKENS.index("<tool_call>")  # from here on: added, not special
 # Qwen3 models pad their embedding table to this size; token ids never reach past len(tokenizer) = 151669.
 QWEN3_MODEL_VOCAB_SIZE = 151936
 
@@ -139,8 +140,8 @@ def qwen_ranks_file() -> Path:
 
 
 def build_qwen_hf_tokenizer(ranks_file: Path):
-    """A transformers fast tokenizer equal to Qwen3's, converted from tiktoken ranks (about 3 s)."""
-    from tokenizers import normalizers
+    """A transformers fast tokenizer equal to Qwen3's, converted from tiktoken ranks (a few seconds)."""
+    from tokenizers import AddedToken, normalizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
@@ -150,9 +151,12 @@ def build_qwen_hf_tokenizer(ranks_file: Path):
         tokenizer_object=backend,
         eos_token="<|endoftext|>",
         pad_token="<|endoftext|>",
-        additional_special_tokens=list(QWEN3_SPECIAL_TOKENS[1:]),
+        additional_special_tokens=list(QWEN3_SPECIAL_TOKENS[1:QWEN3_FIRST_PLAIN_ADDED]),
         clean_up_tokenization_spaces=False,
     )
+    # As in Qwen3's tokenizer.json: <tool_call> ... </think> are added tokens but not "special" ones,
+    # so skip_special_tokens=True keeps them.
+    hf.add_tokens([AddedToken(t, normalized=False, special=False) for t in QWEN3_SPECIAL_TOKENS[QWEN3_FIRST_PLAIN_ADDED:]])
     ids = hf.convert_tokens_to_ids(list(QWEN3_SPECIAL_TOKENS))
     expected = list(range(QWEN_EOT, QWEN_EOT + len(QWEN3_SPECIAL_TOKENS)))
     if ids != expected:  # the ids are fixed by the pretrained checkpoints; a shift would corrupt every shard

@@ -85,6 +85,9 @@ def test_qwen_transformers_tokenizer_agrees_token_for_token():
         assert hf.encode(text, add_special_tokens=False, split_special_tokens=True) == tok.encode(text)
     assert hf.convert_tokens_to_ids(list(QWEN3_SPECIAL_TOKENS)) == list(range(151643, 151669))
     assert hf.eos_token_id == tok.eot_token
+    # like Qwen3's tokenizer.json: ids 151643-151656 are special, <tool_call> (151657) ... </think> are plain added
+    assert set(range(151643, 151657)) <= set(hf.all_special_ids) and 151657 not in hf.all_special_ids
+    assert hf.decode([151644, 151667, 9707], skip_special_tokens=True) == "<think>Hello"
     assert len(hf) == tok.vocab_size
     assert hf.encode("a<|im_start|>b", add_special_tokens=False) == [tok.encode("a")[0], 151644, tok.encode("b")[0]]
 
