@@ -131,8 +131,10 @@ def prepare(
 ) -> Path:
     """Tokenize `source` into shards + meta.json under `out` (default: DEFAULT_ROOT/<source>-<tokenizer>)."""
     check_tokenizer_name(tokenizer)
-    if max_tokens is not None and max_tokens < 1:
-        raise ValueError(f"max_tokens must be a positive number of tokens, got {max_tokens}")
+    if max_tokens is not None:  # configs may say 1e9 (a float); a fraction or a string is a mistake
+        if not isinstance(max_tokens, (int, float)) or max_tokens < 1 or max_tokens != int(max_tokens):
+            raise ValueError(f"max_tokens must be a positive whole number of tokens, got {max_tokens!r}")
+        max_tokens = int(max_tokens)
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
     out = Path(out) if out is not None else DEFAULT_ROOT / data_dir_name(source, tokenizer)

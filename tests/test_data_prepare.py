@@ -128,8 +128,9 @@ def test_existing_output_is_not_overwritten(embedded_gpt2):
 def test_bad_arguments(tmp_path):
     with pytest.raises(ValueError, match="unknown tokenizer 'bert'"):
         prepare("embedded", "bert", tmp_path / "x")
-    with pytest.raises(ValueError, match="max_tokens must be a positive number"):
-        prepare("embedded", "gpt2", tmp_path / "x", max_tokens=0)
+    for bad in (0, 2.5, "1e6"):
+        with pytest.raises(ValueError, match=f"max_tokens must be a positive whole number of tokens, got {bad!r}"):
+            prepare("embedded", "gpt2", tmp_path / "x", max_tokens=bad)
     assert not (tmp_path / "x").exists()
 
 
@@ -260,6 +261,14 @@ def test_ensure_prepared_prepares_once_then_reuses(tmp_path, monkeypatch):
     (out / "meta.json").write_text("{garbled")
     with pytest.raises(DataFormatError, match="meta.json is not valid JSON"):
         ensure_prepared("embedded", "gpt2", root=tmp_path, max_tokens=2000)
+
+
+def test_ensure_prepared_as_train_py_calls_it(tmp_path):
+    """The config passes every option, some unused by the embedded source, and a float cap like 1e4."""
+    options = dict(max_tokens=1e4, val_fraction=0.05, hf_split="train", text_field="text")
+    first = ensure_prepared(source=["embedded"], tokenizer="gpt2", root=tmp_path, progress=False, **options)
+    assert ensure_prepared(source="embedded", tokenizer="gpt2", root=tmp_path, **options) == first
+    assert read_meta(first)["options"]["max_tokens"] == 10_000
 
 
 def test_data_dir_names():
