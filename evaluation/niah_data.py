@@ -1,0 +1,120 @@
+"""NIAH training data: prepared token shards + meta.json in data/'s format, read by data.loader.TokenLoader.
+
+Layout of the token stream: every window of seq_len + 1 tokens (what TokenLoader cuts) holds whole
+samples only, each as its own document `eot + prompt + answer`, packed from the window's start; the
+rest of a window is filled with eot. So no sample is ever split across two training windows, the
+loader's shuffling moves whole windows, and a model trained on it always sees needle, question and
+answer together. The loss covers every token (the shard format has no loss mask): the filler and eot
+padding are trivially predictable and the needle's digits are random, so what is left to learn is
+copying the answer (docs/evaluation.md).
+"""
+
+from __future__ import annotations
+
+import shutil
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+
+from .niah import NeedleFormat, train_samples
+
+SPLIT_STREAMS = {"train": 0, "val": 1}
+
+
+def max_answer_tokens(fmt: NeedleFormat) -> int:
+    """An upper bound on the answer's token count: every character its own token, at worst."""
+    return len(fmt.answer.format(answer="9" * fmt.digits))
+
+
+def check_training_lengths(lengths, seq_len: int, fmt: NeedleFormat) -> None:
+    budget = seq_len + 1 - 1 - max_answer_tokens(fmt)  # window - leading eot - the longest answer
+    too_long = [n for n in lengths if n > budget]
+    if too_long:
+        raise ValueError(
+            f"lengths {too_long} do not fit a training window: with seq_len={seq_len} a prompt may have at most "
+            f"{budget} tokens (seq_len + 1 minus the leading eot and up to {max_answer_tokens(fmt)} answer tokens)"
+        )
+
+
+def write_split(writer, samples, window: int, eot: int) -> int:
+    """Pack samples into windows of `window` tokens (see the module doc); returns the windows written."""
+    used, windows = 0, 0
+    for s in samples:
+        doc = [eot, *s.input_ids, *s.answer_ids]
+        if len(doc) > window:  # guarded by check_training_lengths; a real bug if reached
+            raise AssertionError(f"sample of {len(doc)} tokens exceeds the window of {window}")
+        if used + len(doc) > window:
+            writer.write(np.full(window - used, eot, dtype=np.int64))
+            used, windows = 0, windows + 1
+        writer.write(np.asarray(doc, dtype=np.int64))
+        writer.documents += 1
+        used += len(doc)
+    if used:
+        writer.write(np.full(window - used, eot, dtype=np.int64))
+        windows += 1
+    return windows
+
+
+def write_training_data(
+    out: str | Path, tokenizer, haystack, fmt: NeedleFormat, *, seq_len: int, lengths, train_count: int,
+    val_count: int, seed: int, overwrite: bool = False,
+) -> Path:  # fmt: skip
+    """Write train/val NIAH samples to `out` (shards + meta.json); atomic like data/prepare.py."""
+    from data.format import FORMAT_VERSION, token_dtype, write_meta
+    from data.prepare import ShardWriter
+
+    if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
+        raise ValueError(f"seq_len must be an int >= 2 (the training context), got {seq_len!r}")
+    if isinstance(val_count, bool) or not isinstance(val_count, int) or val_count < 0:
+        raise ValueError(f"val samples must be an int >= 0, got {val_count!r}")
+    check_training_lengths(lengths, seq_len, fmt)
+    out = Path(out)
+    if out.exists() and any(out.iterdir()) and not overwrite:
+        raise FileExistsError(f"output folder {out} already exists and is not empty; pass --overwrite or choose another --out")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)
+    dtype = token_dtype(tokenizer.vocab_size)
+    try:
+        splits = {}
+        for split, count in (("train", train_count), ("val", val_count)):
+            writer = ShardWriter(tmp, split, dtype, shard_tokens=100_000_000)
+            samples = train_samples(tokenizer, haystack, fmt, lengths, count, seed, stream=SPLIT_STREAMS[split]) if count else []
+            windows = write_split(writer, samples, seq_len + 1, tokenizer.eot_token)
+            writer.close()
+            splits[split] = {**writer.summary(), "windows": windows}
+        meta = {
+            "version": FORMAT_VERSION,
+            "tokenizer": tokenizer.name,
+            "tokenizer_file": tokenizer.file.name,
+            "tokenizer_sha256": tokenizer.file_sha256,
+            "vocab_size": tokenizer.vocab_size,
+            "eot_token": tokenizer.eot_token,
+            "dtype": dtype,
+            "source": f"niah ({haystack.description})",
+            "options": {
+                "generator": "scripts/niah.py make-data",
+                "seq_len": seq_len,
+                "lengths": list(lengths),
+                "train_samples": train_count,
+                "val_samples": val_count,
+                "seed": seed,
+                "needle": fmt.needle,
+                "question": fmt.question,
+                "answer": fmt.answer,
+                "digits": fmt.digits,
+                "haystack": haystack.description,
+            },
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "splits": splits,
+        }
+        write_meta(tmp, meta)
+        if out.exists():
+            shutil.rmtree(out)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,206 @@
+"""Synthetic needle in a haystack: make training data, or evaluate a checkpoint.
+
+    # training data for train.py (token shards + meta.json), windows of seq_len + 1 tokens
+    python scripts/niah.py make-data --out workspace/data/niah-8k-gpt2 --seq-len 8192 --train-samples 20000
+    # exact-match accuracy per (length, depth): a JSON file and a heatmap PNG
+    python scripts/niah.py eval --checkpoint workspace/runs/RUN --lengths 1024,2048,4096,8192 \
+        --depths 0,0.25,0.5,0.75,1 --samples 20
+    # the same prompts with SFA switched on a dense checkpoint, or with real text around the needle
+    python scripts/niah.py eval --checkpoint DENSE_RUN --attention sfa --k 8
+    python scripts/niah.py eval --checkpoint RUN --haystack-data workspace/data/embedded-gpt2
+
+Defaults follow the paper's setting: a haystack of one repeated filler character (--filler '.'),
+"The secret number is NNNNN." as the needle, greedy decoding, exact match of the digits. Everything is
+seeded (--seed): the same arguments give the same prompts. Protocol: docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
+
+
+def int_list(text: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+    if not values or min(values) < 1:
+        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
+    return values
+
+
+def depth_list(text: str) -> list[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers in [0, 1], got {text!r}") from None
+    if not values or not all(0.0 <= v <= 1.0 for v in values):
+        raise argparse.ArgumentTypeError(f"depths must be numbers in [0, 1], got {text!r}")
+    return values
+
+
+def add_prompt_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("prompt (keep these equal between make-data and eval)")
+    g.add_argument("--filler", default=".", help="haystack: this string repeated (default '.')")
+    g.add_argument("--haystack-data", help="haystack: real text from this prepared data directory instead of the filler")
+    g.add_argument("--haystack-split", help="split of --haystack-data (default: train for make-data, val for eval)")
+    g.add_argument("--needle", default=" The secret number is {answer}.", help="needle text; {answer} = the digits")
+    g.add_argument("--question", default=" What is the secret number? The secret number is", help="text after the haystack")
+    g.add_argument("--answer", default=" {answer}", help="what the model should generate; {answer} = the digits")
+    g.add_argument("--digits", type=int, default=5, help="digits of the secret number (default 5)")
+    g.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    make = sub.add_parser("make-data", help="write NIAH training data (token shards + meta.json)")
+    make.add_argument("--out", required=True, help="output data directory")
+    make.add_argument("--tokenizer", default="gpt2", help="gpt2 | qwen (default gpt2)")
+    make.add_argument("--seq-len", type=int, required=True, help="train.seq_len of the run that will train on it")
+    make.add_argument("--lengths", type=int_list, help="prompt lengths to draw from (default: the longest that fits)")
+    make.add_argument("--train-samples", type=int, default=10_000, help="training prompts (default 10000)")
+    make.add_argument("--val-samples", type=int, default=200, help="validation prompts (default 200)")
+    make.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_prompt_args(make)
+
+    ev = sub.add_parser("eval", help="exact-match accuracy of a checkpoint per (length, depth)")
+    ev.add_argument("--checkpoint", required=True, help="a step_*.pt file or a run directory")
+    ev.add_argument("--lengths", type=int_list, help="prompt lengths in tokens (default: the model's max_seq_len minus room to answer)")
+    ev.add_argument("--depths", type=depth_list, default=depth_list(DEFAULT_DEPTHS), help=f"needle depths (default {DEFAULT_DEPTHS})")
+    ev.add_argument("--samples", type=int, default=10, help="prompts per (length, depth) (default 10)")
+    ev.add_argument("--tokenizer", help="gpt2 | qwen (default: the run's)")
+    ev.add_argument("--attention", choices=("sfa", "dense"), help="evaluate with this attention instead of the trained one")
+    ev.add_argument("--k", type=int, help="features kept per query/key row with --attention sfa")
+    ev.add_argument("--backend", default="auto", help="SFA backend with --attention sfa (default auto)")
+    ev.add_argument("--batch-size", type=int, default=8, help="prompts decoded together (default 8)")
+    ev.add_argument("--device", default="auto", help="auto (cuda if available) | cpu | cuda | cuda:N")
+    ev.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on cuda, fp32 on cpu")
+    ev.add_argument("--out", help="output folder for niah.json and niah.png (default: <run dir>/eval/niah-...)")
+    add_prompt_args(ev)
+    return parser
+
+
+def prompt_pieces(args, tokenizer, default_split: str):
+    from evaluation.niah import FillerHaystack, NeedleFormat, haystack_from_prepared
+
+    fmt = NeedleFormat(needle=args.needle, question=args.question, answer=args.answer, digits=args.digits)
+    if args.haystack_data:
+        haystack = haystack_from_prepared(args.haystack_data, args.haystack_split or default_split, tokenizer)
+    else:
+        haystack = FillerHaystack(tokenizer, args.filler)
+    return fmt, haystack
+
+
+def make_data(args) -> dict:
+    from data.tokenizers import get_tokenizer
+    from evaluation.niah_data import max_answer_tokens, write_training_data
+
+    tokenizer = get_tokenizer(args.tokenizer)
+    fmt, haystack = prompt_pieces(args, tokenizer, "train")
+    lengths = args.lengths or [args.seq_len - max_answer_tokens(fmt)]
+    out = write_training_data(
+        args.out, tokenizer, haystack, fmt, seq_len=args.seq_len, lengths=lengths, train_count=args.train_samples,
+        val_count=args.val_samples, seed=args.seed, overwrite=args.overwrite,
+    )  # fmt: skip
+    meta = json.loads((out / "meta.json").read_text())
+    for split, info in meta["splits"].items():
+        print(f"{split:<5}  {info['documents']:>7} samples  {info['windows']:>7} windows  {info['tokens']:>11,} tokens")
+    print(f"wrote {out}  (train on it with train.seq_len={args.seq_len})")
+    return meta
+
+
+def run_dir_of(checkpoint_file: Path) -> Path:
+    return checkpoint_file.parent.parent if checkpoint_file.parent.name == "checkpoints" else checkpoint_file.parent
+
+
+def default_out(checkpoint_file: Path, override: dict | None) -> Path:
+    run_dir = run_dir_of(checkpoint_file)
+    tag = "" if override is None else f"-{override['kind']}" + (f"-k{override['topk_q']}" if "topk_q" in override else "")
+    return run_dir / "eval" / f"niah-{checkpoint_file.stem}{tag}"
+
+
+def evaluate(args) -> dict:
+    import torch
+    from tqdm import tqdm
+
+    from data.tokenizers import get_tokenizer
+    from evaluation.checkpoint import attention_override, load_model, read_checkpoint, run_tokenizer
+    from evaluation.niah import eval_samples
+    from evaluation.niah_data import max_answer_tokens
+    from evaluation.niah_score import answer_budget, model_generate_fn, plot_heatmap, score_samples
+    from evaluation.runtime import autocast, resolve_device, resolve_dtype
+
+    device = resolve_device(args.device)
+    dtype = resolve_dtype(args.dtype, device)
+    override = attention_override(args.attention, args.k, args.backend)
+    _, cfg, checkpoint_file = read_checkpoint(args.checkpoint)
+    tokenizer_name = args.tokenizer or run_tokenizer(cfg)
+    if tokenizer_name is None:
+        raise SystemExit("niah eval: the checkpoint's config names no tokenizer; pass --tokenizer")
+    tokenizer = get_tokenizer(tokenizer_name)
+    model, _ = load_model(checkpoint_file, device, attention=override)
+    fmt, haystack = prompt_pieces(args, tokenizer, "val")
+    max_len = model.config.max_seq_len
+    lengths = args.lengths or [max_len - max_answer_tokens(fmt) - 1]  # room for the answer and one more token
+    samples = eval_samples(tokenizer, haystack, fmt, lengths, args.depths, args.samples, args.seed)
+    needed = max(lengths) + answer_budget(samples)
+    if needed > max_len:
+        raise SystemExit(
+            f"niah eval: the longest prompt ({max(lengths)} tokens) plus {answer_budget(samples)} generated tokens "
+            f"exceeds the model's max_seq_len={max_len}; use shorter --lengths"
+        )
+    generate = model_generate_fn(model)
+
+    def generate_fn(prompts, n_new):
+        with autocast(device, dtype):
+            return generate(prompts, n_new)
+
+    with torch.no_grad(), tqdm(total=len(samples), desc="niah", unit="prompt", disable=None) as bar:
+        result = score_samples(samples, generate_fn, tokenizer, batch_size=args.batch_size, device=device, progress=bar.update)
+    out = Path(args.out) if args.out else default_out(checkpoint_file, override)
+    out.mkdir(parents=True, exist_ok=True)
+    attention = {f: getattr(model.attention, f) for f in ("kind", "topk_q", "topk_k", "backend")}
+    report = {
+        "checkpoint": str(checkpoint_file),
+        "attention": attention,
+        "attention_override": override is not None,
+        "tokenizer": tokenizer.name,
+        "haystack": haystack.description,
+        "needle": fmt.needle, "question": fmt.question, "answer": fmt.answer, "digits": fmt.digits,
+        "lengths": lengths, "depths": args.depths, "samples_per_cell": args.samples, "seed": args.seed,
+        "device": str(device), "dtype": str(dtype).replace("torch.", ""),
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        **result,
+    }  # fmt: skip
+    (out / "niah.json").write_text(json.dumps(report, indent=2) + "\n")
+    label = attention["kind"] + (f" k={attention['topk_q']}" if attention["kind"] == "sfa" else "")
+    plot_heatmap(result["cells"], out / "niah.png", title=f"NIAH exact match: {run_dir_of(checkpoint_file).name} ({label})")
+    print_summary(result["cells"], lengths, args.depths)
+    print(f"overall exact match {result['accuracy']:.1%} over {len(samples)} prompts; wrote {out}/niah.json and niah.png")
+    return report
+
+
+def print_summary(cells, lengths, depths) -> None:
+    acc = {(c["length"], c["depth"]): c["accuracy"] for c in cells}
+    print("depth \\ length " + "".join(f"{n:>9}" for n in lengths))
+    for d in depths:
+        print(f"{d:>14.2f} " + "".join(f"{acc[(n, d)]:>9.0%}" for n in lengths))
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = build_parser().parse_args(argv)
+    return make_data(args) if args.command == "make-data" else evaluate(args)
+
+
+if __name__ == "__main__":
+    main()

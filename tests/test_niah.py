@@ -1,0 +1,198 @@
+"""Needle in a haystack: seeded generator, needle placement, oracle/constant scoring, training data that
+TokenLoader reads, and `scripts/niah.py eval` end to end on a tiny random checkpoint."""
+
+import importlib.util
+import json
+import re
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from data.loader import TokenLoader
+from data.prepare import prepare
+from data.tokenizers import get_tokenizer
+from evaluation.checkpoint import build_from_config, compose_run_config, load_model, save_model
+from evaluation.niah import FillerHaystack, NeedleFormat, TokenHaystack, eval_samples, haystack_from_prepared, train_samples
+from evaluation.niah_score import extract_number, is_exact_match, score_samples
+from models import generate
+
+REPO = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("niah_script", REPO / "scripts" / "niah.py")
+niah_script = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(niah_script)
+
+TOK = get_tokenizer("gpt2")
+FMT = NeedleFormat()
+
+
+def grid(seed=0, lengths=(64, 96), depths=(0.0, 0.3, 1.0), samples=3, haystack=None, fmt=FMT):
+    return eval_samples(TOK, haystack or FillerHaystack(TOK, "."), fmt, list(lengths), list(depths), samples, seed)
+
+
+def oracle_generate_fn(fmt=FMT):
+    """A "model" that reads the needle out of the prompt text and answers it."""
+    before, after = fmt.needle.split("{answer}")
+    needle = re.compile(re.escape(before) + r"(\d+)" + re.escape(after))
+
+    def fn(prompts, n_new):
+        rows = []
+        for row in prompts.tolist():
+            found = needle.search(TOK.decode(row))
+            ids = TOK.encode(fmt.answer.format(answer=found.group(1))) if found else []
+            rows.append((ids + [TOK.eot_token] * n_new)[:n_new])
+        return torch.tensor(rows)
+
+    return fn
+
+
+def constant_generate_fn(token):
+    return lambda prompts, n_new: torch.full((prompts.shape[0], n_new), token)
+
+
+def test_same_seed_same_samples_other_seed_other_samples():
+    a, b, c = grid(seed=7), grid(seed=7), grid(seed=8)
+    assert [s.to_json() for s in a] == [s.to_json() for s in b]
+    assert [s.answer for s in a] != [s.answer for s in c]
+    assert len({s.answer for s in a}) > len(a) // 2  # answers vary across samples
+    # a cell's samples do not depend on which other cells are in the grid
+    only = grid(seed=7, lengths=(96,), depths=(0.3,))
+    assert [s.to_json() for s in only] == [s.to_json() for s in a if s.length == 96 and s.depth == 0.3]
+    t1 = list(train_samples(TOK, FillerHaystack(TOK, "."), FMT, [64, 80], 20, seed=3))
+    t2 = list(train_samples(TOK, FillerHaystack(TOK, "."), FMT, [64, 80], 20, seed=3))
+    assert [s.to_json() for s in t1] == [s.to_json() for s in t2]
+    assert {s.length for s in t1} == {64, 80} and len({s.depth for s in t1}) == 20
+
+
+@pytest.mark.parametrize("haystack_kind", ["filler", "text"])
+def test_needle_sits_at_the_requested_depth(haystack_kind):
+    if haystack_kind == "filler":
+        haystack = FillerHaystack(TOK, " The grass is green.")
+    else:
+        haystack = TokenHaystack(np.arange(1000, 3000), "ids 1000..2999")
+    question = TOK.encode(FMT.question)
+    for s in grid(lengths=(50, 120), depths=(0.0, 0.25, 0.5, 0.9, 1.0), haystack=haystack):
+        needle = TOK.encode(FMT.needle.format(answer=s.answer))
+        n_hay = s.length - len(needle) - len(question)
+        assert len(s.input_ids) == s.length
+        assert s.needle_start == round(s.depth * n_hay)
+        assert s.input_ids[s.needle_start : s.needle_start + len(needle)] == needle == s.input_ids[s.needle_start :][: s.needle_len]
+        assert s.input_ids[-len(question) :] == question
+        assert s.answer_ids == TOK.encode(" " + s.answer) and len(s.answer) == 5
+        hay = s.input_ids[: s.needle_start] + s.input_ids[s.needle_start + len(needle) : -len(question)]
+        if haystack_kind == "text":  # one contiguous slice of the stream, cut by the needle
+            assert hay == list(range(hay[0], hay[0] + n_hay))
+        else:
+            assert hay == (haystack.unit * s.length)[:n_hay]
+    first = grid(lengths=(80,), depths=(0.0,))[0]
+    last = grid(lengths=(80,), depths=(1.0,))[0]
+    assert first.needle_start == 0
+    assert last.needle_start + last.needle_len == 80 - len(question)
+
+
+def test_oracle_scores_100_percent_and_constant_model_0():
+    samples = grid(lengths=(48, 100), depths=(0.0, 0.5, 1.0), samples=4)
+    oracle = score_samples(samples, oracle_generate_fn(), TOK, batch_size=3)
+    assert oracle["accuracy"] == 1.0 and all(c["accuracy"] == 1.0 for c in oracle["cells"])
+    assert len(oracle["cells"]) == 6 and all(c["samples"] == 4 for c in oracle["cells"])
+    dot = TOK.encode(".")[0]
+    constant = score_samples(samples, constant_generate_fn(dot), TOK, batch_size=5)
+    assert constant["accuracy"] == 0.0
+    # a constant digit answer is right only when it happens to equal the secret number: never here
+    seven = score_samples(samples, constant_generate_fn(TOK.encode("7")[0]), TOK)
+    assert seven["accuracy"] == 0.0
+
+
+def test_exact_match_rejects_prefixes_and_extensions():
+    assert extract_number(" 73914.") == "73914" and extract_number("x73914") is None
+    assert is_exact_match(" 73914<|endoftext|>", "73914")
+    assert not is_exact_match(" 739145", "73914")
+    assert not is_exact_match(" 7391", "73914")
+    assert not is_exact_match(" the number is 73914", "73914")
+
+
+def test_training_data_loads_with_token_loader_and_holds_whole_samples(tmp_path):
+    seq_len = 127
+    meta = niah_script.main([
+        "make-data", "--out", str(tmp_path / "niah"), "--seq-len", str(seq_len), "--lengths", "40,60,100",
+        "--train-samples", "30", "--val-samples", "5", "--seed", "4",
+    ])  # fmt: skip
+    assert meta["splits"]["train"]["documents"] == 30 and meta["options"]["lengths"] == [40, 60, 100]
+    loader = TokenLoader(tmp_path / "niah", "train", batch_size=4, seq_len=seq_len, shuffle=False)
+    windows = [torch.cat([x, y[:, -1:]], dim=1) for x, y in loader.iter_eval_batches()]
+    stream = torch.cat(windows).tolist()  # one row per window, in stream order
+    assert loader.total_tokens == len(stream) * (seq_len + 1) == meta["splits"]["train"]["windows"] * (seq_len + 1)
+    expected = list(train_samples(TOK, FillerHaystack(TOK, "."), FMT, [40, 60, 100], 30, seed=4, stream=0))
+    found = []
+    for window in stream:
+        assert window[0] == TOK.eot_token  # every window starts with a whole sample
+        docs = " ".join(map(str, window)).split(str(TOK.eot_token))
+        found += [[int(t) for t in d.split()] for d in docs if d.strip()]
+    assert found == [s.input_ids + s.answer_ids for s in expected]
+    x, y = TokenLoader(tmp_path / "niah", "val", batch_size=2, seq_len=seq_len).next_batch()
+    assert x.shape == (2, seq_len) and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_make_data_errors_name_the_problem(tmp_path, capsys):
+    with pytest.raises(ValueError, match=r"lengths \[125\] do not fit a training window: with seq_len=127 a prompt may have at most 121"):
+        niah_script.main(["make-data", "--out", str(tmp_path / "a"), "--seq-len", "127", "--lengths", "125"])
+    with pytest.raises(ValueError, match="needle=.* must contain '\\{answer\\}'"):
+        niah_script.main(["make-data", "--out", str(tmp_path / "b"), "--seq-len", "127", "--needle", "no digits here", "--train-samples", "3"])
+    with pytest.raises(SystemExit):
+        niah_script.main(["eval", "--checkpoint", "x", "--depths", "0.5,1.5"])
+    assert "depths must be numbers in [0, 1]" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"length=10 is shorter than the needle \(\d+ tokens\) plus the question"):
+        grid(lengths=(10,))
+    with pytest.raises(ValueError, match="fewer than the"):
+        grid(lengths=(200,), haystack=TokenHaystack(np.arange(50), "tiny"))
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("niah")
+    cfg = compose_run_config([
+        "model=gpt2_tiny", "model.n_layer=2", "model.n_head=2", "model.d_model=64", "model.max_seq_len=128",
+        "attention=dense", f"root={root}",
+    ])  # fmt: skip
+    model = build_from_config(cfg)
+    return save_model(model, cfg, root / "run" / "checkpoints" / "step_00000002.pt")
+
+
+def test_eval_end_to_end_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
+    out = tmp_path / "niah-out"
+    report = niah_script.main([
+        "eval", "--checkpoint", str(tiny_checkpoint), "--lengths", "48,96", "--depths", "0,1", "--samples", "2",
+        "--device", "cpu", "--batch-size", "2", "--out", str(out),
+    ])  # fmt: skip
+    saved = json.loads((out / "niah.json").read_text())
+    assert saved["accuracy"] == report["accuracy"]
+    assert sorted((c["length"], c["depth"], c["samples"]) for c in saved["cells"]) == [(48, 0.0, 2), (48, 1.0, 2), (96, 0.0, 2), (96, 1.0, 2)]
+    assert (out / "niah.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # the recorded generation is the model's greedy continuation of that very prompt
+    model, _ = load_model(tiny_checkpoint)
+    sample = grid(seed=0, lengths=(96,), depths=(1.0,), samples=2)[1]
+    record = next(r for r in saved["samples"] if (r["length"], r["depth"], r["index"]) == (96, 1.0, 1))
+    assert record["answer"] == sample.answer
+    prompt = torch.tensor([sample.input_ids])
+    new = generate(model, prompt, len(sample.answer_ids) + 1)[0, 96:].tolist()
+    assert record["generated"] == TOK.decode(new)
+    assert record["correct"] == is_exact_match(record["generated"], sample.answer)
+
+
+def test_eval_with_sfa_override_and_real_text_haystack(tiny_checkpoint, tmp_path):
+    text = "\n\n".join(f"Paragraph {i} talks about rivers, hills and the weather on day {i}." for i in range(300))
+    (tmp_path / "t.txt").write_text(text)
+    data = prepare([str(tmp_path / "t.txt")], "gpt2", tmp_path / "data", val_fraction=0.5, progress=False)
+    report = niah_script.main([
+        "eval", "--checkpoint", str(tiny_checkpoint), "--lengths", "64", "--depths", "0.5", "--samples", "2",
+        "--device", "cpu", "--attention", "sfa", "--k", "4", "--haystack-data", str(data),
+    ])  # fmt: skip
+    assert report["attention"]["kind"] == "sfa" and report["attention"]["topk_q"] == 4
+    assert "split 'val'" in report["haystack"]
+    out = tiny_checkpoint.parent.parent / "eval" / "niah-step_00000002-sfa-k4"
+    assert (out / "niah.json").is_file() and (out / "niah.png").is_file()
+    hay = haystack_from_prepared(data, "val", TOK)
+    assert TOK.eot_token not in hay.tokens.tolist() and hay.tokens.size > 64
+    with pytest.raises(SystemExit, match="exceeds the model's max_seq_len=128"):
+        niah_script.main(["eval", "--checkpoint", str(tiny_checkpoint), "--lengths", "126", "--device", "cpu"])
