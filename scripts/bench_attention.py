@@ -50,7 +50,7 @@ def dense_equivalent_flops(b, h, n, d, causal, pass_):
 _flex_cache: dict = {}
 
 
-def _flex(q, k, v, causal):
+def _flex(q, k, v, causal, gqa):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     n = q.shape[-2]
@@ -61,20 +61,21 @@ def _flex(q, k, v, causal):
             mask = create_block_mask(lambda b, h, qi, ki: qi >= ki, None, None, n, n, device=q.device)
         _flex_cache[key] = (torch.compile(flex_attention, dynamic=False), mask)
     fn, mask = _flex_cache[key]
-    return fn(q, k, v, block_mask=mask)
+    return fn(q, k, v, block_mask=mask, enable_gqa=gqa)
 
 
 def forward_fn(backend, q, k, v, topk, causal):
     """A closure computing the forward of `backend` on leaves q, k, v."""
+    gqa = q.shape[1] != k.shape[1]
     if backend in ("cudnn", "sdpa_flash"):
         which = SDPBackend.CUDNN_ATTENTION if backend == "cudnn" else SDPBackend.FLASH_ATTENTION
 
         def run():
             with sdpa_kernel([which]):
-                return F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+                return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=gqa)
         return run
     if backend == "flex":
-        return lambda: _flex(q, k, v, causal)
+        return lambda: _flex(q, k, v, causal, gqa)
     if backend in ("reference", "masked", "flash"):
         if backend not in sfa.available_backends():
             raise RuntimeError(f"backend {backend!r} is not registered")
@@ -85,8 +86,9 @@ def forward_fn(backend, q, k, v, topk, causal):
     raise ValueError(f"--backends: unknown backend {backend!r}; choose from {', '.join(ALL_BACKENDS)}")
 
 
-def time_backend(backend, b, h, n, d, topk, causal, pass_, dtype, rep_ms):
-    q, k, v = (torch.randn(b, h, n, d, device="cuda", dtype=dtype) for _ in range(3))
+def time_backend(backend, b, h, hkv, n, d, topk, causal, pass_, dtype, rep_ms):
+    q = torch.randn(b, h, n, d, device="cuda", dtype=dtype)
+    k, v = (torch.randn(b, hkv, n, d, device="cuda", dtype=dtype) for _ in range(2))
     if backend == "flash_kernel":  # codes in: the top-k expansion happens outside the timed region
         q, k = masked_features(q, topk), masked_features(k, topk)
     if pass_ == "fwd":
@@ -119,8 +121,8 @@ def run_benchmark(args):
                             ms, err = dense_ms[backend]
                         else:
                             try:
-                                ms, err = time_backend(backend, b, args.heads, n, d, topk, args.causal, pass_, dtype,
-                                                       args.rep), None
+                                ms, err = time_backend(backend, b, args.heads, args.kv_heads, n, d, topk, args.causal,
+                                                       pass_, dtype, args.rep), None
                             except Exception as e:  # report and carry on (e.g. a backend missing on this GPU)
                                 ms, err = float("nan"), f"{type(e).__name__}: {str(e).splitlines()[0][:160]}"
                                 if args.verbose:
@@ -129,7 +131,8 @@ def run_benchmark(args):
                                 dense_ms[backend] = (ms, err)
                             torch.cuda.empty_cache()
                         flops = dense_equivalent_flops(b, args.heads, n, d, args.causal, pass_)
-                        rows.append(dict(pass_=pass_, n=n, d=d, k=topk, batch=b, heads=args.heads, causal=args.causal,
+                        rows.append(dict(pass_=pass_, n=n, d=d, k=topk, batch=b, heads=args.heads,
+                                         kv_heads=args.kv_heads, causal=args.causal,
                                          backend=backend, ms=ms, tflops=flops / ms / 1e9 if ms == ms else float("nan"),
                                          error=err))
                         print(f"  {pass_:6s} N={n:6d} D={d:3d} k={topk:3d} {backend:12s} "
@@ -143,11 +146,11 @@ def run_benchmark(args):
 
 
 def print_table(rows):
-    print("\n| pass | N | D | k | B×H | backend | ms | TFLOP/s | time / cuDNN |")
+    print("\n| pass | N | D | k | B×H (kv heads) | backend | ms | TFLOP/s | time / cuDNN |")
     print("|---|---|---|---|---|---|---|---|---|")
     for r in rows:
         note = f" ({r['error']})" if r.get("error") else ""
-        print(f"| {r['pass_']} | {r['n']} | {r['d']} | {r['k']} | {r['batch']}×{r['heads']} | {r['backend']}{note} "
+        print(f"| {r['pass_']} | {r['n']} | {r['d']} | {r['k']} | {r['batch']}×{r['heads']} ({r['kv_heads']}) | {r['backend']}{note} "
               f"| {r['ms']:.3f} | {r['tflops']:.1f} | {r['vs_cudnn']:.2f} |")
 
 
@@ -209,7 +212,8 @@ def parse_args(argv=None):
     p.add_argument("--pass", dest="passes", nargs="+", choices=["fwd", "fwdbwd"], default=["fwd", "fwdbwd"])
     p.add_argument("--backends", nargs="+", default=list(ALL_BACKENDS), choices=ALL_BACKENDS)
     p.add_argument("--tokens", type=int, default=32768, help="B·N held constant (B = tokens // N, at least 1)")
-    p.add_argument("--heads", type=int, default=16)
+    p.add_argument("--heads", type=int, default=16, help="query heads")
+    p.add_argument("--kv-heads", type=int, help="key/value heads (GQA); default: --heads")
     p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16"])
     p.add_argument("--no-causal", dest="causal", action="store_false", help="non-causal attention (default causal)")
     p.add_argument("--max-n-reference", type=int, default=16384, help="skip the reference backend above this N")
@@ -218,6 +222,9 @@ def parse_args(argv=None):
     p.add_argument("--out", help="write the rows as JSON here")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing backends")
     args = p.parse_args(argv)
+    args.kv_heads = args.kv_heads or args.heads
+    if args.heads % args.kv_heads:
+        p.error(f"--heads ({args.heads}) must be a multiple of --kv-heads ({args.kv_heads})")
     for name in ("n", "d", "k_div"):
         if any(x < 1 for x in getattr(args, name)):
             p.error(f"--{name.replace('_', '-')} values must be positive, got {getattr(args, name)}")

@@ -209,7 +209,9 @@ def flash_bwd_dq_kernel(
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    pid_m = tl.program_id(0)
+    # Causal work grows with the query block, so launch the longest rows first: the short ones then
+    # fill the tail of the grid instead of one long block running alone at the end.
+    pid_m = tl.num_programs(0) - 1 - tl.program_id(0) if CAUSAL else tl.program_id(0)
     pid_bh = tl.program_id(1)
     batch = pid_bh // n_q_heads
     head = pid_bh % n_q_heads
