@@ -11,6 +11,7 @@ projections, which the models read from `qk_head_dim`:
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -33,14 +34,15 @@ class AttentionConfig:
 
     @classmethod
     def coerce(cls, attention: "AttentionConfig | dict | str | None") -> "AttentionConfig":
-        """Accept an AttentionConfig, a dict of its fields, a kind name, or None (dense)."""
+        """Accept an AttentionConfig, a mapping of its fields, a kind name, or None (dense)."""
         if attention is None:
             return cls()
         if isinstance(attention, cls):
             return attention
         if isinstance(attention, str):
             return cls(kind=attention)
-        if isinstance(attention, dict):
+        if isinstance(attention, Mapping):  # a dict, or an OmegaConf DictConfig from Hydra
+            attention = dict(attention)
             known = {f.name for f in fields(cls)}
             unknown = sorted(set(attention) - known)
             if unknown:

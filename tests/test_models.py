@@ -322,3 +322,10 @@ def test_config_dataclasses_validate_directly():
         GPT2Config(d_model=0)
     with pytest.raises(ValueError, match="Qwen3Config.intermediate_size must be a positive int"):
         Qwen3Config(intermediate_size=-1)
+
+
+def test_attention_config_from_a_hydra_dictconfig():
+    from omegaconf import OmegaConf
+
+    m = small("qwen3", OmegaConf.create({"kind": "sfa", "topk_q": 4, "feature_map": True}))
+    assert m.attention == AttentionConfig(kind="sfa", topk_q=4, topk_k=4, feature_map=True)
