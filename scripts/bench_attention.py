@@ -10,6 +10,8 @@ Backends (pick with --backends):
   masked              sfa backend "masked" (fused top-k + cuDNN SDPA), if registered
   flash               sfa backend "flash" (fused top-k + FlashSFA kernels): the full SFA step
   flash_kernel        FlashSFA alone on pre-masked q~, k~ ("codes in", no top-k): the prefill kernel
+  cudnn_masked        cuDNN SDPA on the same pre-masked q~, k~: flash_kernel's like-for-like rival
+                      (masked rows are 7/8 zeros at k=D/8, which dense kernels also run faster on)
 
 FLOP convention: dense-equivalent 4·B·H·N²·D for the forward (×0.5 when causal) and ×3.5 of that for
 forward+backward, for every backend, so TFLOP/s compare like for like (SFA does less real work in QKᵀ).
@@ -39,7 +41,8 @@ from sfa.kernels import flash  # noqa: E402
 from sfa.kernels.masked import masked_features  # noqa: E402
 
 DENSE = ("cudnn", "sdpa_flash", "flex")
-ALL_BACKENDS = ("cudnn", "sdpa_flash", "flex", "reference", "masked", "flash", "flash_kernel")
+ALL_BACKENDS = ("cudnn", "sdpa_flash", "flex", "reference", "masked", "flash", "flash_kernel", "cudnn_masked")
+PRE_MASKED = ("flash_kernel", "cudnn_masked")  # take q~, k~ expanded outside the timed region
 
 
 def dense_equivalent_flops(b, h, n, d, causal, pass_):
@@ -67,8 +70,8 @@ def _flex(q, k, v, causal, gqa):
 def forward_fn(backend, q, k, v, topk, causal):
     """A closure computing the forward of `backend` on leaves q, k, v."""
     gqa = q.shape[1] != k.shape[1]
-    if backend in ("cudnn", "sdpa_flash"):
-        which = SDPBackend.CUDNN_ATTENTION if backend == "cudnn" else SDPBackend.FLASH_ATTENTION
+    if backend in ("cudnn", "sdpa_flash", "cudnn_masked"):
+        which = SDPBackend.FLASH_ATTENTION if backend == "sdpa_flash" else SDPBackend.CUDNN_ATTENTION
 
         def run():
             with sdpa_kernel([which]):
@@ -89,7 +92,7 @@ def forward_fn(backend, q, k, v, topk, causal):
 def time_backend(backend, b, h, hkv, n, d, topk, causal, pass_, dtype, rep_ms):
     q = torch.randn(b, h, n, d, device="cuda", dtype=dtype)
     k, v = (torch.randn(b, hkv, n, d, device="cuda", dtype=dtype) for _ in range(2))
-    if backend == "flash_kernel":  # codes in: the top-k expansion happens outside the timed region
+    if backend in PRE_MASKED:  # codes in: the top-k expansion happens outside the timed region
         q, k = masked_features(q, topk), masked_features(k, topk)
     if pass_ == "fwd":
         fn = forward_fn(backend, q, k, v, topk, causal)
