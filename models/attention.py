@@ -123,7 +123,7 @@ def attend(
         out_dtype = None
     if config.kind == "sfa":
         out = sfa.sfa_attention(
-            q, k, v, topk_q=config.topk_q, topk_k=None if layer_cache is not None else config.topk_k,
+            q, k, v, topk_q=config.topk_q, topk_k=None if isinstance(k, sfa.SparseCode) else config.topk_k,
             causal=True, backend=config.backend,
         )
     else:

@@ -58,6 +58,11 @@ class CausalLM(nn.Module):
         start = 0 if cache is None else cache.length
         if cache is not None and len(cache) != self.config.n_layer:
             raise ValueError(f"cache has {len(cache)} layers but the model has n_layer={self.config.n_layer}")
+        if cache is not None and (cache.topk, cache.head_dim) != (self._cache_topk(), self.qk_head_dim):
+            raise ValueError(
+                f"cache layout (topk={cache.topk}, key dim {cache.head_dim}) does not fit this model's attention "
+                f"(topk={self._cache_topk()}, key dim {self.qk_head_dim}); make it with model.new_cache()"
+            )
         if start + input_ids.shape[1] > self.config.max_seq_len:
             raise ValueError(
                 f"sequence of {start + input_ids.shape[1]} positions ({start} cached + {input_ids.shape[1]} new) "
@@ -108,10 +113,12 @@ class CausalLM(nn.Module):
             "topk_k": att.topk_k,
         }
 
+    def _cache_topk(self) -> int | None:
+        return self.attention.topk_k if self.attention.kind == "sfa" else None
+
     def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         cfg = self.config
-        topk = self.attention.topk_k if self.attention.kind == "sfa" else None
-        return kv_cache_bytes_per_token(cfg.n_layer, cfg.n_kv_head, self.qk_head_dim, cfg.head_dim, topk, dtype)
+        return kv_cache_bytes_per_token(cfg.n_layer, cfg.n_kv_head, self.qk_head_dim, cfg.head_dim, self._cache_topk(), dtype)
 
     def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
         """An empty cache of the layout this model's attention needs (dense / sfa / short).
@@ -127,7 +134,7 @@ class CausalLM(nn.Module):
             n_kv_heads=cfg.n_kv_head,
             head_dim=self.qk_head_dim,
             v_head_dim=cfg.head_dim,
-            topk=self.attention.topk_k if self.attention.kind == "sfa" else None,
+            topk=self._cache_topk(),
             dtype=dtype or param.dtype,
             device=device or param.device,
         )
