@@ -1,7 +1,7 @@
 """lm-evaluation-harness's command line with our model registered as "sfa".
 
     python -m evaluation.harness --model sfa --model_args checkpoint=<run dir or .pt>,tokenizer=gpt2 \
-        --tasks piqa,lambada_openai,arc_easy,hellaswag --batch_size 16
+        --tasks piqa,lambada_openai,arc_easy,hellaswag --device cuda --batch_size 16
 
 Every lm_eval argument works as documented by the harness. The tasks' datasets are downloaded by the
 harness (network needed, once); see docs/evaluation.md.

@@ -2,15 +2,16 @@
 
     python -m evaluation.harness --model sfa \
         --model_args checkpoint=workspace/runs/gpt2_small-sfa-q8k8,tokenizer=gpt2 \
-        --tasks piqa,lambada_openai,arc_easy,hellaswag
+        --tasks piqa,lambada_openai,arc_easy,hellaswag --device cuda --batch_size 16
 
 (`python -m evaluation.harness` is lm_eval's own command line with this module imported first: the
 harness has no plugin hook that would make `lm_eval --model sfa` find a model outside its package.)
 
 model_args: checkpoint (file or run dir), tokenizer (gpt2 | qwen; default: the run config's),
 attention / k (evaluate with another attention, e.g. attention=sfa,k=8 on a dense checkpoint),
-device (auto | cpu | cuda), dtype (auto | fp32 | bf16), batch_size, max_length (default the model's
-max_seq_len), max_gen_toks (default 256).
+dtype (auto | fp32 | bf16), max_length (default the model's max_seq_len), max_gen_toks (default 256).
+Device and batch size come from the harness's own --device (its default is cuda:0: pass --device cpu
+without a GPU) and --batch_size (an integer; "auto" is not supported).
 
 Scoring follows the harness's conventions (TemplateLM): a continuation's log-likelihood is the sum
 of its tokens' log-probs given the (left-truncated) context; an empty context is conditioned on the

@@ -96,7 +96,7 @@ def plot_heatmap(cells: Sequence[dict], path: str | Path, title: str = "Needle i
     grid = [[float("nan")] * len(lengths) for _ in depths]
     for c in cells:
         grid[depths.index(c["depth"])][lengths.index(c["length"])] = c["accuracy"]
-    fig, ax = plt.subplots(figsize=(1.2 + 0.9 * len(lengths), 1.2 + 0.5 * len(depths)))
+    fig, ax = plt.subplots(figsize=(max(5.0, 2.0 + 0.9 * len(lengths)), max(3.5, 1.5 + 0.5 * len(depths))))
     image = ax.imshow(grid, vmin=0.0, vmax=1.0, cmap="RdYlGn", aspect="auto")
     ax.set_xticks(range(len(lengths)), [str(n) for n in lengths])
     ax.set_yticks(range(len(depths)), [f"{d:.0%}" for d in depths])
@@ -106,7 +106,7 @@ def plot_heatmap(cells: Sequence[dict], path: str | Path, title: str = "Needle i
         for j, value in enumerate(row):
             ax.text(j, i, f"{value:.0%}", ha="center", va="center", fontsize=8)
     fig.colorbar(image, ax=ax, label="exact match")
-    ax.set_title(title)
+    ax.set_title(title, fontsize=9)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

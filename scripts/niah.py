@@ -184,7 +184,7 @@ def evaluate(args) -> dict:
     }  # fmt: skip
     (out / "niah.json").write_text(json.dumps(report, indent=2) + "\n")
     label = attention["kind"] + (f" k={attention['topk_q']}" if attention["kind"] == "sfa" else "")
-    plot_heatmap(result["cells"], out / "niah.png", title=f"NIAH exact match: {run_dir_of(checkpoint_file).name} ({label})")
+    plot_heatmap(result["cells"], out / "niah.png", title=f"NIAH exact match\n{run_dir_of(checkpoint_file).name} ({label})")
     print_summary(result["cells"], lengths, args.depths)
     print(f"overall exact match {result['accuracy']:.1%} over {len(samples)} prompts; wrote {out}/niah.json and niah.png")
     return report

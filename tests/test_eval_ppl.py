@@ -133,3 +133,25 @@ def test_errors_name_the_problem(workdir, tmp_path, capsys):
     with pytest.raises(ValueError, match="not a checkpoint of this project"):
         torch.save({"weights": {}}, tmp_path / "foreign.pt")
         eval_ppl.main(["--checkpoint", str(tmp_path / "foreign.pt"), "--data", str(data_dir)])
+
+
+@pytest.mark.slow
+def test_reads_a_real_train_py_checkpoint_and_matches_its_val_loss(tmp_path):
+    """Two steps of the real train.py (tiny model, embedded corpus), then eval_ppl on its run directory with
+    the defaults (the run's data and seq_len): on the windows train.py validates on, the loss is its val_loss."""
+    import subprocess
+    import sys
+
+    overrides = [
+        "model.n_layer=1", "model.d_model=64", "model.n_head=2", "train.max_steps=2", "optim.warmup_steps=1",
+        "train.eval_every=0", "train.ckpt_every=0", "train.seq_len=32", "train.batch_tokens=128", "train.micro_batch=4",
+        "train.eval_batches=3", f"root={tmp_path}", "run_name=tiny",
+    ]  # fmt: skip
+    done = subprocess.run([sys.executable, "train.py", *overrides], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "tiny"
+    last = json.loads((run_dir / "metrics.jsonl").read_text().splitlines()[-1])
+    report = eval_ppl.main(["--checkpoint", str(run_dir), "--batches", "3", "--batch-size", "4", "--device", "cpu"])
+    assert report["seq_len"] == 32 and report["tokens"] == 3 * 4 * 32
+    assert report["loss"] == pytest.approx(last["val_loss"], rel=1e-5)
+    assert (run_dir / "eval" / "ppl-step_00000002-val.json").is_file()

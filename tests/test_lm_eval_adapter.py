@@ -156,3 +156,49 @@ def test_bad_arguments_have_clear_messages():
         SFALM(model=tiny_model(), device="cpu")
     with pytest.raises(ValueError, match="attention/k apply to a checkpoint"):
         SFALM(model=tiny_model(), tokenizer="gpt2", attention="sfa", k=8)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    from evaluation.checkpoint import build_from_config, compose_run_config, save_model
+
+    root = tmp_path_factory.mktemp("lm_eval_ckpt")
+    cfg = compose_run_config([
+        "model=gpt2_tiny", "model.n_layer=2", "model.n_head=2", "model.d_model=64", "model.max_seq_len=64",
+        "attention=dense", f"root={root}",
+    ])  # fmt: skip
+    return save_model(build_from_config(cfg), cfg, root / "run" / "checkpoints" / "step_00000001.pt")
+
+
+def test_from_checkpoint_with_its_tokenizer_and_an_sfa_override(tiny_checkpoint):
+    from evaluation.checkpoint import load_model
+
+    lm = SFALM(checkpoint=str(tiny_checkpoint.parent.parent), attention="sfa", k="4", device="cpu")
+    assert lm.tokenizer.name == "gpt2"  # from the run's config
+    assert lm.model.attention.kind == "sfa" and lm.model.attention.topk_q == 4
+    sparse, _ = load_model(tiny_checkpoint, attention={"kind": "sfa", "topk_q": 4})
+    [(logprob, _)] = lm.loglikelihood(requests("loglikelihood", [("Rivers run to", " the sea")]), disable_tqdm=True)
+    expected, _ = by_hand_loglikelihood(sparse, get_tokenizer("gpt2"), "Rivers run to", " the sea")
+    assert logprob == pytest.approx(expected, rel=1e-5, abs=1e-4)
+    with pytest.raises(ValueError, match="k must be a positive integer"):
+        SFALM(checkpoint=str(tiny_checkpoint), attention="sfa", k="eight", device="cpu")
+
+
+@pytest.mark.slow
+def test_documented_command_line_runs_the_local_task(tiny_checkpoint, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    repo = Path(__file__).resolve().parent.parent
+    cmd = [
+        sys.executable, "-m", "evaluation.harness", "--model", "sfa", "--model_args", f"checkpoint={tiny_checkpoint}", "--device", "cpu",
+        "--tasks", "sfa_tiny_mc", "--include_path", str(TASK_DIR), "--batch_size", "4", "--output_path", str(tmp_path / "out"),
+    ]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(repo)}
+    done = subprocess.run(cmd, cwd=TASK_DIR, env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    [result_file] = list((tmp_path / "out").rglob("results_*.json"))
+    results = json.loads(result_file.read_text())["results"]["sfa_tiny_mc"]
+    assert 0.0 <= results["acc,none"] <= 1.0
