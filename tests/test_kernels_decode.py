@@ -37,6 +37,7 @@ CASES = [  # b, hq, hkv, n_q, n_keys, d, dv, k, causal
     (2, 2, 2, 2, 33, 16, 16, 16, False),  # k = D, not causal
     (1, 8, 1, 1, 45, 32, 32, 1, True),  # MQA, k = 1
     (1, 4, 4, 4, 21, 32, 32, 4, True),  # no GQA, k = 4
+    (1, 2, 2, 1, 30, 32, 32, 8, True),  # one row per program (replicated 16x for the dot)
 ]
 
 

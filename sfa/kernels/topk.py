@@ -212,15 +212,27 @@ def _check(fn: str, x, k) -> None:
         raise ValueError(f"{fn}: k={k} must be in [1, {x.shape[-1]}] (the size of the last dim of x)")
 
 
+def _eager_without_grad(x: torch.Tensor) -> bool:
+    """Outside torch.compile and autograd the custom-op dispatcher only adds latency (tens of
+    microseconds per call, visible in decode steps): call the implementation directly."""
+    return not torch.compiler.is_compiling() and not (x.requires_grad and torch.is_grad_enabled())
+
+
 def fused_topk_sparsify(x: torch.Tensor, k: int) -> SparseCode:
     """`sfa.topk_sparsify` through the fused kernel (bit-identical result; falls back off-GPU or for D > 256)."""
     _check("fused_topk_sparsify", x, k)
-    values, indices = topk_code_op(x, k)
+    if _eager_without_grad(x):
+        values, indices, _ = _compute(x, k, with_masked=False)
+    else:
+        values, indices = topk_code_op(x, k)
     return SparseCode(values=values, indices=indices, dim=x.shape[-1])
 
 
 def fused_topk_masked(x: torch.Tensor, k: int) -> tuple[SparseCode, torch.Tensor]:
     """The code and the masked dense rows (x with all but its top-k |x| zeroed) from one pass over x."""
     _check("fused_topk_masked", x, k)
-    values, indices, masked = topk_code_masked_op(x, k)
+    if _eager_without_grad(x):
+        values, indices, masked = _compute(x, k, with_masked=True)
+    else:
+        values, indices, masked = topk_code_masked_op(x, k)
     return SparseCode(values=values, indices=indices, dim=x.shape[-1]), masked
