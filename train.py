@@ -26,7 +26,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from training import checkpoint as ckpt
 from training import distributed as dist
-from training.config_checks import check_config, check_vocab
+from training.config_checks import check_config
 from training.device_peaks import detect_peak_flops
 from training.hydra_setup import register_resolvers
 from training.metrics import flops_per_token, mfu, peak_memory_bytes, reset_peak_memory
@@ -71,14 +71,14 @@ def evaluate(model, cfg: DictConfig, data_dir: Path, info: dist.DistInfo, micro_
 
     loader = TokenLoader(data_dir, "val", micro_batch, cfg.train.seq_len, info.rank, info.world_size, cfg.train.seed)
     model.eval()
-    total = torch.zeros((), device=info.device)
-    for _ in range(cfg.train.eval_batches):
-        x, y = (t.to(info.device) for t in loader.next_batch())
+    total, batches = torch.zeros((), device=info.device), 0
+    for x, y in loader.iter_eval_batches(cfg.train.eval_batches):
         with autocast_context(info.device, cfg.train.dtype):
-            _, loss = model(x, y)
+            _, loss = model(x.to(info.device), y.to(info.device))
         total += loss.float()
+        batches += 1
     model.train()
-    return dist.all_reduce_mean(total / cfg.train.eval_batches, info).item()
+    return dist.all_reduce_mean(total / batches, info).item()
 
 
 def save_checkpoint(model, optimizer, scheduler, loader, step, tokens_seen, config, out_dir, info, keep):
@@ -129,8 +129,9 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
 
 
 def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
-    from models import build_model
+    from data.format import check_vocab, read_meta
     from data.loader import TokenLoader
+    from models import build_model
 
     config = OmegaConf.to_container(cfg, resolve=True)
     plan = check_config(config, info.world_size)
@@ -141,7 +142,7 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
 
     data_dir = prepare_data(cfg, info)
-    check_vocab(json.loads((data_dir / "meta.json").read_text())["vocab_size"], plan.model_config.vocab_size, data_dir)
+    check_vocab(read_meta(data_dir), plan.model_config.vocab_size)
 
     # Same seed on every rank for the weights (FSDP2 shards each rank's own copy); per-rank streams after.
     seed_everything(cfg.train.seed)
@@ -252,11 +253,9 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
     summary = {"out_dir": str(out_dir), "step": step, "tokens": tokens_seen, "loss": record.get("loss"),
                "val_loss": last_val, "checkpoint": str(last_ckpt) if last_ckpt else None}
     if info.is_main:
-        if record:
-            log.info(format_record(record))
-        else:
+        if not record:
             log.info("nothing to do: the checkpoint is already at train.max_steps=%d", cfg.train.max_steps)
-        log.info("done: run dir %s", out_dir)
+        log.info("done at step %d: train loss %s, val loss %s", step, summary["loss"], summary["val_loss"])
         print(f"run dir: {out_dir}", flush=True)
     return summary
 

@@ -141,10 +141,3 @@ def check_config(cfg: dict, world_size: int) -> Plan:
         tokens_per_micro_batch=per_micro_step,
     )
 
-
-def check_vocab(data_vocab: int, model_vocab: int, data_dir: Path) -> None:
-    if data_vocab > model_vocab:
-        raise ConfigError(
-            f"data: tokens in {data_dir} go up to vocab_size={data_vocab} but the model has vocab_size={model_vocab}; "
-            f"use a model whose vocabulary covers the tokenizer (model.vocab_size or model.tokenizer)"
-        )
