@@ -51,7 +51,7 @@ GPU_CONFIGS: dict[tuple[str, int], dict] = {
     ("dq", 64): dict(BLOCK_M=64, BLOCK_N=64, num_warps=4, num_stages=3),
     ("fwd", 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
     ("dkdv", 128): dict(BLOCK_M=64, BLOCK_N=128, num_warps=8, num_stages=3),
-    ("dq", 128): dict(BLOCK_M=128, BLOCK_N=128, num_warps=8, num_stages=2),
+    ("dq", 128): dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
 }
 _GPU_DEFAULTS = {
     "fwd": dict(BLOCK_M=128, BLOCK_N=64, num_warps=8, num_stages=3),
