@@ -12,6 +12,7 @@ Docs: docs/training.md (how to), docs/metrics.md (what each number means).
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import random
@@ -110,6 +111,19 @@ def save_checkpoint(model, optimizer, scheduler, loader, step, tokens_seen, conf
         ckpt.prune_checkpoints(out_dir, keep)
     dist.barrier(info)
     return path
+
+
+def write_rank_checksum(model, info: dist.DistInfo, out_dir: Path, step: int) -> None:
+    """sha256 of this rank's parameter bytes (DDP replicas must match bit for bit) and their float64 sum."""
+    digest, total = hashlib.sha256(), 0.0
+    for name, p in dist.unwrap(model).named_parameters():
+        local = p.detach().to_local() if hasattr(p, "to_local") else p.detach()  # FSDP2: this rank's shard
+        digest.update(name.encode())
+        digest.update(local.float().cpu().numpy().tobytes())
+        total += local.double().sum().item()
+    path = out_dir / "rank_checksums" / f"rank{info.rank}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"rank": info.rank, "step": step, "sha256": digest.hexdigest(), "sum": total}))
 
 
 def resume_from(cfg: DictConfig, out_dir: Path) -> Path | None:
@@ -247,6 +261,8 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
             log.info("train.time_limit_s=%s reached at step %d", cfg.train.time_limit_s, step)
             break
 
+    if cfg.train.rank_checksums:
+        write_rank_checksum(model, info, out_dir, step)
     progress.close()
     for sink in sinks:
         sink.close()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import io
 import os
 import socket
 from dataclasses import dataclass
@@ -166,9 +167,13 @@ def gather_objects(obj, info: DistInfo) -> list:
     """Every rank's `obj`, in rank order (a one-element list with one process)."""
     if info.world_size == 1:
         return [obj]
+    # Tensors inside pickled objects do not survive all_gather_object's unpickler in torch 2.13
+    # ("UntypedStorage has no attribute dtype"), so ship torch.save bytes and load them back ourselves.
+    buffer = io.BytesIO()
+    torch.save(obj, buffer)
     out: list = [None] * info.world_size
-    dist.all_gather_object(out, obj)
-    return out
+    dist.all_gather_object(out, buffer.getvalue())
+    return [torch.load(io.BytesIO(blob), weights_only=True) for blob in out]
 
 
 def barrier(info: DistInfo) -> None:
