@@ -32,7 +32,7 @@ except ImportError as err:  # pragma: no cover - lm_eval is in requirements.txt
     raise ImportError("the lm-eval adapter needs lm_eval (pip install lm_eval==0.4.13, see requirements.txt)") from err
 from tqdm import tqdm
 
-from .checkpoint import attention_override, load_model
+from .checkpoint import attention_override, load_model, run_tokenizer
 from .runtime import autocast, resolve_device, resolve_dtype
 
 
@@ -73,8 +73,7 @@ class SFALM(TemplateLM):
         if checkpoint is not None:
             override = attention_override(attention, None if k is None else _positive_int(k, "k"))
             model, cfg = load_model(checkpoint, self._device, attention=override)
-            if tokenizer is None:
-                tokenizer = (cfg.get("model") or {}).get("tokenizer") or (cfg.get("data") or {}).get("tokenizer")
+            tokenizer = run_tokenizer(cfg) if tokenizer is None else tokenizer
         elif attention is not None or k is not None:
             raise ValueError("sfa model_args: attention/k apply to a checkpoint; build the model with them instead")
         if tokenizer is None:

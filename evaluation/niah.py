@@ -147,7 +147,9 @@ def train_samples(tokenizer, haystack, fmt: NeedleFormat, lengths: Sequence[int]
     """`count` training prompts (a generator): length drawn from `lengths`, depth uniform in [0, 1]
     (not the eval grid, so a model cannot learn grid positions). `stream` keys separate sample sets
     (train 0, val 1) drawn with one seed."""
-    check_grid(lengths, [0.0], count)
+    check_grid(lengths, [0.0], 1)
+    if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        raise ValueError(f"number of training samples must be an int >= 0, got {count!r}")
     for i in range(count):
         rng = np.random.default_rng([seed, TRAIN_STREAM, stream, i])
         length = int(lengths[int(rng.integers(0, len(lengths)))])

@@ -67,6 +67,8 @@ def write_training_data(
 
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an int >= 2 (the training context), got {seq_len!r}")
+    if isinstance(train_count, bool) or not isinstance(train_count, int) or train_count < 1:
+        raise ValueError(f"train samples must be an int >= 1, got {train_count!r}")
     if isinstance(val_count, bool) or not isinstance(val_count, int) or val_count < 0:
         raise ValueError(f"val samples must be an int >= 0, got {val_count!r}")
     check_training_lengths(lengths, seq_len, fmt)

@@ -139,6 +139,8 @@ def test_make_data_errors_name_the_problem(tmp_path, capsys):
         niah_script.main(["make-data", "--out", str(tmp_path / "a"), "--seq-len", "127", "--lengths", "125"])
     with pytest.raises(ValueError, match="needle=.* must contain '\\{answer\\}'"):
         niah_script.main(["make-data", "--out", str(tmp_path / "b"), "--seq-len", "127", "--needle", "no digits here", "--train-samples", "3"])
+    with pytest.raises(ValueError, match="train samples must be an int >= 1, got 0"):
+        niah_script.main(["make-data", "--out", str(tmp_path / "c"), "--seq-len", "127", "--train-samples", "0"])
     with pytest.raises(SystemExit):
         niah_script.main(["eval", "--checkpoint", "x", "--depths", "0.5,1.5"])
     assert "depths must be numbers in [0, 1]" in capsys.readouterr().err
