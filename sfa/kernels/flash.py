@@ -112,7 +112,13 @@ def flash_forward(q, k, v, *, causal: bool, scale: float, config: dict | None = 
     return out, lse
 
 
-def flash_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, configs: dict | None = None):
+# dQ inside the dK/dV kernel through fp32 atomics (one kernel, 5 matmuls per block pair) instead of a
+# separate dQ kernel (7 matmuls, no atomics). Chosen per head dim from the measurement (notes_flash.md).
+FUSE_DQ: dict[int, bool] = {}
+
+
+def flash_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, configs: dict | None = None,
+                   fuse_dq: bool | None = None):
     """Gradients (dq̃, dk̃, dv) with respect to the masked-dense q̃, k̃ and v; dk, dv summed over GQA groups."""
     b, hq, n_q, d = q.shape
     hkv, n_k, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
@@ -135,14 +141,19 @@ def flash_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, c
     common = dict(HEAD_DIM=d, VALUE_DIM=dv_dim, BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=causal,
                   DOT_PRECISION=precision)
 
+    if fuse_dq is None:
+        fuse_dq = FUSE_DQ.get(d, False)
+    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fuse_dq else dq
     cfg = launch_config("dkdv", d, configs.get("dkdv"))
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     flash_bwd_dkdv_kernel[(triton.cdiv(n_k, block_n), b * hkv)](
-        q, k, v, grad_out, lse, delta, dk, dv,
+        q, k, v, grad_out, lse, delta, dk, dv, dq_acc,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(), *dk.stride(), *dv.stride(),
-        hkv, group, n_q, n_k, n_k - n_q, scale, scale * LOG2E,
-        BLOCK_M=block_m, BLOCK_N=block_n, **common, **cfg,
+        *dq_acc.stride(), hkv, group, n_q, n_k, n_k - n_q, scale, scale * LOG2E,
+        BLOCK_M=block_m, BLOCK_N=block_n, FUSE_DQ=fuse_dq, **common, **cfg,
     )
+    if fuse_dq:
+        return dq.copy_(dq_acc), dk, dv
 
     cfg = launch_config("dq", d, configs.get("dq"))
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
