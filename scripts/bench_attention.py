@@ -183,7 +183,8 @@ def run_sweep(args):
         out, lse = flash.flash_forward(q, k, v, causal=args.causal, scale=scale)
         grad = torch.randn_like(out)
         base_grads = flash.flash_backward(grad, q, k, v, out, lse, causal=args.causal, scale=scale, fuse_dq=False)
-        for kernel, configs in SWEEP.items():
+        for kernel in args.sweep_kernels:
+            configs = SWEEP[kernel]
             for bm, bn, warps, stages in configs:
                 cfg = dict(BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
                 try:
@@ -229,6 +230,7 @@ def parse_args(argv=None):
     p.add_argument("--max-n-reference", type=int, default=16384, help="skip the reference backend above this N")
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time per measurement, ms")
     p.add_argument("--sweep", action="store_true", help="time FlashSFA launch configs at the first --n instead")
+    p.add_argument("--sweep-kernels", nargs="+", choices=list(SWEEP), default=list(SWEEP), help="what --sweep tunes")
     p.add_argument("--fuse-dq", choices=["table", "on", "off"], default="table",
                    help="FlashSFA backward: dQ fused into the dK/dV kernel (atomics) or a separate dQ kernel; "
                         "'table' keeps flash.FUSE_DQ")
