@@ -89,12 +89,10 @@ def sweep_configs() -> list[dict]:
     rows = []
     shapes = ((1, 131072), (8, 32768), (8, 131072))
     inputs = {s: make_inputs(*s) for s in shapes}
-    # 8 compiled variants x 2 split densities (PROGRAMS_PER_SM changes only the grid, not the binary)
-    variants = [(bl, w, st, g) for g in (False, True) for bl, w, st in ((32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3))]
-    for block_l, warps, stages, in_regs in variants:
+    # 4 compiled variants x 2 split densities (PROGRAMS_PER_SM changes only the grid, not the binary)
+    for block_l, warps, stages in ((32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3)):
         for per_sm in (4, 8):
-            cfg = dict(BLOCK_L=block_l, PROGRAMS_PER_SM=per_sm, GATHER_IN_REGISTERS=in_regs,
-                       num_warps=warps, num_stages=stages)
+            cfg = dict(BLOCK_L=block_l, PROGRAMS_PER_SM=per_sm, num_warps=warps, num_stages=stages)
             try:
                 times = [sfa_time(inputs[s][1], inputs[s][3], inputs[s][4], dict(cfg)) for s in shapes]
             except Exception as e:  # out of resources for this config

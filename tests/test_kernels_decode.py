@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sfa
-from sfa.kernels.decode import GPU_DECODE_CONFIG, INTERPRETER_DECODE_CONFIG, decode_into, decode_sfa_attention
+from sfa.kernels.decode import decode_into, decode_sfa_attention
 from sfa.reference import sfa_attention_reference
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -41,17 +41,15 @@ CASES = [  # b, hq, hkv, n_q, n_keys, d, dv, k, causal
 ]
 
 
-@pytest.mark.parametrize("gather", ["l1", "registers"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_decode_matches_reference(dtype, case, gather):
+def test_decode_matches_reference(dtype, case):
     b, hq, hkv, n_q, n_keys, d, dv, k, causal = case
     keys, code, v = _cache_views(b, hkv, n_keys, d, dv, k, dtype)
     q = torch.randn(b, hq, n_q, d).to(dtype)
     q_masked = sfa.topk_mask(q, k)
     out = torch.full((b, hq, n_q, dv), float("nan"), dtype=dtype)
-    config = dict(INTERPRETER_DECODE_CONFIG, GATHER_IN_REGISTERS=gather == "registers")
-    decode_into(q_masked, code.values, code.indices, v, out, scale=1 / math.sqrt(d), causal=causal, config=config)
+    decode_into(q_masked, code.values, code.indices, v, out, scale=1 / math.sqrt(d), causal=causal)
     ref = sfa_attention_reference(q.float(), keys.float(), v.float(), topk_q=k, topk_k=k, causal=causal)
     assert not out.isnan().any(), "some output elements were never written"
     assert rel_err(out, ref) < TOL[dtype]
@@ -84,20 +82,17 @@ def test_too_many_query_rows_is_a_clear_error():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("gather", ["l1", "registers"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(
     "b,hq,hkv,n_q,n_keys,d,k,causal",
     [(2, 32, 8, 1, 5003, 128, 16, True), (1, 16, 8, 4, 20011, 128, 16, True), (3, 8, 8, 2, 777, 64, 8, False),
      (1, 32, 4, 1, 9000, 128, 64, True), (2, 8, 2, 16, 3001, 64, 1, True)],
 )
-def test_gpu_decode_matches_reference(dtype, b, hq, hkv, n_q, n_keys, d, k, causal, gather):
+def test_gpu_decode_matches_reference(dtype, b, hq, hkv, n_q, n_keys, d, k, causal):
     keys, code, v = _cache_views(b, hkv, n_keys, d, d, k, dtype, device="cuda")
     q = torch.randn(b, hq, n_q, d, device="cuda").to(dtype)
     out = torch.full((b, hq, n_q, d), float("nan"), dtype=dtype, device="cuda")
-    config = dict(GPU_DECODE_CONFIG, GATHER_IN_REGISTERS=gather == "registers")
-    decode_into(sfa.topk_mask(q, k), code.values, code.indices, v, out, scale=1 / math.sqrt(d), causal=causal,
-                config=config)
+    decode_into(sfa.topk_mask(q, k), code.values, code.indices, v, out, scale=1 / math.sqrt(d), causal=causal)
     ref = sfa_attention_reference(q.float(), keys.float(), v.float(), topk_q=k, topk_k=k, causal=causal)
     assert not out.isnan().any()
     assert rel_err(out, ref) < TOL[dtype]

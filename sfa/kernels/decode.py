@@ -46,8 +46,8 @@ def _decode_split_kernel(
     stride_vb, stride_vh, stride_vl,
     n_kv_heads, n_keys, n_queries, keys_per_split, n_splits, scale_log2,
     GROUP: tl.constexpr, ROWS: tl.constexpr, KSEL: tl.constexpr, KSEL_PAD: tl.constexpr,
-    D: tl.constexpr, D_PAD: tl.constexpr, DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_L: tl.constexpr,
-    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, GATHER_IN_REGISTERS: tl.constexpr,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_L: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     # ROWS = real query rows (heads of this KV head x query tokens), padded to a power of two; the
     # score gather runs on these only. P·V runs on DOT_ROWS = max(16, ROWS) replicated rows.
@@ -74,11 +74,6 @@ def _decode_split_kernel(
     k_idx_base = K_IDX + b.to(tl.int64) * stride_ib + h_kv.to(tl.int64) * stride_ih
     v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
 
-    if GATHER_IN_REGISTERS:  # the program's query rows, held for tl.gather (else gathered from L1)
-        d_cols = tl.arange(0, D_PAD)
-        q_rows = tl.load(q_base + q_row_off[:, None] + d_cols[None, :],
-                         mask=row_ok[:, None] & (d_cols[None, :] < D), other=0.0).to(tl.float32)
-
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
     acc = tl.zeros([DOT_ROWS, DV_PAD], tl.float32)
@@ -92,14 +87,12 @@ def _decode_split_kernel(
         code_ok = key_ok[:, None] & sel_ok[None, :]
         idx = tl.load(k_idx_base + keys64[:, None] * stride_il + sel[None, :], mask=code_ok, other=0).to(tl.int32)
         val = tl.load(k_val_base + keys64[:, None] * stride_kl + sel[None, :], mask=code_ok, other=0.0).to(tl.float32)
-        if GATHER_IN_REGISTERS:
-            flat = tl.broadcast_to(tl.reshape(idx, [1, BLOCK_L * KSEL_PAD]), [ROWS, BLOCK_L * KSEL_PAD])
-            q_at_idx = tl.reshape(tl.gather(q_rows, flat, axis=1), [ROWS, BLOCK_L, KSEL_PAD])
-        else:
-            q_at_idx = tl.load(
-                q_base + (q_row_off[:, None, None] + idx[None, :, :]),
-                mask=row_ok[:, None, None] & code_ok[None, :, :], other=0.0,
-            ).to(tl.float32)
+        # Gathered from L1 (the query rows are a few hundred bytes). Holding them in registers and using
+        # tl.gather measured slower and crashed Triton 3.6's compiler for 2-row programs (notes, v2).
+        q_at_idx = tl.load(
+            q_base + (q_row_off[:, None, None] + idx[None, :, :]),
+            mask=row_ok[:, None, None] & code_ok[None, :, :], other=0.0,
+        ).to(tl.float32)
         s = tl.sum(q_at_idx * val[None, :, :], axis=2) * scale_log2  # (ROWS, BLOCK_L), log2 units
         visible = key_ok[None, :]
         if CAUSAL:
@@ -157,9 +150,10 @@ def _split_plan(batch_heads: int, n_keys: int, block_l: int, device: torch.devic
     return math.ceil(n_keys / keys_per_split), keys_per_split
 
 
-# Launch config. GPU values measured on H100 (docs/bench/notes_topk_decode.md); the interpreter one is small.
-GPU_DECODE_CONFIG = dict(BLOCK_L=64, PROGRAMS_PER_SM=4, GATHER_IN_REGISTERS=False, num_warps=4, num_stages=3)
-INTERPRETER_DECODE_CONFIG = dict(BLOCK_L=16, PROGRAMS_PER_SM=1, GATHER_IN_REGISTERS=False, num_warps=4, num_stages=1)
+# Launch config. GPU: best of the sweep in scripts/bench_decode.py on H200 (docs/bench/results/decode_h200.json,
+# "sweep_top10"); the interpreter's is small so the tests cover several splits and a partial block.
+GPU_DECODE_CONFIG = dict(BLOCK_L=64, PROGRAMS_PER_SM=8, num_warps=4, num_stages=3)
+INTERPRETER_DECODE_CONFIG = dict(BLOCK_L=16, PROGRAMS_PER_SM=1, num_warps=4, num_stages=1)
 
 
 def decode_into(
@@ -168,7 +162,7 @@ def decode_into(
 ) -> None:
     """Launch both kernels. q_masked (B, Hq, T, D) dense top-k-masked queries; k_values/k_indices
     (B, Hkv, L, k); v (B, Hkv, L, Dv); out (B, Hq, T, Dv) contiguous, written in place."""
-    b, hq, n_q, d = q_masked.shape
+    b, hq, n_q, _ = q_masked.shape
     _, hkv, n_keys, ksel = k_values.shape
     dv = v.shape[-1]
     group = hq // hkv
@@ -188,7 +182,7 @@ def decode_into(
         v.stride(0), v.stride(1), v.stride(2),
         hkv, n_keys, n_q, keys_per_split, n_splits, scale * LOG2_E,
         GROUP=group, ROWS=next_pow2(group * n_q), KSEL=ksel, KSEL_PAD=next_pow2(ksel),
-        D=d, D_PAD=next_pow2(d), DV=dv, DV_PAD=dv_pad, BLOCK_L=block_l, CAUSAL=causal,
+        DV=dv, DV_PAD=dv_pad, BLOCK_L=block_l, CAUSAL=causal,
         DOT_PRECISION="ieee" if v.dtype == torch.float32 else "tf32",
         **cfg,
     )
