@@ -89,9 +89,11 @@ def sweep_configs() -> list[dict]:
     rows = []
     shapes = ((1, 131072), (8, 32768), (8, 131072))
     inputs = {s: make_inputs(*s) for s in shapes}
-    # 4 compiled variants x 2 split densities (PROGRAMS_PER_SM changes only the grid, not the binary)
-    for block_l, warps, stages in ((32, 4, 3), (64, 4, 3), (64, 8, 3), (128, 8, 3)):
-        for per_sm in (4, 8):
+    # 4 compiled variants x 3 split densities (PROGRAMS_PER_SM changes only the grid, not the binary).
+    # v2's sweep (decode_h200.json) found BLOCK_L=64, 4 warps, 3 stages, 8 programs/SM best of
+    # BLOCK_L {32, 64, 128} x warps {4, 8} x {4, 8}/SM; this one looks past it.
+    for block_l, warps, stages in ((64, 4, 3), (64, 4, 4), (32, 4, 3), (128, 4, 3)):
+        for per_sm in (8, 16, 32):
             cfg = dict(BLOCK_L=block_l, PROGRAMS_PER_SM=per_sm, num_warps=warps, num_stages=stages)
             try:
                 times = [sfa_time(inputs[s][1], inputs[s][3], inputs[s][4], dict(cfg)) for s in shapes]
