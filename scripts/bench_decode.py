@@ -87,7 +87,7 @@ def cudnn_graph_time(q, keys, v) -> float:
 
 def sweep_configs() -> list[dict]:
     rows = []
-    shapes = ((1, 131072), (8, 32768), (8, 131072))
+    shapes = ((1, 131072, 1), (8, 32768, 1), (8, 131072, 1), (8, 32768, 4))  # the last: 16 rows/program
     inputs = {s: make_inputs(*s) for s in shapes}
     # 4 compiled variants x 3 split densities (PROGRAMS_PER_SM changes only the grid, not the binary).
     # v2's sweep (decode_h200.json) found BLOCK_L=64, 4 warps, 3 stages, 8 programs/SM best of
@@ -100,7 +100,7 @@ def sweep_configs() -> list[dict]:
             except Exception as e:  # out of resources for this config
                 print("config failed", cfg, str(e).splitlines()[0][:100])
                 continue
-            rows.append(dict(config=cfg, ms=times, total=sum(times)))
+            rows.append(dict(config=cfg, ms=times, total=sum(times[:3]), wide_rows_ms=times[3]))
     rows.sort(key=lambda r: r["total"])
     del inputs
     torch.cuda.empty_cache()
@@ -121,6 +121,7 @@ def main():
     copy_gbps = copy_bandwidth_gbps()
     sweep = [] if args.no_sweep else sweep_configs()
     best = sweep[0]["config"] if sweep else dict(decode_mod.GPU_DECODE_CONFIG)
+    best_wide = min(sweep, key=lambda r: r["wide_rows_ms"])["config"] if sweep else dict(decode_mod.GPU_DECODE_CONFIG_WIDE)
 
     # correctness of the timed path on one bench-sized input (fp32 reference)
     q, q_masked, keys, code, v = make_inputs(2, 20000, n_q=1)
@@ -140,14 +141,16 @@ def main():
                 q, q_masked, keys, code, v = make_inputs(b, n_keys, n_q)
                 dense = dense_times(q, keys, v)
                 best_dense = min(t for name, t in dense.items() if isinstance(t, float))
-                t_kernel = sfa_time(q_masked, code, v, dict(best))
+                cfg = best if HQ // HKV * n_q < 16 else best_wide
+                t_kernel = sfa_time(q_masked, code, v, dict(cfg))
                 try:
-                    t_kernel_graph = sfa_time(q_masked, code, v, dict(best), graph=True)
+                    t_kernel_graph = sfa_time(q_masked, code, v, dict(cfg), graph=True)
                     t_cudnn_graph = cudnn_graph_time(q, keys, v)
                 except RuntimeError as e:  # graph capture refused: report, keep going
                     print("cudagraph timing failed:", str(e).splitlines()[0][:120])
                     t_kernel_graph = t_cudnn_graph = float("nan")
                 decode_mod.GPU_DECODE_CONFIG.update(best)
+                decode_mod.GPU_DECODE_CONFIG_WIDE.update(best_wide)
                 t_backend = bench(lambda: sfa.sfa_attention(q, code, v, topk_q=K, backend="decode"))
                 dense_bytes, sfa_bytes = b * n_keys * dense_bpt, b * n_keys * sfa_bpt
                 table.append(dict(
@@ -163,7 +166,7 @@ def main():
                 torch.cuda.empty_cache()
     result = dict(env=env, copy_gbps=copy_gbps, heads=dict(q=HQ, kv=HKV), d=D, k=K, dtype="bfloat16",
                   kv_bytes_per_token_per_layer=dict(dense=dense_bpt, sfa=sfa_bpt, ratio=sfa_bpt / dense_bpt),
-                  byte_ratio_cap=dense_bpt / sfa_bpt, decode_config=best, rel_err_vs_fp32=rel_err,
+                  byte_ratio_cap=dense_bpt / sfa_bpt, decode_config=best, decode_config_wide_rows=best_wide, rel_err_vs_fp32=rel_err,
                   sweep_top10=sweep[:10], table=table)
     for path in filter(None, (args.out, os.environ.get("OUT") and os.path.join(os.environ["OUT"], "decode.json"))):
         with open(path, "w") as f:
@@ -172,6 +175,7 @@ def main():
     print(f"KV bytes/token/layer: dense {dense_bpt}, sfa {sfa_bpt} (cap {dense_bpt / sfa_bpt:.2f}x)")
     for r in sweep[:6]:
         print("sweep", r["config"], [round(t, 4) for t in r["ms"]])
+    print("best for >= 16 rows/program:", best_wide)
     print(f"{'B':>2} {'L':>7} {'T':>2} {'cudnn':>8} {'flash':>8} {'effic':>8} {'sfa':>8} {'sfa+topk':>8} {'x':>5} {'sfaGB/s':>8} {'%copy':>6} {'g:cudnn':>8} {'g:sfa':>8} {'g:x':>5}")
     for r in table:
         d = r["dense_ms"]

@@ -153,6 +153,8 @@ def _split_plan(batch_heads: int, n_keys: int, block_l: int, device: torch.devic
 # Launch config. GPU: best of the sweep in scripts/bench_decode.py on H200 (docs/bench/results/decode_h200.json,
 # "sweep_top10"); the interpreter's is small so the tests cover several splits and a partial block.
 GPU_DECODE_CONFIG = dict(BLOCK_L=64, PROGRAMS_PER_SM=8, num_warps=4, num_stages=3)
+# For programs of >= 16 query rows (e.g. 4 query heads per KV head x 4 tokens), where the gather is 4x wider.
+GPU_DECODE_CONFIG_WIDE = dict(BLOCK_L=64, PROGRAMS_PER_SM=8, num_warps=4, num_stages=3)
 INTERPRETER_DECODE_CONFIG = dict(BLOCK_L=16, PROGRAMS_PER_SM=1, num_warps=4, num_stages=1)
 
 
@@ -168,7 +170,9 @@ def decode_into(
     group = hq // hkv
     if q_masked.stride(-1) != 1:
         q_masked = q_masked.contiguous()
-    cfg = dict(config or (INTERPRETER_DECODE_CONFIG if interpreting() else GPU_DECODE_CONFIG))
+    rows = next_pow2(group * n_q)
+    default = GPU_DECODE_CONFIG if rows < 16 else GPU_DECODE_CONFIG_WIDE
+    cfg = dict(config or (INTERPRETER_DECODE_CONFIG if interpreting() else default))
     block_l = cfg.pop("BLOCK_L")
     n_splits, keys_per_split = _split_plan(b * hkv, n_keys, block_l, v.device, cfg.pop("PROGRAMS_PER_SM", 4))
     o_part = torch.empty((b * hq * n_q * n_splits, dv), dtype=torch.float32, device=v.device)
@@ -181,7 +185,7 @@ def decode_into(
         k_indices.stride(0), k_indices.stride(1), k_indices.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         hkv, n_keys, n_q, keys_per_split, n_splits, scale * LOG2_E,
-        GROUP=group, ROWS=next_pow2(group * n_q), KSEL=ksel, KSEL_PAD=next_pow2(ksel),
+        GROUP=group, ROWS=rows, KSEL=ksel, KSEL_PAD=next_pow2(ksel),
         DV=dv, DV_PAD=dv_pad, BLOCK_L=block_l, CAUSAL=causal,
         DOT_PRECISION="ieee" if v.dtype == torch.float32 else "tf32",
         **cfg,
