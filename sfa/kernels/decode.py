@@ -25,6 +25,7 @@ import triton.language as tl
 from ._config import interpreting, next_pow2, num_sms
 
 MAX_QUERY_ROWS = 64  # (query heads per KV head) x (query tokens) handled in one program
+MAX_SPLITS = 128  # the combine kernel holds (splits x Dv) partials of a row in registers
 LOG2_E = 1.4426950408889634
 
 
@@ -145,7 +146,7 @@ def _split_plan(batch_heads: int, n_keys: int, block_l: int, device: torch.devic
     if interpreting():
         keys_per_split = 2 * block_l  # several splits even at tiny L, so the combine path is tested
     else:
-        want = max(1, math.ceil(programs_per_sm * num_sms(device) / batch_heads))
+        want = max(1, min(MAX_SPLITS, math.ceil(programs_per_sm * num_sms(device) / batch_heads)))
         keys_per_split = max(block_l, math.ceil(math.ceil(n_keys / want) / block_l) * block_l)
     return math.ceil(n_keys / keys_per_split), keys_per_split
 
