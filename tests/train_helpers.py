@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,14 +18,23 @@ TINY = [
 ]
 
 
-def run_train(args, *, data_root: Path, root: Path, launcher=(sys.executable,), check=True, timeout=300):
+def run_train(args, *, data_root: Path, root: Path, launcher=(sys.executable,), check=True, timeout=180):
     """Run train.py with TINY settings plus `args`; returns the CompletedProcess (stdout+stderr merged)."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
     env.pop("SFA_WORKSPACE", None)
     flags = [a for a in args if a.startswith("-")]  # Hydra's flags (-m) go before the overrides
     overrides = [a for a in args if not a.startswith("-")]
     cmd = [*launcher, str(REPO / "train.py"), *flags, *TINY, f"data.root={data_root}", f"root={root}", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, timeout=timeout)
+    # Own session, so a hung run (and torchrun's workers) can be killed as one group on timeout.
+    with subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          start_new_session=True) as child:
+        try:
+            out, _ = child.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(child.pid, signal.SIGKILL)
+            out, _ = child.communicate()
+            raise AssertionError(f"train.py timed out after {timeout}s:\n{' '.join(cmd)}\n{out[-6000:]}") from None
+    proc = subprocess.CompletedProcess(cmd, child.returncode, out)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{' '.join(cmd)}\n{proc.stdout[-6000:]}")
     return proc

@@ -1,0 +1,72 @@
+"""torchrun with 2 gloo processes on CPU: replicas stay bit-identical and the loss matches one process
+with the same global batch (the loader hands rank r the windows r, r+2, ... of the same order)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from train_helpers import read_metrics, run_train
+
+TORCHRUN = shutil.which("torchrun")
+pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
+
+# 8 sequences of 32 tokens per step: 1 process x micro-batch 4 x 2 accumulation steps, or 2 x 2 x 2.
+COMMON = ["train.max_steps=6", "train.batch_tokens=256", "train.eval_every=3", "train.ckpt_every=3",
+          "train.rank_checksums=true"]
+# Float sums in a different order (gloo's all-reduce, two half-batch backward passes) move the loss by
+# ~1e-7 relative; a data or sync bug moves it by 1e-3 or more.
+LOSS_RTOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory, data_root):
+    root = tmp_path_factory.mktemp("single")
+    run_train([*COMMON, "run_name=one", "train.micro_batch=4"], data_root=data_root, root=root)
+    return read_metrics(root / "runs" / "one")
+
+
+def torchrun(n):
+    return (TORCHRUN, "--standalone", f"--nproc_per_node={n}")  # standalone: a free local rendezvous port
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_two_gloo_processes_match_one(tmp_path, data_root, single, mode):
+    run_train([*COMMON, "run_name=two", "train.micro_batch=2", f"dist={mode}"], data_root=data_root, root=tmp_path,
+              launcher=torchrun(2))
+    run_dir = tmp_path / "runs" / "two"
+    two = read_metrics(run_dir)
+    assert [r["step"] for r in two] == [r["step"] for r in single]
+    for a, b in zip(two, single):
+        assert a["loss"] == pytest.approx(b["loss"], rel=LOSS_RTOL)
+        assert a["tokens"] == b["tokens"]
+        if "val_loss" in b:
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=LOSS_RTOL)
+    info = json.loads((run_dir / "run_info.json").read_text())
+    assert (info["world_size"], info["dist"], info["grad_accum"]) == (2, mode, 2)
+    sums = [json.loads((run_dir / "rank_checksums" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    if mode == "ddp":  # replicas: identical bytes on both ranks
+        assert sums[0]["sha256"] == sums[1]["sha256"]
+    else:  # shards: together they hold the whole model
+        assert sums[0]["sha256"] != sums[1]["sha256"]
+
+
+@pytest.mark.slow
+def test_ddp_resume_continues_the_same_trajectory(tmp_path, data_root):
+    args = [*COMMON, "run_name=r", "train.micro_batch=2", "optim.decay_steps=6"]
+    run_train([*args, "train.max_steps=6"], data_root=data_root, root=tmp_path / "straight", launcher=torchrun(2))
+    run_train([*args, "train.max_steps=3"], data_root=data_root, root=tmp_path / "split", launcher=torchrun(2))
+    run_train(args, data_root=data_root, root=tmp_path / "split", launcher=torchrun(2))
+    straight = read_metrics(tmp_path / "straight" / "runs" / "r")
+    split = read_metrics(tmp_path / "split" / "runs" / "r")
+    assert [r["loss"] for r in split] == [r["loss"] for r in straight]
+    proc = run_train(args, data_root=data_root, root=tmp_path / "split", check=False)  # one process now
+    assert proc.returncode != 0 and "written by 2 processes but this run has 1" in proc.stdout
