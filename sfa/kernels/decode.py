@@ -153,7 +153,7 @@ def _split_plan(batch_heads: int, n_keys: int, block_l: int, device: torch.devic
 
 # Launch config. GPU: best of the sweep in scripts/bench_decode.py on H200 (docs/bench/results/decode_h200.json,
 # "sweep_top10"); the interpreter's is small so the tests cover several splits and a partial block.
-GPU_DECODE_CONFIG = dict(BLOCK_L=64, PROGRAMS_PER_SM=8, num_warps=4, num_stages=3)
+GPU_DECODE_CONFIG = dict(BLOCK_L=64, PROGRAMS_PER_SM=16, num_warps=4, num_stages=3)
 # For programs of >= 16 query rows (e.g. 4 query heads per KV head x 4 tokens), where the gather is 4x wider.
 GPU_DECODE_CONFIG_WIDE = dict(BLOCK_L=64, PROGRAMS_PER_SM=8, num_warps=4, num_stages=3)
 INTERPRETER_DECODE_CONFIG = dict(BLOCK_L=16, PROGRAMS_PER_SM=1, num_warps=4, num_stages=1)
