@@ -19,7 +19,7 @@ from .topk import fused_topk_masked
 
 # Dense SDPA kernels in order of preference on CUDA; torch skips any that rejects the inputs (e.g.
 # dtype, head dim, or GQA for a backend without it) and takes the next. cuDNN leads: fastest on
-# Hopper (docs/bench/topk_decode.md "masked backend", docs/bench/results/topk_h100.json).
+# Hopper (docs/bench/topk_decode.md "masked backend", docs/bench/results/topk_h200.json).
 SDPA_PREFERENCE = [
     SDPBackend.CUDNN_ATTENTION,
     SDPBackend.FLASH_ATTENTION,
