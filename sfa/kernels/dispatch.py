@@ -18,7 +18,7 @@ DECODE_MAX_QUERY_ROWS = 64  # (Hq/Hkv) x Nq rows per program in the decode kerne
 
 # (min_queries, max_head_dim) ranges where the `flash` backend measured faster than `masked` for
 # training/prefill on the GPU. Empty: in K2's H200 run (docs/bench/attention.md, v4) flash was
-# 1.05-1.36x slower than masked at every measured shape (8k-32k, D 64/128, fwd and fwd+bwd).
+# 1.06-1.37x slower than masked at every measured shape (8k-32k, D 64/128, fwd and fwd+bwd).
 FLASH_WINS: list[tuple[int, int]] = []
 
 
