@@ -188,3 +188,13 @@ def test_bf16_on_gpu_matches_fp32_reference(n, d, hq, hkv, causal):
         assert e < 1e-2, name
     assert (grads[0][~topk_sparsify(q, topk).mask()] == 0).all()
     assert (grads[1][~topk_sparsify(k, topk).mask()] == 0).all()
+
+
+def test_registered_as_the_flash_backend_of_sfa_attention():
+    import sfa
+
+    assert "flash" in sfa.available_backends()
+    q, k, v = make_inputs(1, 2, 1, 37, 37, 32)
+    out = sfa.sfa_attention(q, k, v, topk_q=4, causal=True, backend="flash")
+    ref = sfa_attention_reference(q.double(), k.double(), v.double(), topk_q=4, topk_k=4, causal=True)
+    assert rel_err(out, ref) < 1e-5
