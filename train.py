@@ -193,7 +193,7 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
     device_name, peak = detect_peak_flops(info.device)
     peak = cfg.metrics.peak_flops or peak
     run_info = {
-        "params": n_params, "params_nonembedding": n_params_nonembed, **costs,
+        "run_name": cfg.run_name, "model": cfg.model.preset, "params": n_params, "params_nonembedding": n_params_nonembed, **costs,
         "kv_cache_bytes_per_token": kv_bytes, "device": device_name, "world_size": info.world_size,
         "dist": info.mode, "grad_accum": plan.grad_accum, "attention": plan.attention.kind,
         "topk_q": plan.attention.topk_q, "topk_k": plan.attention.topk_k, "d_short": plan.attention.d_short,
