@@ -325,7 +325,7 @@ def test_config_dataclasses_validate_directly():
 
 
 def test_attention_config_from_a_hydra_dictconfig():
-    from omegaconf import OmegaConf
+    OmegaConf = pytest.importorskip("omegaconf").OmegaConf
 
     m = small("qwen3", OmegaConf.create({"kind": "sfa", "topk_q": 4, "feature_map": True}))
     assert m.attention == AttentionConfig(kind="sfa", topk_q=4, topk_k=4, feature_map=True)
