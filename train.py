@@ -128,6 +128,12 @@ def write_rank_checksum(model, info: dist.DistInfo, out_dir: Path, step: int) ->
 
 def resume_from(cfg: DictConfig, out_dir: Path) -> Path | None:
     if cfg.train.resume == "none":
+        earlier = ckpt.latest_checkpoint(out_dir)
+        if earlier is not None:  # a fresh run here would mix its checkpoints with the old run's
+            raise ValueError(
+                f"train.resume=none but {earlier.parent} holds checkpoints of an earlier run (newest {earlier.name}); "
+                "delete them, or choose another run_name / out_dir"
+            )
         return None
     if cfg.train.resume == "auto":
         return ckpt.latest_checkpoint(out_dir)

@@ -77,8 +77,10 @@ def test_resume_refuses_another_config(tmp_path, data_root):
     assert proc.returncode != 0
     assert "was trained with another config" in proc.stdout
     assert "attention.topk_q: checkpoint 8 vs now 4" in proc.stdout
-    # train.resume=none starts afresh in the same directory
-    run_train([*common, "attention.k=4", "train.resume=none"], data_root=data_root, root=tmp_path)
+    # train.resume=none will not mix a fresh run's checkpoints with the old ones
+    proc = run_train([*common, "attention.k=4", "train.resume=none"], data_root=data_root, root=tmp_path, check=False)
+    assert proc.returncode != 0 and "train.resume=none but" in proc.stdout and "step_00000002.pt" in proc.stdout
+    run_train([*common, "attention.k=4", "train.resume=none", "run_name=fresh"], data_root=data_root, root=tmp_path)
 
 
 def test_multirun_gives_each_job_its_own_run_dir(tmp_path, data_root):
