@@ -97,3 +97,22 @@ def test_gpu_compile_masked_backend_fullgraph():
     out.float().sum().backward()
     ref = sfa.sfa_attention_reference(q.float(), k.float(), v.float(), topk_q=8, topk_k=8, causal=True)
     assert ((out.float() - ref).norm() / ref.norm()).item() < 1e-2
+
+
+def test_sfa_imports_and_runs_without_triton():
+    """sfa must work where Triton is missing: only the reference backend, `auto` resolves to it."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys; sys.modules['triton'] = None\n"  # makes `import triton` raise ImportError
+        "import torch, sfa\n"
+        "assert sfa.available_backends() == ['auto', 'reference'], sfa.available_backends()\n"
+        "q = torch.randn(1, 2, 5, 16)\n"
+        "out = sfa.sfa_attention(q, q, q, topk_q=4)\n"
+        "assert torch.equal(out, sfa.sfa_attention_reference(q, q, q, topk_q=4, topk_k=4))\n"
+        "print('ok')\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=__file__.rsplit("/tests/", 1)[0])
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
