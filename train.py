@@ -252,7 +252,8 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
             "mfu": mfu(costs["flops_per_token"], tokens_per_s, peak * info.world_size if peak else None),
             "kv_cache_bytes_per_token": kv_bytes, "peak_memory_bytes": peak_memory_bytes(info.device),
         }
-        out_of_time = cfg.train.time_limit_s is not None and record["elapsed_s"] >= cfg.train.time_limit_s
+        # Ranks' clocks differ slightly: stop when any rank is out of time, all at the same step.
+        out_of_time = cfg.train.time_limit_s is not None and dist.any_rank(record["elapsed_s"] >= cfg.train.time_limit_s, info)
         done = step == cfg.train.max_steps or out_of_time
         if done or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
             last_val = evaluate(model, cfg, data_dir, info, plan.micro_batch)

@@ -105,3 +105,13 @@ def test_a_bad_value_stops_train_py_before_training(tmp_path, data_root):
     assert proc.returncode != 0
     assert "train.batch_tokens=100 is not divisible by" in proc.stdout
     assert not (tmp_path / "runs").exists() or not any((tmp_path / "runs").rglob("metrics.jsonl"))
+
+
+def test_time_limit_stops_with_a_checkpoint(tmp_path, data_root):
+    proc = run_train(["run_name=t", "train.max_steps=1000", "train.time_limit_s=0.001", "train.batch_tokens=128",
+                      "train.micro_batch=4"], data_root=data_root, root=tmp_path)
+    assert "train.time_limit_s=0.001 reached at step 1" in proc.stdout
+    run_dir = tmp_path / "runs" / "t"
+    assert [r["step"] for r in read_metrics(run_dir)] == [1]
+    assert "val_loss" in read_metrics(run_dir)[0]
+    assert (run_dir / "checkpoints" / "step_00000001.pt").is_file()

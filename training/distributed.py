@@ -163,6 +163,15 @@ def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return value
 
 
+def any_rank(flag: bool, info: DistInfo) -> bool:
+    """True on every rank if `flag` is true on any rank (a collective decision, e.g. to stop)."""
+    if info.world_size == 1:
+        return flag
+    value = torch.tensor([1.0 if flag else 0.0], device=info.device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())
+
+
 def gather_objects(obj, info: DistInfo) -> list:
     """Every rank's `obj`, in rank order (a one-element list with one process)."""
     if info.world_size == 1:
