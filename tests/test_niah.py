@@ -198,3 +198,14 @@ def test_eval_with_sfa_override_and_real_text_haystack(tiny_checkpoint, tmp_path
     assert TOK.eot_token not in hay.tokens.tolist() and hay.tokens.size > 64
     with pytest.raises(SystemExit, match="exceeds the model's max_seq_len=128"):
         niah_script.main(["eval", "--checkpoint", str(tiny_checkpoint), "--lengths", "126", "--device", "cpu"])
+
+
+@pytest.mark.gpu
+def test_eval_on_gpu_with_sfa_decoding_over_the_compressed_cache(tiny_checkpoint, tmp_path):
+    """GPU path: bf16 autocast, SFA switched on, greedy decoding through the compressed KV cache kernels."""
+    report = niah_script.main([
+        "eval", "--checkpoint", str(tiny_checkpoint), "--lengths", "64,120", "--depths", "0,1", "--samples", "20",
+        "--batch-size", "20", "--device", "cuda", "--attention", "sfa", "--k", "8", "--out", str(tmp_path / "gpu"),
+    ])  # fmt: skip
+    assert report["device"].startswith("cuda") and report["dtype"] == "bfloat16"
+    assert len(report["samples"]) == 80
