@@ -130,6 +130,15 @@ def test_errors_name_the_problem(workdir, tmp_path, capsys):
     other = save_model(load_model(ckpt)[0], qwen_cfg, tmp_path / "qwen" / "step_00000001.pt")
     with pytest.raises(SystemExit, match="tokenized with 'gpt2' but the model was trained with 'qwen'"):
         eval_ppl.main(["--checkpoint", str(other), "--data", str(data_dir)])
+    (tmp_path / "empty_run").mkdir()
+    with pytest.raises(FileNotFoundError, match="has no checkpoints/step_"):
+        eval_ppl.main(["--checkpoint", str(tmp_path / "empty_run"), "--data", str(data_dir)])
+    with pytest.raises(ValueError, match="attention override changes the model's parameters"):
+        load_model(ckpt, attention={"kind": "short", "d_short": 8})
+    with pytest.raises(ValueError, match="--attention must be 'sfa' or 'dense'"):
+        from evaluation.checkpoint import attention_override
+
+        attention_override("short")
     with pytest.raises(ValueError, match="not a checkpoint of this project"):
         torch.save({"weights": {}}, tmp_path / "foreign.pt")
         eval_ppl.main(["--checkpoint", str(tmp_path / "foreign.pt"), "--data", str(data_dir)])

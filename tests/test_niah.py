@@ -196,6 +196,8 @@ def test_eval_with_sfa_override_and_real_text_haystack(tiny_checkpoint, tmp_path
     assert (out / "niah.json").is_file() and (out / "niah.png").is_file()
     hay = haystack_from_prepared(data, "val", TOK)
     assert TOK.eot_token not in hay.tokens.tolist() and hay.tokens.size > 64
+    with pytest.raises(ValueError, match="was tokenized with 'gpt2', but the prompts use 'qwen'"):
+        haystack_from_prepared(data, "val", type("Qwen", (), {"name": "qwen"})())
     with pytest.raises(SystemExit, match="exceeds the model's max_seq_len=128"):
         niah_script.main(["eval", "--checkpoint", str(tiny_checkpoint), "--lengths", "126", "--device", "cpu"])
 
