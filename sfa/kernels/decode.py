@@ -156,6 +156,9 @@ def _split_plan(batch_heads: int, n_keys: int, block_l: int, device: torch.devic
 GPU_DECODE_CONFIG = dict(BLOCK_L=64, PROGRAMS_PER_SM=16, num_warps=4, num_stages=3)
 # For programs of >= 16 query rows (e.g. 4 query heads per KV head x 4 tokens), where the gather is 4x wider.
 GPU_DECODE_CONFIG_WIDE = dict(BLOCK_L=64, PROGRAMS_PER_SM=8, num_warps=4, num_stages=3)
+# fp32 caches (e.g. fp32 weights under autocast): the 3-stage bf16 pipeline needs ~300 KB of shared memory
+# for 4-byte elements, over the 227 KB a block may take on Hopper, so halve the tile and do not pipeline.
+GPU_DECODE_CONFIG_FP32 = dict(BLOCK_L=32, PROGRAMS_PER_SM=8, num_warps=4, num_stages=1)
 INTERPRETER_DECODE_CONFIG = dict(BLOCK_L=16, PROGRAMS_PER_SM=1, num_warps=4, num_stages=1)
 
 
@@ -172,7 +175,10 @@ def decode_into(
     if q_masked.stride(-1) != 1:
         q_masked = q_masked.contiguous()
     rows = next_pow2(group * n_q)
-    default = GPU_DECODE_CONFIG if rows < 16 else GPU_DECODE_CONFIG_WIDE
+    if v.element_size() > 2 or k_values.element_size() > 2:
+        default = GPU_DECODE_CONFIG_FP32
+    else:
+        default = GPU_DECODE_CONFIG if rows < 16 else GPU_DECODE_CONFIG_WIDE
     cfg = dict(config or (INTERPRETER_DECODE_CONFIG if interpreting() else default))
     block_l = cfg.pop("BLOCK_L")
     n_splits, keys_per_split = _split_plan(b * hkv, n_keys, block_l, v.device, cfg.pop("PROGRAMS_PER_SM", 4))
