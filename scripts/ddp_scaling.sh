@@ -7,7 +7,7 @@
 #
 # Both runs use one global batch (train.batch_tokens), so 1 GPU accumulates NGPU micro-batches per step
 # where N GPUs take one each: the optimisation is identical and only the throughput differs.
-# Results: workspace/ddp_scaling/<timestamp>/{1gpu,Ngpu}/ (metrics.jsonl) and scaling.json beside them.
+# Results: workspace/ddp_scaling/<timestamp>/{single,ddpN}/ (metrics.jsonl) and scaling.json beside them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -30,9 +30,9 @@ COMMON=(
 python -c "from data.prepare import ensure_prepared; ensure_prepared('embedded', 'gpt2', '$OUT/data')"
 
 echo "== 1 GPU =="
-CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES_1:-0} python train.py "${COMMON[@]}" out_dir="$OUT/1gpu"
+CUDA_VISIBLE_DEVICES=${CUDA_VISIBLE_DEVICES_1:-0} python train.py "${COMMON[@]}" out_dir="$OUT/single"
 echo "== $NGPU GPUs =="
-torchrun --standalone --nproc_per_node="$NGPU" train.py "${COMMON[@]}" dist=ddp out_dir="$OUT/${NGPU}gpu"
+torchrun --standalone --nproc_per_node="$NGPU" train.py "${COMMON[@]}" dist=ddp out_dir="$OUT/ddp${NGPU}"
 
 python - "$OUT" "$NGPU" <<'PY'
 import json, statistics, sys
@@ -46,8 +46,8 @@ def steady_tokens_per_s(run):
     info = json.loads((out / run / "run_info.json").read_text())
     return statistics.median(speeds), len(records), info
 
-one, steps1, info1 = steady_tokens_per_s("1gpu")
-many, stepsn, infon = steady_tokens_per_s(f"{ngpu}gpu")
+one, steps1, info1 = steady_tokens_per_s("single")
+many, stepsn, infon = steady_tokens_per_s(f"ddp{ngpu}")
 result = {"device": info1["device"], "ngpu": ngpu, "tokens_per_s_1gpu": one, f"tokens_per_s_{ngpu}gpu": many,
           "speedup": many / one, "efficiency": many / one / ngpu, "steps": [steps1, stepsn],
           "grad_accum": [info1["grad_accum"], infon["grad_accum"]]}
