@@ -24,6 +24,7 @@ def two_runs(tmp_path_factory):
     return sorted(p for p in sweep.iterdir() if p.is_dir())
 
 
+@pytest.mark.slow
 def test_plots_and_summary(two_runs, tmp_path, capsys):
     result = plot_runs.main([*map(str, two_runs), "--out", str(tmp_path)])
     for name in ("loss_vs_tokens", "loss_vs_time", "tokens_per_s", "kv_cache_bytes_per_token"):
