@@ -286,7 +286,9 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     # Multirun jobs each get their own directory under hydra.sweep.dir; a single run gets out_dir.
-    train(cfg, Path(HydraConfig.get().runtime.output_dir))
+    # Record where this job really writes, so its config.yaml tells the truth.
+    cfg.out_dir = HydraConfig.get().runtime.output_dir
+    train(cfg, Path(cfg.out_dir))
 
 
 if __name__ == "__main__":

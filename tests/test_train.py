@@ -99,8 +99,9 @@ def test_multirun_gives_each_job_its_own_run_dir(tmp_path, data_root):
     assert len(jobs) == 2
     assert jobs[0].name.startswith("0_attention=dense,") and jobs[1].name.startswith("1_attention=sfa,")
     assert "train.max_steps=2" in jobs[0].name and "data.root" not in jobs[0].name
-    kinds = [yaml.safe_load((job / "config.yaml").read_text())["attention"]["kind"] for job in jobs]
-    assert kinds == ["dense", "sfa"]
+    configs = [yaml.safe_load((job / "config.yaml").read_text()) for job in jobs]
+    assert [c["attention"]["kind"] for c in configs] == ["dense", "sfa"]
+    assert [c["out_dir"] for c in configs] == [str(job) for job in jobs]
     for job in jobs:
         assert [r["step"] for r in read_metrics(job)] == [1, 2]
         assert (job / "checkpoints" / "step_00000002.pt").is_file()
