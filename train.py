@@ -15,7 +15,10 @@ import contextlib
 import hashlib
 import json
 import logging
+import os
 import random
+import signal
+import sys
 import time
 from pathlib import Path
 
@@ -27,6 +30,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from training import checkpoint as ckpt
 from training import distributed as dist
+from training import faults
 from training.config_checks import check_config
 from training.device_peaks import detect_peak_flops
 from training.hydra_setup import register_resolvers
@@ -82,7 +86,8 @@ def evaluate(model, cfg: DictConfig, data_dir: Path, info: dist.DistInfo, micro_
     return dist.all_reduce_mean(total / batches, info).item()
 
 
-def save_checkpoint(model, optimizer, scheduler, loader, step, tokens_seen, config, out_dir, info, keep):
+def save_checkpoint(model, optimizer, scheduler, loader, step, tokens_seen, config, out_dir, info, keep,
+                    nonfinite_state=None):
     """Collective (every rank calls it): gather full states, rank 0 writes the file atomically."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -105,8 +110,11 @@ def save_checkpoint(model, optimizer, scheduler, loader, step, tokens_seen, conf
                 "scheduler": scheduler.state_dict(),
                 "loaders": loader_states,
                 "rng": rng_states,
+                "nonfinite": nonfinite_state or {},
             },
             path,
+            before_rename=(lambda: faults.pause_for_test("checkpoint write", step))
+            if faults.test_hook("pause_in_ckpt_write", step) else None,
         )
         ckpt.prune_checkpoints(out_dir, keep)
     dist.barrier(info)
@@ -157,6 +165,8 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
     plan = check_config(config, info.world_size)
     if not info.is_main:
         log.setLevel(logging.WARNING)
+    if info.is_main:
+        faults.preflight_out_dir(out_dir)  # before any work: an unwritable run dir fails now, not at the first save
     out_dir.mkdir(parents=True, exist_ok=True)
     if info.is_main:
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)
@@ -170,6 +180,8 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
     costs = flops_per_token(model, cfg.train.seq_len)
     kv_bytes = model.kv_cache_bytes_per_token(torch.bfloat16)
     n_params, n_params_nonembed = model.num_params(), model.num_params(exclude_embeddings=True)
+    if info.is_main:
+        faults.preflight_disk_space(out_dir, n_params, cfg.train.min_free_gb)
     seed_everything(cfg.train.seed + info.rank)
 
     if cfg.train.compile and info.mode != "fsdp2":
@@ -182,6 +194,7 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
     loader = TokenLoader(data_dir, "train", plan.micro_batch, cfg.train.seq_len, info.rank, info.world_size, cfg.train.seed)
 
     step, tokens_seen = 0, 0
+    guard = faults.NonFiniteGuard(cfg.train.nonfinite, cfg.train.nonfinite_max_consecutive)
     resume_path = resume_from(cfg, out_dir)
     if resume_path is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -194,6 +207,7 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
         loader.load_state_dict(payload["loaders"][info.rank])
         ckpt.restore_rng_state(payload["rng"][info.rank])
         step, tokens_seen = payload["step"], payload["tokens_seen"]
+        guard.load_state_dict(payload.get("nonfinite", {}))
         log.info("resumed from %s at step %d (%d tokens seen)", resume_path, step, tokens_seen)
 
     device_name, peak = detect_peak_flops(info.device)
@@ -218,9 +232,15 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
     model.train()
     last_val, last_ckpt, started = None, None, time.perf_counter()
     record: dict = {}
+    stop_error: Exception | None = None
+    signals = faults.StopSignals().install()  # SIGTERM/SIGINT: finish the step, checkpoint, exit 128+signal
     reset_peak_memory(info.device)
     while step < cfg.train.max_steps:
         t0 = time.perf_counter()
+        if faults.test_hook("pause_in_step", step + 1, info.rank):
+            faults.pause_for_test("step", step + 1, signals)
+        if faults.test_hook("die", step + 1, info.rank) and faults.first_attempt():
+            os.kill(os.getpid(), signal.SIGKILL)  # a rank crashing hard, as an OOM kill would
         lr = scheduler.get_last_lr()[0]
         loss_sum = torch.zeros((), device=info.device)
         for micro in range(plan.grad_accum):
@@ -229,33 +249,48 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
             with dist.gradient_sync(model, info, enabled=micro == plan.grad_accum - 1):
                 with autocast_context(info.device, cfg.train.dtype):
                     _, loss = model(x, y)
+                if faults.test_hook("nan_loss", step + 1, info.rank):
+                    loss = loss * float("nan")
                 (loss / plan.grad_accum).backward()
             loss_sum += loss.detach().float()
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
             grad_norm = grad_norm.full_tensor()
-        optimizer.step()
+        # Both numbers are the same on every rank (loss averaged here, grad norm over all-reduced grads), so
+        # every rank takes the same decision without another collective; .item() syncs the device once.
+        train_loss = dist.all_reduce_mean(loss_sum / plan.grad_accum, info).item()
+        grad_norm = grad_norm.item()
+        bad_grads = [] if np.isfinite(grad_norm) else faults.nonfinite_grads(dist.unwrap(model).named_parameters())
+        nonfinite = guard.cause(train_loss, grad_norm, bad_grads)
+        if guard.decide(step + 1, nonfinite):
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
         step += 1
         tokens_seen += cfg.train.batch_tokens
-        train_loss = dist.all_reduce_mean(loss_sum / plan.grad_accum, info).item()  # .item() syncs the device
         step_time = time.perf_counter() - t0
         tokens_per_s = cfg.train.batch_tokens / step_time
 
         record = {
-            "step": step, "tokens": tokens_seen, "loss": train_loss, "lr": lr, "grad_norm": grad_norm.item(),
+            "step": step, "tokens": tokens_seen, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
             "tokens_per_s": tokens_per_s, "step_time_s": step_time, "elapsed_s": time.perf_counter() - started,
             "flops_per_token": costs["flops_per_token"],
             "dense_equiv_flops_per_token": costs["dense_equiv_flops_per_token"],
             "mfu": mfu(costs["flops_per_token"], tokens_per_s, peak * info.world_size if peak else None),
             "kv_cache_bytes_per_token": kv_bytes, "peak_memory_bytes": peak_memory_bytes(info.device),
+            "nonfinite_skipped": guard.skipped,
         }
+        if nonfinite:
+            record["nonfinite"] = nonfinite
         # Ranks' clocks differ slightly: stop when any rank is out of time, all at the same step.
         out_of_time = cfg.train.time_limit_s is not None and dist.any_rank(record["elapsed_s"] >= cfg.train.time_limit_s, info)
-        done = step == cfg.train.max_steps or out_of_time
-        if done or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
+        signalled = dist.any_rank(signals.requested, info)  # a signal may reach the ranks at different steps
+        stop_nonfinite = guard.should_stop()
+        done = step == cfg.train.max_steps or out_of_time or signalled or stop_nonfinite
+        if faults.test_hook("pause_in_eval", step, info.rank):
+            faults.pause_for_test("eval", step)
+        if step == cfg.train.max_steps or out_of_time or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
             last_val = evaluate(model, cfg, data_dir, info, plan.micro_batch)
             record.update(val_loss=last_val, val_perplexity=float(np.exp(min(last_val, 50.0))))
         for sink in sinks:
@@ -263,16 +298,25 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
         progress.update(record)
         if done or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0):
             last_ckpt = save_checkpoint(model, optimizer, scheduler, loader, step, tokens_seen, config, out_dir,
-                                        info, cfg.train.keep_checkpoints)
+                                        info, cfg.train.keep_checkpoints, guard.state_dict())
+        if stop_nonfinite:
+            stop_error = faults.NonFiniteError(guard.stop_message(step, nonfinite, last_ckpt))
+            break
+        if signalled:
+            stop_error = faults.StoppedBySignal(signals.received or signal.SIGTERM, step, last_ckpt)
+            break
         if out_of_time:
             log.info("train.time_limit_s=%s reached at step %d", cfg.train.time_limit_s, step)
             break
 
+    signals.restore()
     if cfg.train.rank_checksums:
         write_rank_checksum(model, info, out_dir, step)
     progress.close()
     for sink in sinks:
         sink.close()
+    if stop_error is not None:
+        raise stop_error
     summary = {"out_dir": str(out_dir), "step": step, "tokens": tokens_seen, "loss": record.get("loss"),
                "val_loss": last_val, "checkpoint": str(last_ckpt) if last_ckpt else None}
     if info.is_main:
@@ -288,7 +332,14 @@ def main(cfg: DictConfig) -> None:
     # Multirun jobs each get their own directory under hydra.sweep.dir; a single run gets out_dir.
     # Record where this job really writes, so its config.yaml tells the truth.
     cfg.out_dir = HydraConfig.get().runtime.output_dir
-    train(cfg, Path(cfg.out_dir))
+    try:
+        train(cfg, Path(cfg.out_dir))
+    except faults.StoppedBySignal as e:
+        log.error("%s", e)
+        sys.exit(128 + e.signum)  # the shell's convention for "ended by signal N"
+    except faults.NonFiniteError as e:
+        log.error("%s", e)
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ of checkpoints or the new one, never a torn file. Layout: <out_dir>/checkpoints/
 
 from __future__ import annotations
 
+import errno
 import os
 import random
 import re
@@ -46,17 +47,51 @@ def latest_checkpoint(out_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def save_atomic(payload: dict[str, Any], path: str | Path) -> Path:
-    """torch.save to a temp file beside `path`, fsync it, rename it over `path`, fsync the directory."""
+class _WriteErrorRecorder:
+    """A file wrapper for torch.save that remembers the first OSError of a write (e.g. ENOSPC)."""
+
+    def __init__(self, file):
+        self.file, self.error = file, None
+
+    def write(self, data):
+        try:
+            return self.file.write(data)
+        except OSError as e:
+            self.error = self.error or e
+            raise
+
+    def flush(self):
+        self.file.flush()
+
+
+def save_atomic(payload: dict[str, Any], path: str | Path, before_rename=None) -> Path:
+    """torch.save to a temp file beside `path`, fsync it, rename it over `path`, fsync the directory.
+
+    `before_rename` (tests only) is called between the write and the rename, to crash at that point."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
+            writer = _WriteErrorRecorder(f)
+            try:
+                torch.save(payload, writer)
+            except RuntimeError as e:
+                # torch.save reports a failed write as an opaque C++ error; surface the OSError behind it.
+                if writer.error is None:
+                    raise
+                raise writer.error from e
             f.flush()
             os.fsync(f.fileno())
+        if before_rename is not None:
+            before_rename()
         os.replace(tmp, path)
+    except OSError as e:
+        Path(tmp).unlink(missing_ok=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OSError(e.errno, f"no space left on the device writing checkpoint {path} ({e.strerror or e}); "
+                          "the partial file was removed and earlier checkpoints are intact; free space and resume") from e
+        raise
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise

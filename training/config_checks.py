@@ -113,6 +113,13 @@ def check_config(cfg: dict, world_size: int) -> Plan:
     limit = train["time_limit_s"]
     if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
         raise ConfigError(f"train.time_limit_s must be a positive number of seconds or null, got {limit!r}")
+    nonfinite = train.get("nonfinite", "skip")
+    if nonfinite not in ("skip", "stop"):
+        raise ConfigError(f"train.nonfinite must be skip or stop; got {nonfinite!r}")
+    _positive_int(train.get("nonfinite_max_consecutive", 5), "train.nonfinite_max_consecutive")
+    min_free = train.get("min_free_gb", 0)
+    if isinstance(min_free, bool) or not (isinstance(min_free, (int, float)) and min_free >= 0):
+        raise ConfigError(f"train.min_free_gb must be a number of GB >= 0, got {min_free!r}")
     resume = train["resume"]
     if resume not in ("auto", "none") and not Path(str(resume)).is_file():
         raise ConfigError(f"train.resume must be auto, none or an existing checkpoint file; {resume!r} does not exist")
