@@ -253,6 +253,8 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
                     loss = loss * float("nan")
                 (loss / plan.grad_accum).backward()
             loss_sum += loss.detach().float()
+        if faults.test_hook("nan_grad", step + 1, info.rank):  # a NaN gradient with a finite loss
+            next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
         if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor

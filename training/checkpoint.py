@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import pickle
 import random
 import re
 import tempfile
@@ -116,7 +117,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"train.resume: checkpoint {path} does not exist")
     # weights_only: a checkpoint is data, never code; every field we write is a tensor or plain Python.
-    payload = torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
+        raise ValueError(
+            f"train.resume: {path} is unreadable (truncated or corrupt: {str(e).splitlines()[0]}); "
+            "move it away to resume from the previous checkpoint"
+        ) from e
     if not isinstance(payload, dict) or "format_version" not in payload:
         raise ValueError(f"train.resume: {path} is not a training checkpoint of this project (no format_version)")
     if payload["format_version"] > FORMAT_VERSION:
