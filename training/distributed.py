@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import datetime
 import io
+import logging
 import os
 import socket
 from dataclasses import dataclass
@@ -91,6 +92,13 @@ def setup(dist_cfg, device_request: str) -> DistInfo:
             os.environ.setdefault("MASTER_PORT", str(_free_port()))
             os.environ.setdefault("RANK", "0")
             os.environ.setdefault("WORLD_SIZE", "1")
+        if _env_int("TORCHELASTIC_RESTART_COUNT", 0) > 0 and os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+            # pytorch/pytorch#135712: restarted workers can read the previous attempt's addresses from the
+            # store torchrun shares with them, and fail to connect. A store per attempt avoids it.
+            logging.getLogger("train").warning(
+                "torchrun restarted this job (attempt %s) with its rendezvous store shared with the workers; if "
+                "connecting fails, launch torchrun with TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 (docs/reliability.md)",
+                os.environ["TORCHELASTIC_RESTART_COUNT"])
         backend = dist_cfg.backend
         if backend == "auto":
             backend = "nccl" if device.type == "cuda" else "gloo"
