@@ -95,6 +95,18 @@ def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tenso
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
+def _autocast_dtypes(q, k, v):
+    """Under autocast, norms and RoPE leave q and k in fp32 while the v projection is bf16. SDPA casts
+    its inputs itself; sfa_attention refuses mixed dtypes, so cast them to the autocast dtype here."""
+    device_type = v.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else v.dtype
+
+    def cast(x):
+        return x if isinstance(x, sfa.SparseCode) or x.dtype == dtype else x.to(dtype)
+
+    return cast(q), cast(k), cast(v)
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -122,6 +134,7 @@ def attend(
     else:
         out_dtype = None
     if config.kind == "sfa":
+        q, k, v = _autocast_dtypes(q, k, v)
         out = sfa.sfa_attention(
             q, k, v, topk_q=config.topk_q, topk_k=None if isinstance(k, sfa.SparseCode) else config.topk_k,
             causal=True, backend=config.backend,
