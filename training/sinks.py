@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import sys
 import uuid
 import warnings
@@ -72,7 +73,8 @@ class WandbSink:
                 mode=logging_cfg.mode, project=logging_cfg.project, entity=logging_cfg.entity,
                 group=logging_cfg.group, tags=list(logging_cfg.tags), name=run_name, id=run_id,
                 resume="allow", dir=str(out_dir), config=config,
-                settings=wandb.Settings(init_timeout=60, silent=True),
+                # WANDB_INIT_TIMEOUT shortens the wait for an unreachable server (tests use a few seconds).
+                settings=wandb.Settings(init_timeout=float(os.environ.get("WANDB_INIT_TIMEOUT", 60)), silent=True),
             )
             id_file.write_text(run_id)
         except Exception as e:  # noqa: BLE001 - wandb must never stop a run, whatever it raises
