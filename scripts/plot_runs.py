@@ -30,14 +30,20 @@ def load_run(run_dir: Path) -> dict:
     records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line.strip()]
     if not records:
         raise ValueError(f"{metrics_file} holds no records yet")
-    return {"dir": run_dir, "info": json.loads(info_file.read_text()), "records": records}
+    info = json.loads(info_file.read_text())
+    config_file = run_dir / "config.yaml"
+    if "feature_map" not in info and config_file.is_file():  # run_info.json of runs before it recorded the switch
+        import yaml
+
+        info["feature_map"] = bool((yaml.safe_load(config_file.read_text()).get("attention") or {}).get("feature_map"))
+    return {"dir": run_dir, "info": info, "records": records}
 
 
 def label(info: dict) -> str:
     kind = info["attention"]
     if kind == "sfa":
         k = f"k={info['topk_q']}" if info["topk_q"] == info["topk_k"] else f"kq={info['topk_q']},kk={info['topk_k']}"
-        detail = f"sfa {k}"
+        detail = f"sfa {k}" + (" +fmap" if info.get("feature_map") else "")
     elif kind == "short":
         detail = f"short d={info['d_short']}"
     else:

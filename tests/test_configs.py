@@ -186,3 +186,12 @@ def test_cuda_requested_without_gpu(monkeypatch):
         resolve_device("cuda", 0)
     with pytest.raises(ValueError, match=r"train.device must be one of auto, cpu, cuda; got 'tpu'"):
         resolve_device("tpu", 0)
+
+
+def test_run_names_tell_the_feature_map_apart():
+    # Two runs that differ only in the Qwen3 feature map must not share (and resume) one run directory.
+    plain = resolved(["model=qwen3_tiny", "attention.k=16"])
+    mapped = resolved(["model=qwen3_tiny", "attention.k=16", "attention.feature_map=true"])
+    assert plain["run_name"] == "qwen3_tiny-sfa-q16k16"
+    assert mapped["run_name"] == "qwen3_tiny-sfa-q16k16-fmap"
+    assert plain["out_dir"] != mapped["out_dir"]

@@ -14,3 +14,6 @@ def register_resolvers() -> None:
     # The workspace root defaults to <repo>/workspace wherever train.py is launched from.
     if not OmegaConf.has_resolver("sfa_repo_root"):
         OmegaConf.register_new_resolver("sfa_repo_root", lambda: str(REPO_ROOT))
+    # Run names must tell apart runs that differ only in a boolean switch (e.g. the Qwen3 feature map).
+    if not OmegaConf.has_resolver("sfa_flag"):
+        OmegaConf.register_new_resolver("sfa_flag", lambda on, text: text if on else "")
