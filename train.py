@@ -167,6 +167,8 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
         log.setLevel(logging.WARNING)
     if info.is_main:
         faults.preflight_out_dir(out_dir)  # before any work: an unwritable run dir fails now, not at the first save
+        for partial in ckpt.remove_partial_saves(out_dir):
+            log.warning("removed %s, left by a checkpoint save that was interrupted", partial.name)
     out_dir.mkdir(parents=True, exist_ok=True)
     if info.is_main:
         OmegaConf.save(cfg, out_dir / "config.yaml", resolve=True)

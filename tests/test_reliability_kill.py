@@ -35,10 +35,12 @@ def straight(tmp_path_factory, data_root):
 def resume_and_compare(root, data_root, straight, expect_from_step):
     proc = run_train(COMMON, data_root=data_root, root=root)
     assert f"step_{expect_from_step:08d}.pt at step {expect_from_step}" in proc.stdout
+    assert not list((root / "runs" / "r" / "checkpoints").glob(".*.tmp"))  # partial saves are cleaned up
     resumed = read_metrics(root / "runs" / "r")
     assert [r["step"] for r in resumed] == list(range(1, 13))  # records redone after the checkpoint: once each
     for key in COMPARED:
         assert [r.get(key) for r in resumed] == [r.get(key) for r in straight], key  # exact on CPU
+    return proc.stdout
 
 
 @pytest.mark.slow
@@ -58,7 +60,9 @@ def test_sigkill_at_a_known_point_then_resume(tmp_path, data_root, straight, hoo
     assert logged[-1] > last_ckpt  # the killed run logged steps past its checkpoint: the resume must drop them
     if "ckpt_write" in hook:  # the half-done save is only a temp file, which resume ignores
         assert [p.name for p in (run_dir / "checkpoints").glob(".step_00000008.pt.*.tmp")]
-    resume_and_compare(tmp_path, data_root, straight, last_ckpt)
+    proc_output = resume_and_compare(tmp_path, data_root, straight, last_ckpt)
+    if "ckpt_write" in hook:
+        assert "removed .step_00000008.pt." in proc_output and "interrupted" in proc_output
 
 
 @pytest.mark.slow

@@ -104,6 +104,16 @@ def save_atomic(payload: dict[str, Any], path: str | Path, before_rename=None) -
     return path
 
 
+def remove_partial_saves(out_dir: str | Path) -> list[Path]:
+    """Delete temp files left by saves that were killed before their rename (they can be as big as a
+    checkpoint, and are never read). Call only when no save is running (at start-up, on rank 0)."""
+    folder = Path(out_dir) / CHECKPOINT_DIR
+    partial = sorted(folder.glob(".step_*.pt.*.tmp")) if folder.is_dir() else []
+    for path in partial:
+        path.unlink(missing_ok=True)
+    return partial
+
+
 def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
     """Delete all but the newest `keep` checkpoints (keep <= 0 keeps everything)."""
     if keep <= 0:
