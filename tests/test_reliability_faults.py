@@ -256,3 +256,18 @@ def test_unwritable_or_full_out_dir_fails_before_training(tmp_path, data_root):
     (tmp_path / "afile").write_text("x")
     proc = run_train([*COMMON, f"out_dir={tmp_path}/afile/run"], data_root=data_root, root=tmp_path, check=False)
     assert proc.returncode != 0 and "Not a directory" in proc.stdout and f"{tmp_path}/afile/run" in proc.stdout
+
+
+@pytest.mark.parametrize("field, value", [("tokenizer_sha256", "0" * 64), ("tokenizer", "qwen")])
+def test_meta_json_of_another_tokenizer_is_refused(tmp_path, field, value):
+    """A prepared folder whose meta.json names another tokenizer (or another version of its file)."""
+    import json
+
+    from data.format import DataFormatError
+    from data.prepare import ensure_prepared
+
+    out = ensure_prepared("embedded", "gpt2", root=tmp_path, max_tokens=2000, progress=False)
+    meta = json.loads((out / "meta.json").read_text())
+    (out / "meta.json").write_text(json.dumps({**meta, field: value}))
+    with pytest.raises(DataFormatError, match=rf"was prepared with {field}='{value}', but '.*' was asked for; delete "):
+        ensure_prepared("embedded", "gpt2", root=tmp_path, max_tokens=2000)
