@@ -191,7 +191,9 @@ def flash_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch
 
 @flash_bwd.register_fake
 def _flash_bwd_fake(grad_out, q, k, v, out, lse, causal, scale):
-    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    # The kernels write fresh contiguous gradients; empty_like would copy a strided input's layout
+    # (e.g. v as a transposed view of the projection), and compiled graphs then view them wrongly.
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
 
 
 def _setup_context(ctx, inputs, output):
