@@ -140,6 +140,11 @@ def check_config(cfg: dict, world_size: int) -> Plan:
     if peak is not None and not (isinstance(peak, (int, float)) and peak > 0):
         raise ConfigError(f"metrics.peak_flops must be a positive number (FLOP/s per device) or null, got {peak!r}")
 
+    from training.conversion import check_init, parse_match_loss
+
+    check_init(cfg.get("init"))
+    parse_match_loss(cfg.get("convert"), model_config.n_layer, attention.kind)
+
     return Plan(
         model_config=model_config,
         attention=attention,
