@@ -29,6 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
 from training import checkpoint as ckpt
+from training import conversion
 from training import distributed as dist
 from training import faults
 from training.config_checks import check_config
@@ -61,6 +62,10 @@ def prepare_data(cfg: DictConfig, info: dist.DistInfo) -> Path:
     from data.prepare import ensure_prepared
 
     d = cfg.data
+    if d.get("dir"):  # already prepared (e.g. by scripts/niah.py make-data): validate, never re-prepare
+        from training.prepared_data import prepared_dir
+
+        return prepared_dir(d.dir, d.tokenizer)
     source = OmegaConf.to_container(d.source) if OmegaConf.is_list(d.source) else d.source
     options = dict(max_tokens=d.max_tokens, val_fraction=d.val_fraction, hf_split=d.hf_split, text_field=d.text_field)
     if info.is_main:
@@ -179,6 +184,10 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
     # Same seed on every rank for the weights (FSDP2 shards each rank's own copy); per-rank streams after.
     seed_everything(cfg.train.seed)
     model = build_model(plan.model_config, plan.attention).to(info.device)
+    if resume_from(cfg, out_dir) is None:  # a run with its own checkpoint resumes from it, never re-initialises
+        loaded = conversion.initialize_from(model, config.get("init"))
+        if loaded:
+            log.info("%s", loaded)
     costs = flops_per_token(model, cfg.train.seq_len)
     kv_bytes = model.kv_cache_bytes_per_token(torch.bfloat16)
     n_params, n_params_nonembed = model.num_params(), model.num_params(exclude_embeddings=True)
@@ -197,6 +206,8 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
 
     step, tokens_seen = 0, 0
     guard = faults.NonFiniteGuard(cfg.train.nonfinite, cfg.train.nonfinite_max_consecutive)
+    match = conversion.parse_match_loss(config.get("convert"), plan.model_config.n_layer, plan.attention.kind)
+    loss_parts = conversion.LossParts(info.device)  # lm_loss / match_loss when the Eq. 8 term is on
     resume_path = resume_from(cfg, out_dir)
     if resume_path is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
@@ -251,11 +262,12 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
             # Gradients are all-reduced only on the last micro-batch of the step.
             with dist.gradient_sync(model, info, enabled=micro == plan.grad_accum - 1):
                 with autocast_context(info.device, cfg.train.dtype):
-                    _, loss = model(x, y)
+                    loss, parts = conversion.training_loss(model, x, y, match)
                 if faults.test_hook("nan_loss", step + 1, info.rank):
                     loss = loss * float("nan")
                 (loss / plan.grad_accum).backward()
             loss_sum += loss.detach().float()
+            loss_parts.add(parts)
         if faults.test_hook("nan_grad", step + 1, info.rank):  # a NaN gradient with a finite loss
             next(p for p in model.parameters() if p.grad is not None).grad.fill_(float("nan"))
         clip = cfg.optim.grad_clip if cfg.optim.grad_clip > 0 else float("inf")
@@ -286,6 +298,8 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
             "kv_cache_bytes_per_token": kv_bytes, "peak_memory_bytes": peak_memory_bytes(info.device),
             "nonfinite_skipped": guard.skipped,
         }
+        if match.enabled:  # "loss" is then the total: lm_loss + convert.match_weight * match_loss
+            record.update(loss_parts.means(info))
         if nonfinite:
             record["nonfinite"] = nonfinite
         # Ranks' clocks differ slightly: stop when any rank is out of time, all at the same step.
