@@ -158,6 +158,7 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
     try:
         return _train(cfg, out_dir, info)
     finally:
+        faults.restore_signals()  # a run that raised must not leave its SIGTERM/SIGINT handlers behind
         dist.teardown()
 
 

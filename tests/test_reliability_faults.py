@@ -40,6 +40,22 @@ def test_hooks_that_kill_fire_on_the_first_attempt_only(monkeypatch):
     assert not faults.first_attempt()
 
 
+def test_stop_signals_set_a_flag_and_restore_the_old_handlers():
+    import signal
+
+    before = signal.getsignal(signal.SIGTERM)
+    stopper = faults.StopSignals().install()
+    try:
+        assert signal.getsignal(signal.SIGTERM) == stopper._handle and not stopper.requested
+        signal.raise_signal(signal.SIGTERM)  # handled: sets the flag, the process lives on
+        assert stopper.requested and stopper.received == signal.SIGTERM
+        error = faults.StoppedBySignal(stopper.received, 7, "c.pt")
+        assert str(error) == "stopped by SIGTERM at step 7; checkpoint c.pt saved; run the same command again to resume"
+    finally:
+        faults.restore_signals()  # what train() does on the way out, even after an exception
+    assert signal.getsignal(signal.SIGTERM) == before
+
+
 def test_nonfinite_cause_names_loss_or_gradients():
     assert faults.NonFiniteGuard.cause(2.5, 1.0, []) is None
     assert faults.NonFiniteGuard.cause(float("nan"), float("nan"), ["w"]) == "loss is nan"

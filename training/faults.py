@@ -115,12 +115,24 @@ class StopSignals:
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
+            _installed.append(self)
         return self
 
     def restore(self) -> None:
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous.clear()
+        if self in _installed:
+            _installed.remove(self)
+
+
+_installed: list[StopSignals] = []
+
+
+def restore_signals() -> None:
+    """Put back the handlers of every StopSignals still installed (after a run that raised)."""
+    for stopper in reversed(list(_installed)):
+        stopper.restore()
 
 
 class StoppedBySignal(RuntimeError):
