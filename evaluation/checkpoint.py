@@ -147,6 +147,8 @@ def run_data_dir(cfg: dict) -> Path | None:
     from data.prepare import data_dir_name
 
     data = cfg.get("data")
+    if isinstance(data, dict) and data.get("dir"):  # train.py's data.dir: an already-prepared directory
+        return Path(data["dir"])
     if not isinstance(data, dict) or not all(k in data for k in ("root", "source", "tokenizer")):
         return None
     return Path(data["root"]) / data_dir_name(data["source"], data["tokenizer"])

@@ -249,3 +249,11 @@ def test_a_data_dir_without_meta_json_fails_the_run_with_the_key_named(tmp_path)
     (tmp_path / "tokens").mkdir()
     proc = run_train(["run_name=x", f"data.dir={tmp_path / 'tokens'}"], data_root=tmp_path / "d", root=tmp_path, check=False)
     assert proc.returncode != 0 and "has no meta.json" in proc.stdout and "data.dir=" in proc.stdout
+
+
+def test_eval_finds_the_data_dir_a_run_trained_on(tmp_path):
+    from evaluation.checkpoint import run_data_dir
+
+    cfg = {"data": {"dir": str(tmp_path / "niah"), "root": "elsewhere", "source": "embedded", "tokenizer": "gpt2"}}
+    assert run_data_dir(cfg) == tmp_path / "niah"
+    assert run_data_dir({"data": {**cfg["data"], "dir": None}}).parent == __import__("pathlib").Path("elsewhere")
