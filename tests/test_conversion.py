@@ -257,3 +257,22 @@ def test_eval_finds_the_data_dir_a_run_trained_on(tmp_path):
     cfg = {"data": {"dir": str(tmp_path / "niah"), "root": "elsewhere", "source": "embedded", "tokenizer": "gpt2"}}
     assert run_data_dir(cfg) == tmp_path / "niah"
     assert run_data_dir({"data": {**cfg["data"], "dir": None}}).parent == __import__("pathlib").Path("elsewhere")
+
+
+def test_the_hf_gpt2_experiment_builds_exactly_the_published_gpt2_architecture():
+    """configs/experiment/convert_gpt2_124m_hf.yaml loads hub "gpt2": its config must match the model the
+    experiment builds (checked offline against transformers' GPT2Config defaults, which are gpt2's)."""
+    import transformers
+
+    from evaluation.checkpoint import compose_run_config
+    from models.hf import config_from_hf
+    from models.presets import resolve_config
+    from training.config_checks import model_overrides
+    from training.conversion import check_same_architecture
+
+    cfg = compose_run_config(["experiment=convert_gpt2_124m_hf"])
+    assert cfg["init"]["from_hf"] == "gpt2" and cfg["convert"]["match_weight"] > 0
+    ours = resolve_config(cfg["model"]["preset"], **model_overrides(cfg["model"]))
+    check_same_architecture(config_from_hf(transformers.GPT2Config()), ours, "init.from_hf=gpt2")
+    with pytest.raises(ConversionError, match="model.vocab_size: source 50257 vs this run 50304"):
+        check_same_architecture(config_from_hf(transformers.GPT2Config()), resolve_config("gpt2_small"), "init.from_hf=gpt2")
