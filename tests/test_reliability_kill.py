@@ -79,22 +79,20 @@ def test_sigkill_at_a_random_moment_then_resume(tmp_path, data_root, straight):
 
 
 @pytest.mark.slow
-def test_sigterm_saves_a_checkpoint_and_the_resume_matches(tmp_path, data_root, straight):
-    run = RunningTrain(COMMON, data_root=data_root, root=tmp_path, hook="pause_in_step@6")
-    run.wait_for("SFA_TEST_HOOK: paused in step at step 6")
-    run.signal(signal.SIGTERM)
-    assert run.finish() == 128 + signal.SIGTERM
-    assert "received SIGTERM: stopping after this step with a checkpoint" in run.output
-    assert "stopped by SIGTERM at step 6; checkpoint" in run.output and "step_00000006.pt saved" in run.output
-    assert [r["step"] for r in read_metrics(tmp_path / "runs" / "r")] == list(range(1, 7))
+def test_sigint_then_sigterm_save_checkpoints_and_the_resumes_match(tmp_path, data_root, straight):
+    """Ctrl-C at step 3, resume, SIGTERM at step 6, resume to the end: the straight run's metrics."""
+    run_dir = tmp_path / "runs" / "r"
+    for hook_step, sig, resumed_from in ((3, signal.SIGINT, None), (6, signal.SIGTERM, 3)):
+        run = RunningTrain(COMMON, data_root=data_root, root=tmp_path, hook=f"pause_in_step@{hook_step}")
+        run.wait_for(f"SFA_TEST_HOOK: paused in step at step {hook_step}")
+        run.signal(sig)
+        assert run.finish() == 128 + sig  # a clean stop, but not a finished run
+        name = signal.Signals(sig).name
+        assert f"received {name}: stopping after this step with a checkpoint" in run.output
+        assert f"stopped by {name} at step {hook_step}; checkpoint" in run.output
+        assert f"step_{hook_step:08d}.pt saved; run the same command again to resume" in run.output
+        if resumed_from:
+            assert f"step_{resumed_from:08d}.pt at step {resumed_from}" in run.output
+        assert list_checkpoints(run_dir)[-1].name == f"step_{hook_step:08d}.pt"
+        assert [r["step"] for r in read_metrics(run_dir)] == list(range(1, hook_step + 1))
     resume_and_compare(tmp_path, data_root, straight, 6)
-
-
-@pytest.mark.slow
-def test_sigint_stops_the_same_way(tmp_path, data_root):
-    run = RunningTrain(COMMON, data_root=data_root, root=tmp_path, hook="pause_in_step@3")
-    run.wait_for("SFA_TEST_HOOK: paused in step at step 3")
-    run.signal(signal.SIGINT)
-    assert run.finish() == 128 + signal.SIGINT
-    assert "stopped by SIGINT at step 3" in run.output
-    assert [p.name for p in list_checkpoints(tmp_path / "runs" / "r")] == ["step_00000003.pt"]
