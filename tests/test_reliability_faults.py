@@ -11,7 +11,6 @@ from collections import namedtuple
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from train_helpers import read_metrics, run_train
 from training import checkpoint as ckpt

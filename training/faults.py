@@ -176,8 +176,8 @@ class NonFiniteGuard:
         return None
 
     def decide(self, step: int, cause: str | None) -> bool:
-        """Record the step's outcome; True to apply the update. Raises NonFiniteError when the policy stops
-        (the caller saves the last good state first: see `should_stop`)."""
+        """Record the step's outcome; True to apply the update. Whether to stop is `should_stop()`'s answer
+        (the caller then saves the last good state and raises NonFiniteError)."""
         if cause is None:
             self.consecutive = 0
             return True
