@@ -44,25 +44,26 @@ def resume_and_compare(root, data_root, straight, expect_from_step):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("hook, where, last_ckpt", [
-    ("pause_in_step@7", "step at step 7", 4),          # mid-run: steps 5-6 logged, then lost
-    ("pause_in_eval@8", "eval at step 8", 4),          # step 8 trained, killed before its checkpoint
-    ("pause_in_ckpt_write@8", "checkpoint write at step 8", 4),  # file written, not yet renamed
-])
-def test_sigkill_at_a_known_point_then_resume(tmp_path, data_root, straight, hook, where, last_ckpt):
-    run = RunningTrain(COMMON, data_root=data_root, root=tmp_path, hook=hook)
-    run.wait_for(f"SFA_TEST_HOOK: paused in {where}")
-    run.signal(signal.SIGKILL)
-    assert run.finish() == -signal.SIGKILL
+def test_sigkill_in_a_step_in_eval_and_in_a_checkpoint_write_then_resume(tmp_path, data_root, straight):
+    """Three kills in a row in one run dir, each at a known point after the step-4 checkpoint and before
+    the step-8 one, each resumed from step 4; the last resume runs to the end."""
     run_dir = tmp_path / "runs" / "r"
-    assert [p.name for p in list_checkpoints(run_dir)] == [f"step_{last_ckpt:08d}.pt"]
-    logged = [r["step"] for r in read_metrics(run_dir)]
-    assert logged[-1] > last_ckpt  # the killed run logged steps past its checkpoint: the resume must drop them
-    if "ckpt_write" in hook:  # the half-done save is only a temp file, which resume ignores
-        assert [p.name for p in (run_dir / "checkpoints").glob(".step_00000008.pt.*.tmp")]
-    proc_output = resume_and_compare(tmp_path, data_root, straight, last_ckpt)
-    if "ckpt_write" in hook:
-        assert "removed .step_00000008.pt." in proc_output and "interrupted" in proc_output
+    for n, (hook, where) in enumerate([
+        ("pause_in_step@7", "step at step 7"),               # mid-run: steps 5-6 logged, then lost
+        ("pause_in_eval@8", "eval at step 8"),               # step 8 trained, killed before its checkpoint
+        ("pause_in_ckpt_write@8", "checkpoint write at step 8"),  # file written, not yet renamed
+    ]):
+        run = RunningTrain(COMMON, data_root=data_root, root=tmp_path, hook=hook)
+        run.wait_for(f"SFA_TEST_HOOK: paused in {where}")
+        run.signal(signal.SIGKILL)
+        assert run.finish() == -signal.SIGKILL
+        if n:
+            assert "step_00000004.pt at step 4" in run.output
+        assert [p.name for p in list_checkpoints(run_dir)] == ["step_00000004.pt"]
+        assert read_metrics(run_dir)[-1]["step"] > 4  # logged past the checkpoint: the resume must drop those
+    assert list((run_dir / "checkpoints").glob(".step_00000008.pt.*.tmp"))  # the half-done save: a temp file
+    output = resume_and_compare(tmp_path, data_root, straight, 4)
+    assert "removed .step_00000008.pt." in output and "interrupted" in output
 
 
 @pytest.mark.slow
