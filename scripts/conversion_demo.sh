@@ -3,7 +3,8 @@
 #   1. pretrain a small dense GPT-2 on the embedded corpus;
 #   2. val loss of (a) that dense model, (b) the same weights with SFA k=8 switched on, no training;
 #   3. fine-tune the dense weights as SFA k=8 for the same steps with (c) λ=0 (LM loss only) and
-#      (d) λ>0 (LM loss + Eq. 8 output matching), and evaluate both on the same val windows.
+#      (d) each λ>0 in LAMBDAS (LM loss + Eq. 8 output matching), and evaluate all on the same val windows;
+#   4. the control for "more training": (e) the dense model fine-tuned the same steps, dense.
 # Prints a table and writes the results JSON (default docs/results/conversion_cpu.json).
 #
 #   scripts/conversion_demo.sh                       # everything, ~10-15 min on a 2-core CPU
@@ -18,45 +19,53 @@ OUT_JSON=${OUT_JSON:-docs/results/conversion_cpu.json}
 PRETRAIN_STEPS=${PRETRAIN_STEPS:-250}
 FINETUNE_STEPS=${FINETUNE_STEPS:-60}
 K=${K:-8}
-LAMBDA=${LAMBDA:-1.0}
+LAMBDAS=${LAMBDAS:-1.0 100.0}                 # λ of the (d) arms
 EVAL_BATCHES=${EVAL_BATCHES:-40}              # val windows of 8 x 128 tokens, the same ones for every model
 
 # A 2-layer GPT-2 with two 64-wide heads (k=8 of 64, as in the paper), 128-token sequences, 1k tokens/step.
 MODEL=(model=gpt2_tiny model.n_layer=2 model.d_model=128 model.n_head=2 train.seq_len=128
        train.batch_tokens=1024 train.micro_batch=8 logging=disabled "root=$ROOT" "data.root=$DATA_ROOT")
-FINETUNE=(attention=sfa attention.k=$K "init.from_checkpoint=$ROOT/runs/dense-pretrain"
-          train.max_steps=$FINETUNE_STEPS train.eval_every=0 train.ckpt_every=0 train.log_every=10
+FINETUNE=("init.from_checkpoint=$ROOT/runs/dense-pretrain" train.max_steps=$FINETUNE_STEPS train.eval_every=0 train.ckpt_every=0 train.log_every=10
           optim.lr=5e-4 optim.min_lr=5e-5 optim.warmup_steps=5)
 
 start=$(date +%s)
 python train.py "${MODEL[@]}" run_name=dense-pretrain attention=dense train.max_steps=$PRETRAIN_STEPS \
     train.eval_every=125 train.ckpt_every=125 train.log_every=25 optim.warmup_steps=20
-python train.py "${MODEL[@]}" "${FINETUNE[@]}" run_name=sfa-k$K-lambda0 convert.match_weight=0
-python train.py "${MODEL[@]}" "${FINETUNE[@]}" run_name=sfa-k$K-lambda$LAMBDA convert=eq8 convert.match_weight=$LAMBDA
+python train.py "${MODEL[@]}" "${FINETUNE[@]}" run_name=sfa-k$K-lambda0 attention=sfa attention.k=$K convert.match_weight=0
+for lam in $LAMBDAS; do
+    python train.py "${MODEL[@]}" "${FINETUNE[@]}" run_name=sfa-k$K-lambda$lam attention=sfa attention.k=$K convert=eq8 convert.match_weight=$lam
+done
+python train.py "${MODEL[@]}" "${FINETUNE[@]}" run_name=dense-finetuned attention=dense
 
 EVAL_DIR=$ROOT/eval
 mkdir -p "$EVAL_DIR"
-evaluate() {  # name, run dir, extra eval_ppl args
+evaluate() {  # name, run dir, extra eval_ppl args; skipped when its JSON is newer than the run's checkpoint
+    newest=$(ls -t "$2"/checkpoints/step_*.pt | head -1)
+    if [[ -f "$EVAL_DIR/$1.json" && "$EVAL_DIR/$1.json" -nt "$newest" ]]; then echo "$1: up to date"; return; fi
     python scripts/eval_ppl.py --checkpoint "$2" --batches "$EVAL_BATCHES" --device cpu --out "$EVAL_DIR/$1.json" "${@:3}"
 }
 evaluate a_dense "$ROOT/runs/dense-pretrain"
 evaluate b_sfa_no_training "$ROOT/runs/dense-pretrain" --attention sfa --k "$K"
 evaluate c_finetuned_lambda0 "$ROOT/runs/sfa-k$K-lambda0"
-evaluate d_finetuned_lambda$LAMBDA "$ROOT/runs/sfa-k$K-lambda$LAMBDA"
+for lam in $LAMBDAS; do
+    evaluate d_finetuned_lambda$lam "$ROOT/runs/sfa-k$K-lambda$lam"
+done
+evaluate e_dense_finetuned "$ROOT/runs/dense-finetuned"
 wall=$(( $(date +%s) - start ))
 
-python - "$EVAL_DIR" "$OUT_JSON" "$wall" "$PRETRAIN_STEPS" "$FINETUNE_STEPS" "$K" "$LAMBDA" "$ROOT" <<'EOF'
+python - "$EVAL_DIR" "$OUT_JSON" "$wall" "$PRETRAIN_STEPS" "$FINETUNE_STEPS" "$K" "$LAMBDAS" <<'EOF'
 import json, os, platform, sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-eval_dir, out, wall, pre, ft, k, lam, root = sys.argv[1:]
+eval_dir, out, wall, pre, ft, k, lambdas = sys.argv[1:]
 rows = []
 labels = {
     "a_dense": "(a) dense, pretrained",
     "b_sfa_no_training": f"(b) SFA k={k}, switched on without training",
     "c_finetuned_lambda0": f"(c) SFA k={k}, fine-tuned {ft} steps, λ=0",
-    f"d_finetuned_lambda{lam}": f"(d) SFA k={k}, fine-tuned {ft} steps, λ={lam}",
+    **{f"d_finetuned_lambda{lam}": f"(d) SFA k={k}, fine-tuned {ft} steps, λ={lam}" for lam in lambdas.split()},
+    "e_dense_finetuned": f"(e) control: dense, fine-tuned {ft} steps",
 }
 for name, label in labels.items():
     r = json.loads((Path(eval_dir) / f"{name}.json").read_text())
@@ -69,10 +78,11 @@ result = {
     "what": "dense -> SFA conversion fine-tuning (paper Eq. 8) on the embedded corpus, scripts/conversion_demo.sh",
     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     "machine": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), fp32",
-    "wall_seconds": int(wall),
+    "wall_seconds_this_invocation": int(wall),  # stages already done are skipped; see each run's elapsed_s
     "model": "gpt2_tiny with n_layer=2 d_model=128 n_head=2 (head dim 64), seq 128, 1024 tokens/step",
-    "pretrain_steps": int(pre), "finetune_steps": int(ft), "k": int(k), "match_weight": float(lam),
+    "pretrain_steps": int(pre), "finetune_steps": int(ft), "k": int(k), "match_weights": [float(x) for x in lambdas.split()],
     "eval": "scripts/eval_ppl.py, the first val windows of the embedded corpus, identical for every arm",
+    "pretrain_elapsed_s": json.loads((Path(sys.argv[1]).parent / "runs" / "dense-pretrain" / "metrics.jsonl").read_text().splitlines()[-1])["elapsed_s"],
     "arms": rows,
 }
 Path(out).parent.mkdir(parents=True, exist_ok=True)
