@@ -165,9 +165,13 @@ def check_same_architecture(source_config, target_config, where: str) -> None:
             f"{type(target_config).__name__}; choose the matching model=..."
         )
     src, dst = dataclasses.asdict(source_config), dataclasses.asdict(target_config)
-    diffs = [f"model.{k}: source {src[k]!r} vs this run {dst[k]!r}" for k in src if k not in IGNORED_ARCH_FIELDS and src[k] != dst[k]]
+    diffs = [f"model.{k}: source {src[k]!r} vs this run {dst[k]!r}"
+             for k in src if k not in IGNORED_ARCH_FIELDS and src[k] != dst[k]]
     if diffs:
-        raise ConversionError(f"{where}: the source model differs from this run's model; set the model.* overrides to match:\n  " + "\n  ".join(diffs))
+        raise ConversionError(
+            f"{where}: the source model differs from this run's model; set the model.* overrides to match:\n  "
+            + "\n  ".join(diffs)
+        )
 
 
 def load_weights(model: torch.nn.Module, state: dict, where: str) -> list[str]:
