@@ -80,6 +80,18 @@ def test_other_model_config_is_refused_with_the_differing_keys():
         ckpt.check_compatible(payload(), other, 1, "c.pt")
 
 
+def test_conversion_weight_and_prepared_data_dir_are_part_of_the_identity():
+    # A restarted conversion run with another lambda, or on another prepared folder, is another experiment.
+    other = {**CONFIG, "convert": {"match_weight": 1.0, "layers": "all"}}
+    saved = payload()
+    saved["config"] = {**CONFIG, "convert": {"match_weight": 0.0, "layers": "all"}}
+    with pytest.raises(ValueError, match=r"convert.match_weight: checkpoint 0.0 vs now 1.0"):
+        ckpt.check_compatible(saved, other, 1, "c.pt")
+    saved["config"] = {**CONFIG, "data": {**CONFIG["data"], "dir": "/prepared/a"}}
+    with pytest.raises(ValueError, match=r"data.dir: checkpoint '/prepared/a' vs now '/prepared/b'"):
+        ckpt.check_compatible(saved, {**CONFIG, "data": {**CONFIG["data"], "dir": "/prepared/b"}}, 1, "c.pt")
+
+
 def test_allowed_changes_and_world_size():
     changed = {**CONFIG, "train": {**CONFIG["train"], "max_steps": 99},
                "attention": {**CONFIG["attention"], "backend": "reference"}, "data": {**CONFIG["data"], "root": "/b"}}

@@ -26,7 +26,8 @@ _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 # Config sections that define what is being trained. A checkpoint whose values differ here belongs to
 # another run and is refused. Everything else (max_steps, intervals, logging, backend, paths) may change.
-IDENTITY_KEYS = ("model", "attention", "data.source", "data.tokenizer", "optim", "train.seq_len", "train.batch_tokens", "train.seed")
+IDENTITY_KEYS = ("model", "attention", "data.source", "data.tokenizer", "data.dir", "convert", "optim", "train.seq_len",
+                 "train.batch_tokens", "train.seed")
 # Implementation choices inside those sections that do not change the maths.
 IGNORED_KEYS = ("attention.backend", "attention.tag")
 
