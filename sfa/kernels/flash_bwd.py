@@ -15,6 +15,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .flash_blocks import load_kv_block, scored_pairs
+
 
 @triton.jit
 def flash_bwd_preprocess_kernel(
@@ -178,27 +180,12 @@ def _dq_block(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_n = start_n + offs_n_base
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    if MASKED:
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=(offs_n[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=(offs_n[:, None] < n_k) & (offs_dv[None, :] < VALUE_DIM), other=0.0)
-    else:
-        if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_ptrs + start_n * stride_kn)
-        else:
-            k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        if BLOCK_DV == VALUE_DIM:
-            v = tl.load(v_ptrs + start_n * stride_vn)
-        else:
-            v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_dv[None, :] < VALUE_DIM, other=0.0)
+    k, v = load_kv_block(k_ptrs, v_ptrs, stride_kn, stride_vn, start_n, offs_n, n_k,
+                         MASKED, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     p = tl.math.exp2(s * qk_scale - lse2[:, None])
     if MASKED:
-        allowed = offs_n[None, :] < n_k
-        if CAUSAL:
-            allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
-        p = tl.where(allowed, p, 0.0)
+        p = tl.where(scored_pairs(offs_m, offs_n, n_k, causal_offset, CAUSAL), p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=DOT_PRECISION)
     ds = p * (dp - delta[:, None])
     dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)

@@ -20,6 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .flash_blocks import load_kv_block, scored_pairs
+
 LOG2E = 1.4426950408889634
 
 
@@ -32,26 +34,11 @@ def _fwd_block(
 ):
     """One key block: scores, online-softmax update, P·V. MASKED adds the causal/tail masks."""
     offs_n = start_n + offs_n_base
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
-    if MASKED:
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=(offs_n[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=(offs_n[:, None] < n_k) & (offs_dv[None, :] < VALUE_DIM), other=0.0)
-    else:
-        if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_ptrs + start_n * stride_kn)
-        else:
-            k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        if BLOCK_DV == VALUE_DIM:
-            v = tl.load(v_ptrs + start_n * stride_vn)
-        else:
-            v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_dv[None, :] < VALUE_DIM, other=0.0)
+    k, v = load_kv_block(k_ptrs, v_ptrs, stride_kn, stride_vn, start_n, offs_n, n_k,
+                         MASKED, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
-        allowed = offs_n[None, :] < n_k
-        if CAUSAL:
-            allowed = allowed & (offs_n[None, :] <= offs_m[:, None] + causal_offset)
-        s = tl.where(allowed, s, float("-inf"))
+        s = tl.where(scored_pairs(offs_m, offs_n, n_k, causal_offset, CAUSAL), s, float("-inf"))
     # The scale is positive, so it commutes with max; applying it inside exp2's argument makes the
     # per-score work one fused multiply-add and one exp2.
     m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
