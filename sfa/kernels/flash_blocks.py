@@ -1,5 +1,6 @@
-"""Pieces the FlashSFA forward and dQ kernels share: loading one key/value block and the mask of the
-(query, key) pairs it may score. Triton inlines @triton.jit helpers, so sharing them costs nothing."""
+"""Pieces the FlashSFA kernels share: loading a block of rows from two row-aligned tensors (k and v in the
+forward and dQ kernels, q and dO in the dK/dV kernel) and the mask of the (query, key) pairs a block may
+score. Triton inlines @triton.jit helpers, so sharing them costs nothing."""
 
 from __future__ import annotations
 
@@ -8,28 +9,28 @@ import triton.language as tl
 
 
 @triton.jit
-def load_kv_block(
-    k_ptrs, v_ptrs, stride_kn, stride_vn, start_n, offs_n, n_k,
-    MASKED: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
+def load_block_pair(
+    a_ptrs, b_ptrs, stride_a, stride_b, start, offs, n_rows,
+    MASKED: tl.constexpr, A_DIM: tl.constexpr, B_DIM: tl.constexpr,
+    BLOCK_A: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """The key block starting at start_n and its values. MASKED guards the sequence tail; otherwise only
-    head dims padded up to a power of two need a mask (none when they already are one)."""
-    offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    """Rows [start, start + block) of two row-aligned tensors (a: A_DIM wide, b: B_DIM wide). MASKED guards
+    the sequence tail; otherwise only dims padded up to a power of two need a mask (none when they are one)."""
+    offs_a = tl.arange(0, BLOCK_A)
+    offs_b = tl.arange(0, BLOCK_B)
     if MASKED:
-        k = tl.load(k_ptrs + start_n * stride_kn, mask=(offs_n[:, None] < n_k) & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        v = tl.load(v_ptrs + start_n * stride_vn, mask=(offs_n[:, None] < n_k) & (offs_dv[None, :] < VALUE_DIM), other=0.0)
+        a = tl.load(a_ptrs + start * stride_a, mask=(offs[:, None] < n_rows) & (offs_a[None, :] < A_DIM), other=0.0)
+        b = tl.load(b_ptrs + start * stride_b, mask=(offs[:, None] < n_rows) & (offs_b[None, :] < B_DIM), other=0.0)
     else:
-        if BLOCK_D == HEAD_DIM:
-            k = tl.load(k_ptrs + start_n * stride_kn)
+        if BLOCK_A == A_DIM:
+            a = tl.load(a_ptrs + start * stride_a)
         else:
-            k = tl.load(k_ptrs + start_n * stride_kn, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        if BLOCK_DV == VALUE_DIM:
-            v = tl.load(v_ptrs + start_n * stride_vn)
+            a = tl.load(a_ptrs + start * stride_a, mask=offs_a[None, :] < A_DIM, other=0.0)
+        if BLOCK_B == B_DIM:
+            b = tl.load(b_ptrs + start * stride_b)
         else:
-            v = tl.load(v_ptrs + start_n * stride_vn, mask=offs_dv[None, :] < VALUE_DIM, other=0.0)
-    return k, v
+            b = tl.load(b_ptrs + start * stride_b, mask=offs_b[None, :] < B_DIM, other=0.0)
+    return a, b
 
 
 @triton.jit

@@ -15,7 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .flash_blocks import load_kv_block, scored_pairs
+from .flash_blocks import load_block_pair, scored_pairs
 
 
 @triton.jit
@@ -53,22 +53,13 @@ def _dkdv_block(
     scheme: 5 matmuls per block pair instead of 7, paid for in atomic traffic)."""
     offs_m = start_m + offs_m_base
     offs_d = tl.arange(0, BLOCK_D)
-    offs_dv = tl.arange(0, BLOCK_DV)
+    q, do = load_block_pair(q_ptrs, do_ptrs, stride_qm, stride_dom, start_m, offs_m, n_q,
+                            MASKED, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV)
     if MASKED:
         row_ok = offs_m < n_q
-        q = tl.load(q_ptrs + start_m * stride_qm, mask=row_ok[:, None] & (offs_d[None, :] < HEAD_DIM), other=0.0)
-        do = tl.load(do_ptrs + start_m * stride_dom, mask=row_ok[:, None] & (offs_dv[None, :] < VALUE_DIM), other=0.0)
         lse = tl.load(lse_ptrs + start_m * stride_lm, mask=row_ok, other=float("inf"))  # -> p = 0
         delta = tl.load(delta_ptrs + start_m * stride_dm, mask=row_ok, other=0.0)
     else:
-        if BLOCK_D == HEAD_DIM:
-            q = tl.load(q_ptrs + start_m * stride_qm)
-        else:
-            q = tl.load(q_ptrs + start_m * stride_qm, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
-        if BLOCK_DV == VALUE_DIM:
-            do = tl.load(do_ptrs + start_m * stride_dom)
-        else:
-            do = tl.load(do_ptrs + start_m * stride_dom, mask=offs_dv[None, :] < VALUE_DIM, other=0.0)
         lse = tl.load(lse_ptrs + start_m * stride_lm)
         delta = tl.load(delta_ptrs + start_m * stride_dm)
     # lse is natural-log; scores are taken in base 2 with qk_scale = scale * log2(e), so each score
@@ -180,8 +171,8 @@ def _dq_block(
     BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
     offs_n = start_n + offs_n_base
-    k, v = load_kv_block(k_ptrs, v_ptrs, stride_kn, stride_vn, start_n, offs_n, n_k,
-                         MASKED, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV)
+    k, v = load_block_pair(k_ptrs, v_ptrs, stride_kn, stride_vn, start_n, offs_n, n_k,
+                           MASKED, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     p = tl.math.exp2(s * qk_scale - lse2[:, None])
     if MASKED:

@@ -20,7 +20,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from .flash_blocks import load_kv_block, scored_pairs
+from .flash_blocks import load_block_pair, scored_pairs
 
 LOG2E = 1.4426950408889634
 
@@ -34,8 +34,8 @@ def _fwd_block(
 ):
     """One key block: scores, online-softmax update, P·V. MASKED adds the causal/tail masks."""
     offs_n = start_n + offs_n_base
-    k, v = load_kv_block(k_ptrs, v_ptrs, stride_kn, stride_vn, start_n, offs_n, n_k,
-                         MASKED, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV)
+    k, v = load_block_pair(k_ptrs, v_ptrs, stride_kn, stride_vn, start_n, offs_n, n_k,
+                           MASKED, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV)
     s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)
     if MASKED:
         s = tl.where(scored_pairs(offs_m, offs_n, n_k, causal_offset, CAUSAL), s, float("-inf"))
