@@ -3,13 +3,19 @@
     <data_dir>/meta.json               what the shards are (fields below)
     <data_dir>/train_000000.bin ...    raw little-endian token ids, no header, dtype from meta.json
     <data_dir>/val_000000.bin ...
+    <data_dir>/train_000000.mask.bin   optional per-token loss mask (uint8, one byte per token of the shard)
 
 meta.json (FORMAT_VERSION 1):
     version, tokenizer, tokenizer_file, tokenizer_sha256, vocab_size, eot_token, dtype ("uint16"|"uint32"),
     source, options (how it was prepared), created (UTC, ISO 8601),
-    splits: {split: {tokens, documents, shards: [{file, tokens}, ...]}}
+    splits: {split: {tokens, documents, shards: [{file, tokens}, ...], loss_mask (optional bool)}}
 Every document starts with eot_token, so documents are delimited and the first token of a window is
 never a continuation across an unseen boundary.
+
+Loss mask: a split with `"loss_mask": true` has, beside each non-empty shard `X.bin`, a file `X.mask.bin`
+of the same number of entries (uint8): nonzero = this token is a training target, 0 = context only
+(writers write 0/1). A split without the key (every directory written before masks existed) has none and
+every token is a target. The key is optional, so FORMAT_VERSION stays 1 and old directories read as before.
 """
 
 from __future__ import annotations
@@ -33,6 +39,7 @@ _REQUIRED_FIELDS = {
     "splits": dict,
 }
 _DTYPES = {"uint16": np.uint16, "uint32": np.uint32}
+MASK_DTYPE = np.uint8
 
 
 class DataFormatError(ValueError):
@@ -46,6 +53,17 @@ def token_dtype(vocab_size: int) -> str:
 
 def shard_name(split: str, index: int) -> str:
     return f"{split}_{index:06d}.bin"
+
+
+def mask_name(shard_file: str) -> str:
+    """The loss-mask file beside a token shard: train_000000.bin -> train_000000.mask.bin."""
+    if not shard_file.endswith(".bin"):
+        raise DataFormatError(f"shard file name {shard_file!r} does not end in .bin, so it has no loss-mask name")
+    return shard_file[: -len(".bin")] + ".mask.bin"
+
+
+def has_loss_mask(meta: dict, split: str) -> bool:
+    return bool(meta["splits"].get(split, {}).get("loss_mask", False))
 
 
 def write_meta(data_dir: Path, meta: dict) -> None:
@@ -89,6 +107,8 @@ def read_meta(data_dir: str | Path) -> dict:
         for shard in info["shards"]:
             if not (isinstance(shard, dict) and isinstance(shard.get("file"), str) and isinstance(shard.get("tokens"), int)):
                 raise DataFormatError(f"{path}: splits.{split}.shards entries need 'file' (str) and 'tokens' (int), found {shard!r}")
+        if not isinstance(info.get("loss_mask", False), bool):
+            raise DataFormatError(f"{path}: splits.{split}.loss_mask should be true or false, found {info['loss_mask']!r}")
         if sum(s["tokens"] for s in info["shards"]) != info["tokens"]:
             raise DataFormatError(f"{path}: splits.{split}.tokens disagrees with the sum over its shards")
     return meta
@@ -119,6 +139,35 @@ def open_shards(data_dir: str | Path, split: str, meta: dict | None = None) -> l
         if shard["tokens"]:  # numpy cannot map an empty file
             shards.append(np.memmap(path, dtype=dtype, mode="r"))
     return shards
+
+
+def open_masks(data_dir: str | Path, split: str, meta: dict | None = None) -> list[np.memmap] | None:
+    """Memory-map the loss masks of a split, one per non-empty shard (aligned with open_shards), or None
+    when the split declares no mask. A declared mask that is missing or of the wrong length is an error."""
+    data_dir = Path(data_dir)
+    meta = read_meta(data_dir) if meta is None else meta
+    if split not in meta["splits"]:
+        raise DataFormatError(f"{data_dir / META_FILE} has no split {split!r}; it has {sorted(meta['splits'])}")
+    if not has_loss_mask(meta, split):
+        return None
+    masks = []
+    for shard in meta["splits"][split]["shards"]:
+        path = data_dir / mask_name(shard["file"])
+        if not shard["tokens"]:  # no tokens, nothing to mask (and numpy cannot map an empty file)
+            continue
+        if not path.is_file():
+            raise DataFormatError(
+                f"loss mask {path} is missing: meta.json declares splits.{split}.loss_mask but the file is not there; "
+                "prepare the data again"
+            )
+        size = path.stat().st_size  # one byte per token
+        if size != shard["tokens"]:
+            raise DataFormatError(
+                f"loss mask {path} holds {size} entries but its shard {shard['file']} has {shard['tokens']} tokens: "
+                "truncated or from another preparation; prepare the data again"
+            )
+        masks.append(np.memmap(path, dtype=MASK_DTYPE, mode="r"))
+    return masks
 
 
 def check_vocab(meta: dict, model_vocab_size: int) -> None:

@@ -11,6 +11,11 @@ sit the epoch out (different ones each epoch), so every rank gets the same numbe
 stay in lockstep. A batch that reaches the end of an epoch continues in the next one.
 
 The state (epoch, position) is the same on every rank, so any rank's state_dict resumes all of them.
+
+Loss mask: if the split declares one (data/format.py), y is -1 wherever the *target* token's mask is 0,
+so the models' cross_entropy(ignore_index=-1) skips it; x is unchanged. Every window must then hold at
+least one target (checked once when the loader opens, for all windows at this seq_len): a micro-batch
+with every target ignored would give a NaN loss. Masks change neither the order nor the state.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
-from data.format import check_vocab, open_shards, read_meta
+from data.format import DataFormatError, check_vocab, open_masks, open_shards, read_meta
 
 __all__ = ["TokenLoader", "check_vocab"]
 
@@ -56,6 +61,8 @@ class TokenLoader:
         self.shuffle = (split == "train") if shuffle is None else bool(shuffle)
 
         self._shards = open_shards(self.data_dir, split, self.meta)
+        self._masks = open_masks(self.data_dir, split, self.meta)  # None: every token is a target
+        self.has_loss_mask = self._masks is not None
         lengths = [len(s) for s in self._shards]
         self._starts = np.cumsum([0] + lengths)  # token offset of each shard in the split's stream
         self.total_tokens = int(self._starts[-1])
@@ -70,6 +77,9 @@ class TokenLoader:
             )
         # Tokens the model sees per epoch, all ranks together (each window gives seq_len inputs/targets).
         self.tokens_per_epoch = self.windows_per_epoch * seq_len
+
+        if self.has_loss_mask:
+            self._check_every_window_has_a_target()
 
         self.epoch = 0
         self.position = 0  # windows of this epoch handed out so far, all ranks together (a multiple of world_size)
@@ -89,23 +99,49 @@ class TokenLoader:
             self._order_epoch, self._order = epoch, self.epoch_order(epoch)
         return self._order
 
-    def read_window(self, index: int) -> np.ndarray:
-        """Tokens [index*(seq_len+1), (index+1)*(seq_len+1)) of the split's stream, across shard edges."""
-        start, stop = index * self.window, (index + 1) * self.window
+    def _read(self, arrays: list[np.ndarray], start: int, stop: int) -> np.ndarray:
+        """Entries [start, stop) of the split's stream (token shards or their masks), across shard edges."""
         shard = int(np.searchsorted(self._starts, start, side="right")) - 1
         pieces = []
         while start < stop:
             offset = start - self._starts[shard]
-            take = min(stop - start, len(self._shards[shard]) - offset)
-            pieces.append(self._shards[shard][offset : offset + take])
+            take = min(stop - start, len(arrays[shard]) - offset)
+            pieces.append(arrays[shard][offset : offset + take])
             start += take
             shard += 1
         return pieces[0] if len(pieces) == 1 else np.concatenate(pieces)
 
+    def read_window(self, index: int) -> np.ndarray:
+        """Tokens [index*(seq_len+1), (index+1)*(seq_len+1)) of the split's stream, across shard edges."""
+        return self._read(self._shards, index * self.window, (index + 1) * self.window)
+
+    def read_window_mask(self, index: int) -> np.ndarray | None:
+        """The loss mask of window `index` (same span as read_window), or None without a mask."""
+        if self._masks is None:
+            return None
+        return self._read(self._masks, index * self.window, (index + 1) * self.window)
+
+    def _check_every_window_has_a_target(self, windows_per_block: int = 65536) -> None:
+        """Refuse a split where some window's targets (its last seq_len tokens) are all masked out."""
+        for first in range(0, self.n_windows, windows_per_block):
+            last = min(first + windows_per_block, self.n_windows)
+            block = self._read(self._masks, first * self.window, last * self.window).reshape(last - first, self.window)
+            empty = np.flatnonzero(~(block[:, 1:] != 0).any(axis=1))
+            if empty.size:
+                raise DataFormatError(
+                    f"split {self.split!r} of {self.data_dir} has windows with no loss target at seq_len={self.seq_len} "
+                    f"(first: window {first + int(empty[0])}, {empty.size} in windows {first}..{last - 1}); their loss "
+                    "would be NaN. Train at the seq_len the data was made for (meta.json options), or remake the data"
+                )
+
     def _batch_from_windows(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         rows = np.stack([self.read_window(i) for i in indices]).astype(np.int64)
         tokens = torch.from_numpy(rows)
-        return tokens[:, :-1], tokens[:, 1:]
+        x, y = tokens[:, :-1], tokens[:, 1:]
+        if self._masks is not None:
+            masks = torch.from_numpy(np.stack([self.read_window_mask(i) for i in indices])[:, 1:] != 0)
+            y = y.masked_fill(~masks, -1)  # the models' cross_entropy ignores -1
+        return x, y
 
     # --- training stream ----------------------------------------------------------------------------------
 

@@ -40,10 +40,14 @@ _BATCH_CHARS = 8_000_000
 
 
 class ShardWriter:
-    """Append token arrays to <split>_NNNNNN.bin files, starting a new shard every `shard_tokens` tokens."""
+    """Append token arrays to <split>_NNNNNN.bin files, starting a new shard every `shard_tokens` tokens.
 
-    def __init__(self, out_dir: Path, split: str, dtype: str, shard_tokens: int):
+    `name(split, index)` names the files; two writers fed the same lengths cut their files at the same
+    places (how scripts/niah.py writes loss masks beside the token shards: data.format.mask_name)."""
+
+    def __init__(self, out_dir: Path, split: str, dtype: str, shard_tokens: int, name=shard_name):
         self.out_dir, self.split, self.dtype, self.shard_tokens = out_dir, split, np.dtype(dtype), shard_tokens
+        self.name = name
         self.shards: list[dict] = []
         self.documents = 0
         self._file = None
@@ -59,7 +63,7 @@ class ShardWriter:
 
     def _open_next(self) -> None:
         self.close()
-        name = shard_name(self.split, len(self.shards))
+        name = self.name(self.split, len(self.shards))
         self._file = open(self.out_dir / name, "wb")
         self.shards.append({"file": name, "tokens": 0})
 

@@ -4,9 +4,14 @@ Layout of the token stream: every window of seq_len + 1 tokens (what TokenLoader
 samples only, each as its own document `eot + prompt + answer`, packed from the window's start; the
 rest of a window is filled with eot. So no sample is ever split across two training windows, the
 loader's shuffling moves whole windows, and a model trained on it always sees needle, question and
-answer together. The loss covers every token (the shard format has no loss mask): the filler and eot
-padding are trivially predictable and the needle's digits are random, so what is left to learn is
-copying the answer (docs/evaluation.md).
+answer together.
+
+Loss (`loss_on`): "answer" (the default) writes a loss mask beside every shard (data/format.py) that is 1
+on each sample's answer tokens and on the eot right after the answer (the next sample's first token or
+the padding; absent only when a sample ends exactly at its window's end), 0 elsewhere: the model is
+trained to copy the digits and then stop, which is what exact match asks. Every window holds at least
+one sample, so every window has a target and no micro-batch's loss is NaN. "all" writes no mask: the
+loss covers every token, as before masks existed (docs/evaluation.md).
 """
 
 from __future__ import annotations
@@ -21,6 +26,8 @@ import numpy as np
 from .niah import NeedleFormat, train_samples
 
 SPLIT_STREAMS = {"train": 0, "val": 1}
+LOSS_ON = ("answer", "all")
+SHARD_TOKENS = 100_000_000
 
 
 def max_answer_tokens(fmt: NeedleFormat) -> int:
@@ -38,32 +45,52 @@ def check_training_lengths(lengths, seq_len: int, fmt: NeedleFormat) -> None:
         )
 
 
-def write_split(writer, samples, window: int, eot: int) -> int:
-    """Pack samples into windows of `window` tokens (see the module doc); returns the windows written."""
-    used, windows = 0, 0
+def write_split(writer, samples, window: int, eot: int, mask_writer=None) -> int:
+    """Pack samples into windows of `window` tokens (see the module doc); returns the windows written.
+    With `mask_writer`, also write the answer-only loss mask, entry for entry with the tokens."""
+    tokens, mask, windows = [], [], 0
+
+    def flush():
+        nonlocal windows
+        ended = len(tokens)  # the last sample ends here: its answer is followed by the padding's first eot
+        tokens.extend([eot] * (window - ended))
+        mask.extend([0] * (window - ended))
+        if ended < window:
+            mask[ended] = 1
+        writer.write(np.asarray(tokens, dtype=np.int64))
+        if mask_writer is not None:
+            mask_writer.write(np.asarray(mask, dtype=np.uint8))
+        tokens.clear()
+        mask.clear()
+        windows += 1
+
     for s in samples:
         doc = [eot, *s.input_ids, *s.answer_ids]
         if len(doc) > window:  # guarded by check_training_lengths; a real bug if reached
             raise AssertionError(f"sample of {len(doc)} tokens exceeds the window of {window}")
-        if used + len(doc) > window:
-            writer.write(np.full(window - used, eot, dtype=np.int64))
-            used, windows = 0, windows + 1
-        writer.write(np.asarray(doc, dtype=np.int64))
+        if len(tokens) + len(doc) > window:
+            flush()
+        # The leading eot is a target when it follows an earlier sample's answer in this window.
+        doc_mask = [1 if tokens else 0] + [0] * len(s.input_ids) + [1] * len(s.answer_ids)
+        tokens.extend(doc)
+        mask.extend(doc_mask)
         writer.documents += 1
-        used += len(doc)
-    if used:
-        writer.write(np.full(window - used, eot, dtype=np.int64))
-        windows += 1
+    if tokens:
+        flush()
     return windows
 
 
 def write_training_data(
     out: str | Path, tokenizer, haystack, fmt: NeedleFormat, *, seq_len: int, lengths, train_count: int,
-    val_count: int, seed: int, overwrite: bool = False,
+    val_count: int, seed: int, loss_on: str = "answer", overwrite: bool = False,
 ) -> Path:  # fmt: skip
-    """Write train/val NIAH samples to `out` (shards + meta.json); atomic like data/prepare.py."""
-    from data.format import FORMAT_VERSION, token_dtype, write_meta
+    """Write train/val NIAH samples to `out` (shards + meta.json, and loss masks with loss_on="answer");
+    atomic like data/prepare.py."""
+    from data.format import FORMAT_VERSION, mask_name, shard_name, token_dtype, write_meta
     from data.prepare import ShardWriter
+
+    if loss_on not in LOSS_ON:
+        raise ValueError(f"loss_on must be one of {LOSS_ON} (which tokens the training loss covers), got {loss_on!r}")
 
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 2:
         raise ValueError(f"seq_len must be an int >= 2 (the training context), got {seq_len!r}")
@@ -82,11 +109,17 @@ def write_training_data(
     try:
         splits = {}
         for split, count in (("train", train_count), ("val", val_count)):
-            writer = ShardWriter(tmp, split, dtype, shard_tokens=100_000_000)
+            writer = ShardWriter(tmp, split, dtype, shard_tokens=SHARD_TOKENS)
+            mask_writer = None
+            if loss_on == "answer":  # same lengths, same shard cuts: X.mask.bin matches X.bin entry for entry
+                mask_writer = ShardWriter(tmp, split, "uint8", SHARD_TOKENS, name=lambda sp, i: mask_name(shard_name(sp, i)))
             samples = train_samples(tokenizer, haystack, fmt, lengths, count, seed, stream=SPLIT_STREAMS[split]) if count else []
-            windows = write_split(writer, samples, seq_len + 1, tokenizer.eot_token)
+            windows = write_split(writer, samples, seq_len + 1, tokenizer.eot_token, mask_writer)
             writer.close()
             splits[split] = {**writer.summary(), "windows": windows}
+            if mask_writer is not None:
+                mask_writer.close()
+                splits[split]["loss_mask"] = True
         meta = {
             "version": FORMAT_VERSION,
             "tokenizer": tokenizer.name,
@@ -103,6 +136,7 @@ def write_training_data(
                 "train_samples": train_count,
                 "val_samples": val_count,
                 "seed": seed,
+                "loss_on": loss_on,
                 "needle": fmt.needle,
                 "question": fmt.question,
                 "answer": fmt.answer,

@@ -1,9 +1,10 @@
 """Synthetic needle in a haystack: make training data, or evaluate a checkpoint.
 
-    # training data for train.py (token shards + meta.json), windows of seq_len + 1 tokens
+    # training data for train.py (token shards + meta.json), windows of seq_len + 1 tokens; the loss is on
+    # the answer only (a per-token loss mask beside each shard) unless --loss-on all
     python scripts/niah.py make-data --out workspace/data/niah-8k-gpt2 --seq-len 8192 --train-samples 20000
     # exact-match accuracy per (length, depth): a JSON file and a heatmap PNG
-    python scripts/niah.py eval --checkpoint workspace/runs/RUN --lengths 1024,2048,4096,8192 \
+    python scripts/niah.py eval --checkpoint workspace/runs/RUN --lengths 1024,2048,4096,8184 \
         --depths 0,0.25,0.5,0.75,1 --samples 20
     # the same prompts with SFA switched on a dense checkpoint, or with real text around the needle
     python scripts/niah.py eval --checkpoint DENSE_RUN --attention sfa --k 8
@@ -70,6 +71,9 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--lengths", type=int_list, help="prompt lengths to draw from (default: the longest that fits)")
     make.add_argument("--train-samples", type=int, default=10_000, help="training prompts (default 10000)")
     make.add_argument("--val-samples", type=int, default=200, help="validation prompts (default 200)")
+    make.add_argument("--loss-on", choices=("answer", "all"), default="answer",
+                      help="tokens the training loss covers: answer (default; a loss mask on the answer and the eot "
+                           "after it) | all (no mask)")
     make.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_prompt_args(make)
 
@@ -110,7 +114,7 @@ def make_data(args) -> dict:
     lengths = args.lengths or [args.seq_len - max_answer_tokens(fmt)]
     out = write_training_data(
         args.out, tokenizer, haystack, fmt, seq_len=args.seq_len, lengths=lengths, train_count=args.train_samples,
-        val_count=args.val_samples, seed=args.seed, overwrite=args.overwrite,
+        val_count=args.val_samples, seed=args.seed, loss_on=args.loss_on, overwrite=args.overwrite,
     )  # fmt: skip
     meta = json.loads((out / "meta.json").read_text())
     for split, info in meta["splits"].items():
