@@ -55,6 +55,20 @@ def test_decode_matches_reference(dtype, case):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("n_q", [1, 3])
+def test_many_splits_merged_in_several_combine_chunks(n_q):
+    """150 keys in splits of 32 (interpreter config) = 5 splits, merged 2 at a time: two full chunks and a
+    partial one; with 3 causal queries the last split holds keys some rows cannot see."""
+    b, hq, hkv, d, k = 1, 4, 2, 32, 4
+    keys, code, v = _cache_views(b, hkv, 150, d, d, k, torch.float32)
+    q = torch.randn(b, hq, n_q, d)
+    out = torch.full((b, hq, n_q, d), float("nan"))
+    decode_into(sfa.topk_mask(q, k), code.values, code.indices, v, out, scale=1 / math.sqrt(d), causal=True,
+                config=dict(BLOCK_L=16, PROGRAMS_PER_SM=1, num_warps=4, num_stages=1, COMBINE_BLOCK=2))
+    ref = sfa_attention_reference(q, keys, v, topk_q=k, topk_k=k, causal=True)
+    assert rel_err(out, ref) < TOL[torch.float32]
+
+
 def test_through_sfa_attention_with_dense_keys_and_custom_scale():
     q, keys, v = torch.randn(1, 4, 2, 32), torch.randn(1, 2, 29, 32), torch.randn(1, 2, 29, 32)
     out = sfa.sfa_attention(q, keys, v, topk_q=8, topk_k=4, scale=0.3, backend="decode")

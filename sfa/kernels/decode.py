@@ -25,7 +25,8 @@ import triton.language as tl
 from ._config import interpreting, next_pow2, num_sms
 
 MAX_QUERY_ROWS = 64  # (query heads per KV head) x (query tokens) handled in one program
-MAX_SPLITS = 128  # the combine kernel holds (splits x Dv) partials of a row in registers
+MAX_SPLITS = 1024  # bounds the partials buffer; the combine kernel streams them in COMBINE_BLOCK chunks
+COMBINE_BLOCK = 64  # splits merged per step of the combine kernel's loop
 LOG2_E = 1.4426950408889634
 
 
@@ -125,19 +126,29 @@ def _decode_split_kernel(
 @triton.jit
 def _combine_kernel(
     O_PART, LSE_PART, OUT, n_splits,
-    DV: tl.constexpr, DV_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
+    DV: tl.constexpr, DV_PAD: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)  # one (batch, query head, query token) row
-    s = tl.arange(0, SPLITS_PAD)
-    s_ok = s < n_splits
+    # One (batch, query head, query token) row. The splits' partials are merged SPLITS_BLOCK at a time with
+    # a running max, so any split count fits in registers (v3 held them all at once, capping splits at 128).
+    row = tl.program_id(0).to(tl.int64)
     dv = tl.arange(0, DV_PAD)
     dv_ok = dv < DV
-    lse = tl.load(LSE_PART + row * n_splits + s, mask=s_ok, other=float("-inf"))
-    m = tl.max(lse, axis=0)
-    w = tl.exp2(lse - m)  # splits without visible keys weigh 0; every row sees key 0, so m is finite
-    w = w / tl.sum(w, axis=0)
-    part = tl.load(O_PART + (row * n_splits + s)[:, None] * DV + dv[None, :], mask=s_ok[:, None] & dv_ok[None, :], other=0.0)
-    out = tl.sum(part * w[:, None], axis=0)
+    m = tl.max(tl.full([SPLITS_BLOCK], float("-inf"), tl.float32), axis=0)
+    l = tl.sum(tl.zeros([SPLITS_BLOCK], tl.float32), axis=0)
+    acc = tl.zeros([DV_PAD], tl.float32)
+    for s0 in range(0, n_splits, SPLITS_BLOCK):
+        s = s0 + tl.arange(0, SPLITS_BLOCK)
+        s_ok = s < n_splits
+        lse = tl.load(LSE_PART + row * n_splits + s, mask=s_ok, other=float("-inf"))  # -inf: no visible key
+        m_new = tl.maximum(m, tl.max(lse, axis=0))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)  # every split so far empty
+        alpha = tl.exp2(m - m_safe)
+        w = tl.exp2(lse - m_safe)
+        part = tl.load(O_PART + (row * n_splits + s)[:, None] * DV + dv[None, :], mask=s_ok[:, None] & dv_ok[None, :], other=0.0)
+        acc = acc * alpha + tl.sum(part * w[:, None], axis=0)
+        l = l * alpha + tl.sum(w, axis=0)
+        m = m_new
+    out = acc / l  # every row sees key 0, so some split has a finite lse and l >= 1
     tl.store(OUT + row * DV + dv, out.to(OUT.dtype.element_ty), mask=dv_ok)
 
 
@@ -152,14 +163,15 @@ def _split_plan(batch_heads: int, n_keys: int, block_l: int, device: torch.devic
 
 
 # Launch config. GPU: best of the sweep in scripts/bench_decode.py on H200 (docs/bench/results/decode_h200.json,
-# "sweep_top10"); the interpreter's is small so the tests cover several splits and a partial block.
+# "sweep_top10"); the interpreter's is small so the tests cover several splits, a partial block and several
+# (and partial) chunks of the combine loop.
 GPU_DECODE_CONFIG = dict(BLOCK_L=64, PROGRAMS_PER_SM=16, num_warps=4, num_stages=3)
 # For programs of >= 16 query rows (e.g. 4 query heads per KV head x 4 tokens), where the gather is 4x wider.
 GPU_DECODE_CONFIG_WIDE = dict(BLOCK_L=64, PROGRAMS_PER_SM=8, num_warps=4, num_stages=3)
 # fp32 caches (e.g. fp32 weights under autocast): the 3-stage bf16 pipeline needs ~300 KB of shared memory
 # for 4-byte elements, over the 227 KB a block may take on Hopper, so halve the tile and do not pipeline.
 GPU_DECODE_CONFIG_FP32 = dict(BLOCK_L=32, PROGRAMS_PER_SM=8, num_warps=4, num_stages=1)
-INTERPRETER_DECODE_CONFIG = dict(BLOCK_L=16, PROGRAMS_PER_SM=1, num_warps=4, num_stages=1)
+INTERPRETER_DECODE_CONFIG = dict(BLOCK_L=16, PROGRAMS_PER_SM=1, num_warps=4, num_stages=1, COMBINE_BLOCK=2)
 
 
 def decode_into(
@@ -181,6 +193,7 @@ def decode_into(
         default = GPU_DECODE_CONFIG if rows < 16 else GPU_DECODE_CONFIG_WIDE
     cfg = dict(config or (INTERPRETER_DECODE_CONFIG if interpreting() else default))
     block_l = cfg.pop("BLOCK_L")
+    combine_block = cfg.pop("COMBINE_BLOCK", COMBINE_BLOCK)
     n_splits, keys_per_split = _split_plan(b * hkv, n_keys, block_l, v.device, cfg.pop("PROGRAMS_PER_SM", 4))
     o_part = torch.empty((b * hq * n_q * n_splits, dv), dtype=torch.float32, device=v.device)
     lse_part = torch.empty((b * hq * n_q * n_splits,), dtype=torch.float32, device=v.device)
@@ -198,7 +211,7 @@ def decode_into(
         **cfg,
     )
     _combine_kernel[(b * hq * n_q,)](
-        o_part, lse_part, out, n_splits, DV=dv, DV_PAD=dv_pad, SPLITS_PAD=max(2, next_pow2(n_splits)),
+        o_part, lse_part, out, n_splits, DV=dv, DV_PAD=dv_pad, SPLITS_BLOCK=combine_block,
     )
 
 
