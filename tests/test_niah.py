@@ -211,3 +211,55 @@ def test_eval_on_gpu_with_sfa_decoding_over_the_compressed_cache(tiny_checkpoint
     ])  # fmt: skip
     assert report["device"].startswith("cuda") and report["dtype"] == "bfloat16"
     assert len(report["samples"]) == 80
+
+
+def test_make_data_masks_exactly_each_answer_and_the_eot_after_it(tmp_path):
+    seq_len = 127
+    args = ["--seq-len", str(seq_len), "--lengths", "40,60,100", "--train-samples", "30", "--val-samples", "4", "--seed", "4"]
+    meta = niah_script.main(["make-data", "--out", str(tmp_path / "answer"), *args])
+    assert meta["options"]["loss_on"] == "answer" and all(meta["splits"][s]["loss_mask"] for s in ("train", "val"))
+    tokens = np.fromfile(tmp_path / "answer" / "train_000000.bin", np.uint16).reshape(-1, seq_len + 1)
+    mask = np.fromfile(tmp_path / "answer" / "train_000000.mask.bin", np.uint8).reshape(-1, seq_len + 1)
+    samples = iter(train_samples(TOK, FillerHaystack(TOK, "."), FMT, [40, 60, 100], 30, seed=4, stream=0))
+    # expected mask, built from the samples: walk each window's documents
+    expected = np.zeros_like(mask)
+    for w, window in enumerate(tokens.tolist()):
+        pos = 0
+        while pos < len(window) and window[pos] == TOK.eot_token and pos + 1 < len(window) and window[pos + 1] != TOK.eot_token:
+            s = next(samples)
+            answer_at = pos + 1 + len(s.input_ids)
+            assert window[answer_at : answer_at + len(s.answer_ids)] == s.answer_ids
+            expected[w, answer_at : answer_at + len(s.answer_ids)] = 1
+            pos = answer_at + len(s.answer_ids)
+            if pos < len(window):
+                assert window[pos] == TOK.eot_token
+                expected[w, pos] = 1  # the eot that ends the answer is a target too
+    assert next(samples, None) is None, "every sample was found"
+    np.testing.assert_array_equal(mask, expected)
+    assert set(np.unique(mask).tolist()) == {0, 1}
+    # the loader turns that into y = -1 everywhere but on those targets
+    loader = TokenLoader(tmp_path / "answer", "train", batch_size=4, seq_len=seq_len, shuffle=False)
+    ys = torch.cat([y for _, y in loader.iter_eval_batches()])
+    assert torch.equal(ys != -1, torch.from_numpy(expected[:, 1:] == 1))
+    decoded = {TOK.decode([t]) for t in ys[ys != -1].tolist()}
+    assert "<|endoftext|>" in decoded and all(d == "<|endoftext|>" or d.strip().isdigit() for d in decoded)
+
+    # --loss-on all: the same tokens, no mask, every target kept
+    meta_all = niah_script.main(["make-data", "--out", str(tmp_path / "all"), "--loss-on", "all", *args])
+    assert meta_all["options"]["loss_on"] == "all" and "loss_mask" not in meta_all["splits"]["train"]
+    assert not list((tmp_path / "all").glob("*.mask.bin"))
+    assert (tmp_path / "all" / "train_000000.bin").read_bytes() == (tmp_path / "answer" / "train_000000.bin").read_bytes()
+    x, y = TokenLoader(tmp_path / "all", "train", 4, seq_len, shuffle=False).next_batch()
+    assert (y >= 0).all() and torch.equal(x[:, 1:], y[:, :-1])
+
+
+def test_make_data_rejects_an_unknown_loss_on(tmp_path, capsys):
+    from evaluation.niah_data import write_training_data
+
+    with pytest.raises(ValueError, match=r"loss_on must be one of \('answer', 'all'\) .* got 'prompt'"):
+        write_training_data(tmp_path / "x", TOK, FillerHaystack(TOK, "."), FMT, seq_len=127, lengths=[40],
+                            train_count=2, val_count=0, seed=0, loss_on="prompt")  # fmt: skip
+    with pytest.raises(SystemExit):
+        niah_script.main(["make-data", "--out", str(tmp_path / "y"), "--seq-len", "127", "--loss-on", "prompt"])
+    assert "argument --loss-on: invalid choice: 'prompt'" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
