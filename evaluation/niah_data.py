@@ -1,8 +1,9 @@
 """NIAH training data: prepared token shards + meta.json in data/'s format, read by data.loader.TokenLoader.
 
 Layout of the token stream: every window of seq_len + 1 tokens (what TokenLoader cuts) holds whole
-samples only, each as its own document `eot + prompt + answer`, packed from the window's start; the
-rest of a window is filled with eot. So no sample is ever split across two training windows, the
+samples only, each as its own document `eot + prompt + answer`, packed from the window's start (or one
+sample per window with `one_per_window`: no earlier sample's needle is then in view); the rest of a
+window is filled with eot. So no sample is ever split across two training windows, the
 loader's shuffling moves whole windows, and a model trained on it always sees needle, question and
 answer together.
 
@@ -45,9 +46,10 @@ def check_training_lengths(lengths, seq_len: int, fmt: NeedleFormat) -> None:
         )
 
 
-def write_split(writer, samples, window: int, eot: int, mask_writer=None) -> int:
+def write_split(writer, samples, window: int, eot: int, mask_writer=None, one_per_window: bool = False) -> int:
     """Pack samples into windows of `window` tokens (see the module doc); returns the windows written.
-    With `mask_writer`, also write the answer-only loss mask, entry for entry with the tokens."""
+    With `mask_writer`, also write the answer-only loss mask, entry for entry with the tokens. With
+    `one_per_window`, every sample gets a window of its own (the rest is eot padding)."""
     tokens, mask, windows = [], [], 0
 
     def flush():
@@ -68,7 +70,7 @@ def write_split(writer, samples, window: int, eot: int, mask_writer=None) -> int
         doc = [eot, *s.input_ids, *s.answer_ids]
         if len(doc) > window:  # guarded by check_training_lengths; a real bug if reached
             raise AssertionError(f"sample of {len(doc)} tokens exceeds the window of {window}")
-        if len(tokens) + len(doc) > window:
+        if tokens and (one_per_window or len(tokens) + len(doc) > window):
             flush()
         # The leading eot is a target when it follows an earlier sample's answer in this window.
         doc_mask = [1 if tokens else 0] + [0] * len(s.input_ids) + [1] * len(s.answer_ids)
@@ -82,7 +84,7 @@ def write_split(writer, samples, window: int, eot: int, mask_writer=None) -> int
 
 def write_training_data(
     out: str | Path, tokenizer, haystack, fmt: NeedleFormat, *, seq_len: int, lengths, train_count: int,
-    val_count: int, seed: int, loss_on: str = "answer", overwrite: bool = False,
+    val_count: int, seed: int, loss_on: str = "answer", one_per_window: bool = False, overwrite: bool = False,
 ) -> Path:  # fmt: skip
     """Write train/val NIAH samples to `out` (shards + meta.json, and loss masks with loss_on="answer");
     atomic like data/prepare.py."""
@@ -114,7 +116,7 @@ def write_training_data(
             if loss_on == "answer":  # same lengths, same shard cuts: X.mask.bin matches X.bin entry for entry
                 mask_writer = ShardWriter(tmp, split, "uint8", SHARD_TOKENS, name=lambda sp, i: mask_name(shard_name(sp, i)))
             samples = train_samples(tokenizer, haystack, fmt, lengths, count, seed, stream=SPLIT_STREAMS[split]) if count else []
-            windows = write_split(writer, samples, seq_len + 1, tokenizer.eot_token, mask_writer)
+            windows = write_split(writer, samples, seq_len + 1, tokenizer.eot_token, mask_writer, one_per_window)
             writer.close()
             splits[split] = {**writer.summary(), "windows": windows}
             if mask_writer is not None:
@@ -137,6 +139,7 @@ def write_training_data(
                 "val_samples": val_count,
                 "seed": seed,
                 "loss_on": loss_on,
+                "one_per_window": one_per_window,
                 "needle": fmt.needle,
                 "question": fmt.question,
                 "answer": fmt.answer,

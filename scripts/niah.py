@@ -74,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     make.add_argument("--loss-on", choices=("answer", "all"), default="answer",
                       help="tokens the training loss covers: answer (default; a loss mask on the answer and the eot "
                            "after it) | all (no mask)")
+    make.add_argument("--one-per-window", action="store_true",
+                      help="one sample per training window (eot padding after it) instead of packing several, so that "
+                           "no earlier sample's needle is in view")
     make.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     add_prompt_args(make)
 
@@ -91,6 +94,10 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--dtype", default="auto", choices=("auto", "fp32", "bf16"), help="auto: bf16 autocast on cuda, fp32 on cpu")
     ev.add_argument("--out", help="output folder for niah.json and niah.png (default: <run dir>/eval/niah-...)")
     add_prompt_args(ev)
+
+    summ = sub.add_parser("summarize", help="accuracy vs length of several evaluated runs: a table and a JSON file")
+    summ.add_argument("evals", nargs="+", help="niah.json files written by `eval` (or their folders)")
+    summ.add_argument("--out", required=True, help="the summary JSON file to write")
     return parser
 
 
@@ -114,7 +121,8 @@ def make_data(args) -> dict:
     lengths = args.lengths or [args.seq_len - max_answer_tokens(fmt)]
     out = write_training_data(
         args.out, tokenizer, haystack, fmt, seq_len=args.seq_len, lengths=lengths, train_count=args.train_samples,
-        val_count=args.val_samples, seed=args.seed, loss_on=args.loss_on, overwrite=args.overwrite,
+        val_count=args.val_samples, seed=args.seed, loss_on=args.loss_on, one_per_window=args.one_per_window,
+        overwrite=args.overwrite,
     )  # fmt: skip
     meta = json.loads((out / "meta.json").read_text())
     for split, info in meta["splits"].items():
@@ -201,9 +209,62 @@ def print_summary(cells, lengths, depths) -> None:
         print(f"{d:>14.2f} " + "".join(f"{acc[(n, d)]:>9.0%}" for n in lengths))
 
 
+def run_record(niah_json: Path) -> dict:
+    """One row of the study: what was trained (config.yaml, metrics.jsonl of the run) and its accuracy per length."""
+    import yaml
+
+    report = json.loads(niah_json.read_text())
+    run_dir = run_dir_of(Path(report["checkpoint"]))
+    config = yaml.safe_load((run_dir / "config.yaml").read_text())
+    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    last = metrics[-1] if metrics else {}
+    attention = report["attention"]
+    label = attention["kind"] + (f" k={attention['topk_q']}" if attention["kind"] == "sfa" else "")
+    by_length = {}
+    for cell in report["cells"]:
+        entry = by_length.setdefault(cell["length"], {"correct": 0, "samples": 0})
+        entry["correct"] += cell["correct"]
+        entry["samples"] += cell["samples"]
+    for entry in by_length.values():
+        entry["accuracy"] = entry["correct"] / entry["samples"]
+    return {
+        "label": label, "attention": attention, "model": config["model"]["preset"],
+        "train_seq_len": config["train"]["seq_len"], "steps": last.get("step"), "tokens": last.get("tokens"),
+        "train_seconds": last.get("elapsed_s"), "final_loss": last.get("loss"),
+        "val_loss": next((m["val_loss"] for m in reversed(metrics) if "val_loss" in m), None),
+        "accuracy": report["accuracy"], "by_length": {str(n): by_length[n] for n in sorted(by_length)},
+        "depths": report["depths"], "samples_per_cell": report["samples_per_cell"], "niah_json": str(niah_json),
+        "run_dir": str(run_dir), "device": report["device"],
+    }  # fmt: skip
+
+
+def summarize(args) -> dict:
+    files = [Path(e) / "niah.json" if Path(e).is_dir() else Path(e) for e in args.evals]
+    for f in files:
+        if not f.is_file():
+            raise SystemExit(f"niah summarize: {f} does not exist (run `scripts/niah.py eval` first)")
+    rows = [run_record(f) for f in files]
+    lengths = sorted({int(n) for r in rows for n in r["by_length"]})
+    header = f"{'model':<10}{'train ctx':>10}{'steps':>7}{'val loss':>9}" + "".join(f"{n:>8}" for n in lengths) + f"{'all':>8}"
+    print("NIAH exact match by prompt length (all depths pooled)")
+    print(header)
+    for r in rows:
+        cells = "".join(
+            f"{r['by_length'][str(n)]['accuracy']:>8.0%}" if str(n) in r["by_length"] else f"{'-':>8}" for n in lengths
+        )
+        val = f"{r['val_loss']:.3f}" if r["val_loss"] is not None else "-"
+        print(f"{r['label']:<10}{r['train_seq_len']:>10}{r['steps'] or 0:>7}{val:>9}{cells}{r['accuracy']:>8.0%}")
+    summary = {"lengths": lengths, "runs": rows, "created": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(summary, indent=2) + "\n")
+    print(f"wrote {out}")
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    return make_data(args) if args.command == "make-data" else evaluate(args)
+    return {"make-data": make_data, "eval": evaluate, "summarize": summarize}[args.command](args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,106 @@
+#!/usr/bin/env bash
+# Needle-in-a-haystack study (issue #5; the paper's Table 2 at the lengths one GPU allows): for each training
+# context C (default 2048 and 8192), make NIAH training data at seq_len C (loss on the answer only), train
+# gpt2_tiny from scratch with dense attention and with SFA k=8 for a fixed wall time each, evaluate exact match
+# at prompt lengths up to C over a depth grid, then print accuracy vs length and write OUT/summary.json.
+#
+#   scripts/niah_study.sh OUT [extra hydra overrides for every training run]
+#   NIAH_SMOKE=1 scripts/niah_study.sh /tmp/niah-smoke        # CPU, seconds: tiny model, contexts 128/256
+#
+# Budget: about 9 minutes on one H100 with the defaults (2 data sets, 4 trainings of NIAH_TRAIN_S seconds
+# plus start-up, 4 evaluations). Offline, logging=disabled. Each arm writes OUT/<C>-<arm>/{run,eval}/ and a
+# .done marker: running the script again on the same OUT skips finished steps and redoes unfinished ones.
+# Knobs (environment): NIAH_CONTEXTS ("2048 8192"), NIAH_TRAIN_S (75), NIAH_SAMPLES (eval prompts per length
+# and depth, 20), NIAH_DEPTHS (0,0.25,0.5,0.75,1), NIAH_TOKENS_PER_STEP (32768), NIAH_PACK (0: one sample per
+# training window, so no other sample's needle is in view; 1: pack several where they fit), PYTHON (python3).
+# Needs torch, numpy, tiktoken (GPT-2 BPE), matplotlib (heatmaps), tqdm, PyYAML and hydra-core/omegaconf.
+set -euo pipefail
+
+OUT=${1:?usage: scripts/niah_study.sh OUT [hydra overrides for train.py ...]}
+shift
+EXTRA=("$@")
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
+
+CONTEXTS=${NIAH_CONTEXTS:-2048 8192}
+TRAIN_S=${NIAH_TRAIN_S:-75}
+SAMPLES=${NIAH_SAMPLES:-20}
+DEPTHS=${NIAH_DEPTHS:-0,0.25,0.5,0.75,1}
+TOKENS_PER_STEP=${NIAH_TOKENS_PER_STEP:-32768}
+PACKING=(--one-per-window)
+[[ "${NIAH_PACK:-0}" == 1 ]] && PACKING=()
+MODEL=(model=gpt2_tiny)
+# A fixed wall time, not a step count: max_steps only sets the cosine horizon, far away, so the learning rate
+# stays near its peak after the warm-up (the run stops at train.time_limit_s with a checkpoint).
+MAX_STEPS=100000
+OPTIM=(optim.lr=1.5e-3 optim.warmup_steps=50)
+DEVICE=auto
+if [[ "${NIAH_SMOKE:-0}" == 1 ]]; then  # the whole pipeline in seconds on a CPU
+  CONTEXTS=${NIAH_CONTEXTS:-128 256}
+  SAMPLES=${NIAH_SAMPLES:-1}
+  DEPTHS=${NIAH_DEPTHS:-0,1}
+  TOKENS_PER_STEP=${NIAH_TOKENS_PER_STEP:-512}
+  MODEL=(model=gpt2_tiny model.n_layer=1 model.d_model=64 model.n_head=2)
+  MAX_STEPS=3
+  OPTIM=(optim.warmup_steps=1)
+  DEVICE=cpu
+fi
+
+# Prompt lengths drawn for training and evaluated, per context. The longest prompt a training window of C + 1
+# tokens holds is C - 6 (the leading eot and up to 6 answer tokens: evaluation/niah_data.py).
+train_lengths() {
+  case $1 in
+    2048) echo 256,512,1024,2042 ;;
+    8192) echo 512,1024,2048,4096,8186 ;;
+    *) echo "$(($1 / 2)),$(($1 - 6))" ;;
+  esac
+}
+eval_lengths() {  # a prompt plus its answer budget (answer tokens + 1, at most 7) must fit max_seq_len = C
+  case $1 in
+    2048) echo 512,1024,2040 ;;
+    8192) echo 1024,2048,4096,8184 ;;
+    *) echo "$(($1 / 2)),$(($1 - 8))" ;;
+  esac
+}
+train_samples() {  # enough that no sample repeats within NIAH_TRAIN_S seconds at ~1M tokens/s (smoke: a few)
+  if [[ "${NIAH_SMOKE:-0}" == 1 ]]; then echo 40; else echo $((100000000 / $1)); fi
+}
+
+log() { echo "[niah_study $(date -u +%H:%M:%S)] $*"; }
+
+evals=()
+for C in $CONTEXTS; do
+  data="$OUT/data-$C"
+  if [[ ! -f "$data/.done" ]]; then
+    log "make-data seq_len=$C lengths=$(train_lengths "$C")"
+    "$PY" "$REPO/scripts/niah.py" make-data --out "$data" --overwrite --seq-len "$C" --lengths "$(train_lengths "$C")" \
+      --train-samples "$(train_samples "$C")" --val-samples 64 --loss-on answer "${PACKING[@]}"
+    touch "$data/.done"
+  fi
+  micro=$((TOKENS_PER_STEP / C)); ((micro >= 1)) || micro=1
+  for arm in dense sfa; do
+    dir="$OUT/$C-$arm"
+    attention=(attention=dense)
+    [[ $arm == sfa ]] && attention=(attention=sfa attention.k=8)
+    if [[ ! -f "$dir/run/.done" ]]; then
+      rm -rf "$dir/run" "$dir/eval"
+      log "train $arm at $C (${TRAIN_S}s)"
+      (cd "$REPO" && "$PY" train.py "${MODEL[@]}" "model.max_seq_len=$C" "${attention[@]}" "${OPTIM[@]}" "data.dir=$data" \
+        "train.seq_len=$C" "train.micro_batch=$micro" "train.batch_tokens=$((micro * C))" "train.max_steps=$MAX_STEPS" \
+        "train.time_limit_s=$TRAIN_S" train.eval_every=0 train.ckpt_every=0 train.eval_batches=4 train.log_every=50 \
+        train.keep_checkpoints=1 "train.device=$DEVICE" logging=disabled "out_dir=$dir/run" "run_name=niah-$C-$arm" \
+        "${EXTRA[@]}") 2>&1 | tee "$dir.train.log"
+      touch "$dir/run/.done"
+    fi
+    if [[ ! -f "$dir/eval/niah.json" ]]; then
+      log "eval $arm at $C: lengths $(eval_lengths "$C")"
+      "$PY" "$REPO/scripts/niah.py" eval --checkpoint "$dir/run" --lengths "$(eval_lengths "$C")" --depths "$DEPTHS" \
+        --samples "$SAMPLES" --batch-size 10 --device "$DEVICE" --out "$dir/eval" 2>&1 | tee "$dir.eval.log"
+    fi
+    evals+=("$dir/eval/niah.json")
+  done
+done
+"$PY" "$REPO/scripts/niah.py" summarize --out "$OUT/summary.json" "${evals[@]}" | tee "$OUT/summary.txt"
