@@ -4,6 +4,7 @@ TokenLoader reads, and `scripts/niah.py eval` end to end on a tiny random checkp
 import importlib.util
 import json
 import re
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -263,3 +264,75 @@ def test_make_data_rejects_an_unknown_loss_on(tmp_path, capsys):
         niah_script.main(["make-data", "--out", str(tmp_path / "y"), "--seq-len", "127", "--loss-on", "prompt"])
     assert "argument --loss-on: invalid choice: 'prompt'" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_one_per_window_gives_every_sample_its_own_window(tmp_path):
+    seq_len = 127
+    args = ["--seq-len", str(seq_len), "--lengths", "40", "--train-samples", "9", "--val-samples", "1", "--seed", "1"]
+    packed = niah_script.main(["make-data", "--out", str(tmp_path / "packed"), *args])
+    alone = niah_script.main(["make-data", "--out", str(tmp_path / "alone"), "--one-per-window", *args])
+    assert packed["splits"]["train"]["windows"] < 9 and alone["splits"]["train"]["windows"] == 9
+    assert alone["options"]["one_per_window"] is True and packed["options"]["one_per_window"] is False
+    tokens = np.fromfile(tmp_path / "alone" / "train_000000.bin", np.uint16).reshape(9, seq_len + 1)
+    mask = np.fromfile(tmp_path / "alone" / "train_000000.mask.bin", np.uint8).reshape(9, seq_len + 1)
+    for s, row, row_mask in zip(train_samples(TOK, FillerHaystack(TOK, "."), FMT, [40], 9, seed=1), tokens, mask):
+        end = 1 + len(s.input_ids) + len(s.answer_ids)
+        assert row[:end].tolist() == [TOK.eot_token, *s.input_ids, *s.answer_ids]
+        assert (row[end:] == TOK.eot_token).all()
+        assert np.flatnonzero(row_mask).tolist() == list(range(end - len(s.answer_ids), end + 1))  # answer + eot
+
+
+def test_summarize_pools_depths_per_length_and_reads_the_run(tiny_checkpoint, tmp_path, capsys):
+    run_dir = tiny_checkpoint.parent.parent
+    (run_dir / "config.yaml").write_text("model:\n  preset: gpt2_tiny\ntrain:\n  seq_len: 128\n")
+    (run_dir / "metrics.jsonl").write_text(
+        json.dumps({"step": 1, "tokens": 10, "loss": 9.0, "elapsed_s": 1.0, "val_loss": 8.5}) + "\n"
+        + json.dumps({"step": 2, "tokens": 20, "loss": 7.0, "elapsed_s": 2.0}) + "\n"
+    )  # fmt: skip
+    niah_script.main([
+        "eval", "--checkpoint", str(tiny_checkpoint), "--lengths", "48,96", "--depths", "0,0.5,1", "--samples", "2",
+        "--device", "cpu", "--out", str(tmp_path / "ev"),
+    ])  # fmt: skip
+    report = json.loads((tmp_path / "ev" / "niah.json").read_text())
+    # a perfect evaluation of the same run, written by hand, to tell rows apart
+    perfect = {**report, "cells": [{**c, "correct": c["samples"], "accuracy": 1.0} for c in report["cells"]], "accuracy": 1.0}
+    (tmp_path / "perfect").mkdir()
+    (tmp_path / "perfect" / "niah.json").write_text(json.dumps(perfect))
+    capsys.readouterr()
+    summary = niah_script.main(["summarize", "--out", str(tmp_path / "s.json"), str(tmp_path / "ev"), str(tmp_path / "perfect" / "niah.json")])
+    assert json.loads((tmp_path / "s.json").read_text()) == summary and summary["lengths"] == [48, 96]
+    first, second = summary["runs"]
+    for n in (48, 96):
+        cells = [c for c in report["cells"] if c["length"] == n]
+        assert first["by_length"][str(n)] == {
+            "correct": sum(c["correct"] for c in cells), "samples": 6, "accuracy": sum(c["correct"] for c in cells) / 6
+        }  # fmt: skip
+        assert second["by_length"][str(n)]["accuracy"] == 1.0
+    assert (first["label"], first["train_seq_len"], first["steps"], first["final_loss"], first["val_loss"]) == ("dense", 128, 2, 7.0, 8.5)
+    table = capsys.readouterr().out
+    assert "      48      96" in table and "100%    100%    100%" in table
+    with pytest.raises(SystemExit, match=r"niah summarize: .*nowhere does not exist \(run `scripts/niah.py eval` first\)"):
+        niah_script.main(["summarize", "--out", str(tmp_path / "t.json"), str(tmp_path / "nowhere")])
+
+
+@pytest.mark.slow
+def test_study_script_runs_end_to_end_and_skips_finished_steps(tmp_path):
+    """scripts/niah_study.sh with NIAH_SMOKE=1 at one context: data, dense + SFA training, eval, summary."""
+    import os
+    import subprocess
+
+    env = {**os.environ, "NIAH_SMOKE": "1", "NIAH_CONTEXTS": "128", "OMP_NUM_THREADS": "1", "PYTHON": sys.executable}
+    run = lambda: subprocess.run(["bash", str(REPO / "scripts" / "niah_study.sh"), str(tmp_path / "study")], env=env,  # noqa: E731
+                                 capture_output=True, text=True, timeout=240)  # fmt: skip
+    first = run()
+    assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
+    summary = json.loads((tmp_path / "study" / "summary.json").read_text())
+    assert [(r["label"], r["train_seq_len"], r["steps"]) for r in summary["runs"]] == [("dense", 128, 3), ("sfa k=8", 128, 3)]
+    assert summary["lengths"] == [64, 120] and all(r["by_length"]["64"]["samples"] == 2 for r in summary["runs"])
+    meta = json.loads((tmp_path / "study" / "data-128" / "meta.json").read_text())
+    assert meta["options"]["loss_on"] == "answer" and meta["options"]["one_per_window"] is True
+    checkpoints = sorted((tmp_path / "study").glob("128-*/run/checkpoints/*.pt"))
+    stamps = [p.stat().st_mtime_ns for p in checkpoints]
+    again = run()  # finished steps are skipped: nothing is retrained or re-evaluated
+    assert again.returncode == 0 and "train dense" not in again.stdout and "eval sfa" not in again.stdout
+    assert [p.stat().st_mtime_ns for p in checkpoints] == stamps and len(checkpoints) == 2
