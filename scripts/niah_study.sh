@@ -10,7 +10,7 @@
 # Budget: about 9 minutes on one H100 with the defaults (2 data sets, 4 trainings of NIAH_TRAIN_S seconds
 # plus start-up, 4 evaluations). Offline, logging=disabled. Each arm writes OUT/<C>-<arm>/{run,eval}/ and a
 # .done marker: running the script again on the same OUT skips finished steps and redoes unfinished ones.
-# Knobs (environment): NIAH_CONTEXTS ("2048 8192"), NIAH_TRAIN_S (75), NIAH_SAMPLES (eval prompts per length
+# Knobs (environment): NIAH_CONTEXTS ("2048 8192"), NIAH_TRAIN_S (60), NIAH_SAMPLES (eval prompts per length
 # and depth, 20), NIAH_DEPTHS (0,0.25,0.5,0.75,1), NIAH_TOKENS_PER_STEP (32768), NIAH_PACK (0: one sample per
 # training window, so no other sample's needle is in view; 1: pack several where they fit), PYTHON (python3).
 # Needs torch, numpy, tiktoken (GPT-2 BPE), matplotlib (heatmaps), tqdm, PyYAML and hydra-core/omegaconf.
@@ -26,7 +26,7 @@ PY=${PYTHON:-python3}
 export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1 WANDB_MODE=disabled
 
 CONTEXTS=${NIAH_CONTEXTS:-2048 8192}
-TRAIN_S=${NIAH_TRAIN_S:-75}
+TRAIN_S=${NIAH_TRAIN_S:-60}
 SAMPLES=${NIAH_SAMPLES:-20}
 DEPTHS=${NIAH_DEPTHS:-0,0.25,0.5,0.75,1}
 TOKENS_PER_STEP=${NIAH_TOKENS_PER_STEP:-32768}
@@ -65,8 +65,8 @@ eval_lengths() {  # a prompt plus its answer budget (answer tokens + 1, at most 
     *) echo "$(($1 / 2)),$(($1 - 8))" ;;
   esac
 }
-train_samples() {  # enough that no sample repeats within NIAH_TRAIN_S seconds at ~1M tokens/s (smoke: a few)
-  if [[ "${NIAH_SMOKE:-0}" == 1 ]]; then echo 40; else echo $((100000000 / $1)); fi
+train_samples() {  # 6e7 tokens of windows: ~60 s of training at 1M tokens/s before samples repeat (smoke: a few)
+  if [[ "${NIAH_SMOKE:-0}" == 1 ]]; then echo 40; else echo $((60000000 / $1)); fi
 }
 
 log() { echo "[niah_study $(date -u +%H:%M:%S)] $*"; }
