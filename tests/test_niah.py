@@ -329,6 +329,8 @@ def test_study_script_runs_end_to_end_and_skips_finished_steps(tmp_path):
     summary = json.loads((tmp_path / "study" / "summary.json").read_text())
     assert [(r["label"], r["train_seq_len"], r["steps"]) for r in summary["runs"]] == [("dense", 128, 3), ("sfa k=8", 128, 3)]
     assert summary["lengths"] == [64, 120] and all(r["by_length"]["64"]["samples"] == 2 for r in summary["runs"])
+    # trained on the answer-only loss: finite train and val losses (no all-masked micro-batch)
+    assert all(np.isfinite(r["final_loss"]) and np.isfinite(r["val_loss"]) for r in summary["runs"])
     meta = json.loads((tmp_path / "study" / "data-128" / "meta.json").read_text())
     assert meta["options"]["loss_on"] == "answer" and meta["options"]["one_per_window"] is True
     checkpoints = sorted((tmp_path / "study").glob("128-*/run/checkpoints/*.pt"))
