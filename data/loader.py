@@ -121,8 +121,10 @@ class TokenLoader:
             return None
         return self._read(self._masks, index * self.window, (index + 1) * self.window)
 
-    def _check_every_window_has_a_target(self, windows_per_block: int = 65536) -> None:
-        """Refuse a split where some window's targets (its last seq_len tokens) are all masked out."""
+    def _check_every_window_has_a_target(self, block_bytes: int = 1 << 24) -> None:
+        """Refuse a split where some window's targets (its last seq_len tokens) are all masked out.
+        Reads the mask in blocks of whole windows of about `block_bytes` (memory stays small at any size)."""
+        windows_per_block = max(1, block_bytes // self.window)
         for first in range(0, self.n_windows, windows_per_block):
             last = min(first + windows_per_block, self.n_windows)
             block = self._read(self._masks, first * self.window, last * self.window).reshape(last - first, self.window)

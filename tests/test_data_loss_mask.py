@@ -149,3 +149,16 @@ def test_the_models_loss_on_masked_batches_is_the_answer_only_mean(tmp_path):
         keep = y != -1
         by_hand = F.cross_entropy(logits[keep], y[keep])
         assert torch.isfinite(loss) and torch.allclose(loss, by_hand, rtol=1e-6, atol=1e-6)
+
+
+def test_the_target_check_reads_in_blocks_and_still_finds_the_empty_window(tmp_path):
+    # one empty window (window 41: positions 657..671) deep in the split; tiny blocks cross many block edges
+    data = make_dir(tmp_path / "d", SHARDS, mask_fn=lambda p: ((p < 657) | (p > 671)).astype(np.uint8))
+    with pytest.raises(DataFormatError, match=r"first: window 41, 1 in windows 0\.\.59\)"):
+        TokenLoader(data, "train", 2, SEQ_LEN)
+    # the same layout with a valid mask opens; point its check at the bad mask with tiny blocks
+    loader = TokenLoader(make_dir(tmp_path / "ok", SHARDS), "train", 2, SEQ_LEN)
+    loader._masks = open_masks(data, "train")
+    for block_bytes, block in ((1, "41..41"), (16 * 7, "35..41")):  # blocks of 1 and 7 windows
+        with pytest.raises(DataFormatError, match=rf"first: window 41, 1 in windows {block}\)"):
+            loader._check_every_window_has_a_target(block_bytes)
