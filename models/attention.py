@@ -134,7 +134,8 @@ def attend(
     else:
         out_dtype = None
     if config.kind == "sfa":
-        q, k, v = _autocast_dtypes(q, k, v)
+        if layer_cache is None:  # with a cache, q was cast to the cache's dtype above: the cache governs
+            q, k, v = _autocast_dtypes(q, k, v)
         out = sfa.sfa_attention(
             q, k, v, topk_q=config.topk_q, topk_k=None if isinstance(k, sfa.SparseCode) else config.topk_k,
             causal=True, backend=config.backend,

@@ -163,6 +163,20 @@ def test_bf16_cache_with_fp32_model_runs_and_stays_close():
     assert (logits - m(x)[0]).abs().max() < 0.1  # keys/values rounded to bf16
 
 
+@pytest.mark.parametrize("family", ["gpt2", "qwen3"])
+def test_fp32_sfa_cache_under_bf16_autocast_decodes(family):
+    """fp32 weights under bf16 autocast (how train.py's checkpoints are evaluated): the cache is fp32 and its
+    key code must not be mixed with autocast-cast q/v (found on the GPU by the NIAH eval test)."""
+    m = small(family, "sfa")
+    x = torch.randint(0, 97, (1, 6))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        cache = m.new_cache(1, 6)
+        logits = torch.cat([m(x[:, :5], cache=cache)[0], m(x[:, 5:], cache=cache)[0]], dim=1)
+        full = m(x)[0]
+    assert cache.layers[0].values.dtype == torch.float32
+    assert (logits.float() - full.float()).abs().max() < 0.1  # the full forward ran its attention in bf16
+
+
 # --- generate -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("attention", list(ATTENTIONS))
 @pytest.mark.parametrize("family", ["gpt2", "qwen3"])
