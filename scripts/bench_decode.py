@@ -87,22 +87,24 @@ def cudnn_graph_time(q, keys, v) -> float:
 
 def sweep_configs() -> list[dict]:
     rows = []
-    shapes = ((1, 131072, 1), (8, 32768, 1), (8, 131072, 1), (8, 32768, 4))  # the last: 16 rows/program
+    shapes = ((1, 131072, 1), (8, 32768, 1), (8, 131072, 1), (8, 32768, 4), (1, 32768, 1))  # [3]: 16 rows/program
     inputs = {s: make_inputs(*s) for s in shapes}
-    # 6 compiled variants x 3 split densities (PROGRAMS_PER_SM changes only the grid, not the binary).
-    # v2's sweep found BLOCK_L=64, 4 warps, 3 stages, 8 programs/SM best of BLOCK_L {32, 64, 128} x
-    # warps {4, 8} x {4, 8}/SM; v3's, 16/SM of {8, 16, 32} with 4 stages no better. v4 lifts the 128-split
-    # cap (chunked combine), so batch 1 can reach the same programs/SM as batch 8: denser grids, and
-    # fewer stages / more warps (more programs resident per SM for a latency-bound loop), are tried.
-    for block_l, warps, stages in ((64, 4, 3), (64, 4, 2), (64, 8, 3), (32, 4, 3), (32, 4, 2), (128, 8, 3)):
-        for per_sm in (16, 32, 64):
-            cfg = dict(BLOCK_L=block_l, PROGRAMS_PER_SM=per_sm, num_warps=warps, num_stages=stages)
+    # Compiled variants x split plans (PROGRAMS_PER_SM, SPLIT_CAP and MIN_KEYS_PER_SPLIT change only the grid).
+    # v2's sweep found BLOCK_L=64, 4 warps, 3 stages best of BLOCK_L {32, 64, 128} x warps {4, 8}; v3's,
+    # 16/SM of {8, 16, 32} with 4 stages no better; v4's, that lifting the 128-split cap slows batch 1
+    # (264 splits: +11% at 128k) and that 2 stages ~ 3. So this one tries fewer, longer splits.
+    for block_l, warps, stages in ((64, 4, 3), (64, 4, 2)):
+        for per_sm, cap, min_keys in ((16, 128, 0), (16, 64, 0), (16, 32, 0), (16, 128, 1024), (16, 128, 2048),
+                                      (8, 128, 0), (32, 128, 0)):
+            cfg = dict(BLOCK_L=block_l, PROGRAMS_PER_SM=per_sm, SPLIT_CAP=cap, MIN_KEYS_PER_SPLIT=min_keys,
+                       num_warps=warps, num_stages=stages)
             try:
-                times = [sfa_time(inputs[s][1], inputs[s][3], inputs[s][4], dict(cfg)) for s in shapes]
+                # CUDA-graph timings: the kernels' GPU time (eager batch-1 timings are launch-bound on some hosts)
+                times = [sfa_time(inputs[s][1], inputs[s][3], inputs[s][4], dict(cfg), graph=True) for s in shapes]
             except Exception as e:  # out of resources for this config
                 print("config failed", cfg, str(e).splitlines()[0][:100])
                 continue
-            rows.append(dict(config=cfg, ms=times, total=sum(times[:3]), wide_rows_ms=times[3]))
+            rows.append(dict(config=cfg, ms=times, total=sum(times[:3]) + times[4], wide_rows_ms=times[3]))
     rows.sort(key=lambda r: r["total"])
     del inputs
     torch.cuda.empty_cache()

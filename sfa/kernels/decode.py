@@ -26,7 +26,7 @@ from ._config import interpreting, next_pow2, num_sms
 
 MAX_QUERY_ROWS = 64  # (query heads per KV head) x (query tokens) handled in one program
 MAX_SPLITS = 1024  # bounds the partials buffer; the combine kernel streams them in COMBINE_BLOCK chunks
-COMBINE_BLOCK = 64  # splits merged per step of the combine kernel's loop
+COMBINE_BLOCK = 128  # splits merged per step of the combine kernel's loop (v3's split cap: one step there)
 LOG2_E = 1.4426950408889634
 
 
@@ -152,12 +152,18 @@ def _combine_kernel(
     tl.store(OUT + row * DV + dv, out.to(OUT.dtype.element_ty), mask=dv_ok)
 
 
-def _split_plan(batch_heads: int, n_keys: int, block_l: int, device: torch.device, programs_per_sm: int):
-    """(n_splits, keys_per_split): about `programs_per_sm` programs per SM, chunks a multiple of the block."""
+def _split_plan(batch_heads: int, n_keys: int, block_l: int, device: torch.device, programs_per_sm: int,
+                split_cap: int = 128, min_keys_per_split: int = 0):
+    """(n_splits, keys_per_split): about `programs_per_sm` programs per SM, at most `split_cap` splits per
+    (batch, KV head), chunks of at least `min_keys_per_split` keys and a multiple of the block.
+
+    More splits is not always faster: v4 (docs/bench/notes_topk_decode.md) measured batch 1 at 128k slower
+    with 264 splits than with v3's 128, so the cap and the minimum chunk are launch parameters."""
     if interpreting():
         keys_per_split = 2 * block_l  # several splits even at tiny L, so the combine path is tested
     else:
-        want = max(1, min(MAX_SPLITS, math.ceil(programs_per_sm * num_sms(device) / batch_heads)))
+        want = math.ceil(programs_per_sm * num_sms(device) / batch_heads)
+        want = max(1, min(MAX_SPLITS, split_cap, want, n_keys // max(1, min_keys_per_split)))
         keys_per_split = max(block_l, math.ceil(math.ceil(n_keys / want) / block_l) * block_l)
     return math.ceil(n_keys / keys_per_split), keys_per_split
 
@@ -194,7 +200,10 @@ def decode_into(
     cfg = dict(config or (INTERPRETER_DECODE_CONFIG if interpreting() else default))
     block_l = cfg.pop("BLOCK_L")
     combine_block = cfg.pop("COMBINE_BLOCK", COMBINE_BLOCK)
-    n_splits, keys_per_split = _split_plan(b * hkv, n_keys, block_l, v.device, cfg.pop("PROGRAMS_PER_SM", 4))
+    n_splits, keys_per_split = _split_plan(
+        b * hkv, n_keys, block_l, v.device, cfg.pop("PROGRAMS_PER_SM", 4), cfg.pop("SPLIT_CAP", 128),
+        cfg.pop("MIN_KEYS_PER_SPLIT", 0),
+    )
     o_part = torch.empty((b * hq * n_q * n_splits, dv), dtype=torch.float32, device=v.device)
     lse_part = torch.empty((b * hq * n_q * n_splits,), dtype=torch.float32, device=v.device)
     dv_pad = max(16, next_pow2(dv))
