@@ -9,6 +9,8 @@
 #
 #   scripts/conversion_demo.sh                       # everything, ~10-15 min on a 2-core CPU
 #   PRETRAIN_STEPS=60 FINETUNE_STEPS=20 scripts/conversion_demo.sh   # a quicker look
+#   GPU=1 OUT_JSON=conversion_gpu.json scripts/conversion_demo.sh    # GPU scale: the quality study's 6-layer
+#                                                                     # GPT-2, seq 512, 32k tokens/step
 # Stages whose run already reached its steps are skipped (train.py resumes; nothing left to do).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,17 +22,32 @@ PRETRAIN_STEPS=${PRETRAIN_STEPS:-250}
 FINETUNE_STEPS=${FINETUNE_STEPS:-60}
 K=${K:-8}
 LAMBDAS=${LAMBDAS:-1.0 100.0}                 # λ of the (d) arms
-EVAL_BATCHES=${EVAL_BATCHES:-40}              # val windows of 8 x 128 tokens, the same ones for every model
+EVAL_BATCHES=${EVAL_BATCHES:-}                # batches of 8 val windows, the same for every model (CPU 40, GPU all)
 
-# A 2-layer GPT-2 with two 64-wide heads (k=8 of 64, as in the paper), 128-token sequences, 1k tokens/step.
-MODEL=(model=gpt2_tiny model.n_layer=2 model.d_model=128 model.n_head=2 train.seq_len=128
-       train.batch_tokens=1024 train.micro_batch=8 logging=disabled "root=$ROOT" "data.root=$DATA_ROOT")
+if [[ "${GPU:-0}" == 1 ]]; then
+    # The GPT-2 arm of the quality study (configs/experiment/study_gpt2.yaml): 6 layers, 6 heads of 64, seq 512.
+    MODEL=(model=gpt2_tiny model.n_layer=6 model.n_head=6 model.d_model=384 model.head_dim=64 train.seq_len=512
+           train.batch_tokens=32768 train.micro_batch=64 train.eval_batches=16)
+    MODEL_DESC="gpt2_tiny with n_layer=6 d_model=384 n_head=6 (head dim 64), seq 512, 32768 tokens/step, bf16 autocast"
+    DEVICE=cuda
+    EVAL_BATCHES=${EVAL_BATCHES:-all}
+else
+    # A 2-layer GPT-2 with two 64-wide heads (k=8 of 64, as in the paper), 128-token sequences, 1k tokens/step.
+    MODEL=(model=gpt2_tiny model.n_layer=2 model.d_model=128 model.n_head=2 train.seq_len=128
+           train.batch_tokens=1024 train.micro_batch=8)
+    MODEL_DESC="gpt2_tiny with n_layer=2 d_model=128 n_head=2 (head dim 64), seq 128, 1024 tokens/step"
+    DEVICE=cpu
+    EVAL_BATCHES=${EVAL_BATCHES:-40}
+fi
+MODEL+=(logging=disabled "root=$ROOT" "data.root=$DATA_ROOT")
+export CONVERSION_MODEL_DESC=$MODEL_DESC
 FINETUNE=("init.from_checkpoint=$ROOT/runs/dense-pretrain" train.max_steps=$FINETUNE_STEPS train.eval_every=0 train.ckpt_every=0 train.log_every=10
           optim.lr=5e-4 optim.min_lr=5e-5 optim.warmup_steps=5)
 
 start=$(date +%s)
 python train.py "${MODEL[@]}" run_name=dense-pretrain attention=dense train.max_steps=$PRETRAIN_STEPS \
-    train.eval_every=125 train.ckpt_every=125 train.log_every=25 optim.warmup_steps=20
+    train.eval_every=$(( (PRETRAIN_STEPS + 1) / 2 )) train.ckpt_every=$(( (PRETRAIN_STEPS + 1) / 2 )) train.log_every=25 \
+    optim.warmup_steps=20
 python train.py "${MODEL[@]}" "${FINETUNE[@]}" run_name=sfa-k$K-lambda0 attention=sfa attention.k=$K convert.match_weight=0
 for lam in $LAMBDAS; do
     python train.py "${MODEL[@]}" "${FINETUNE[@]}" run_name=sfa-k$K-lambda$lam attention=sfa attention.k=$K convert=eq8 convert.match_weight=$lam
@@ -42,7 +59,7 @@ mkdir -p "$EVAL_DIR"
 evaluate() {  # name, run dir, extra eval_ppl args; skipped when its JSON is newer than the run's checkpoint
     newest=$(ls -t "$2"/checkpoints/step_*.pt | head -1)
     if [[ -f "$EVAL_DIR/$1.json" && "$EVAL_DIR/$1.json" -nt "$newest" ]]; then echo "$1: up to date"; return; fi
-    python scripts/eval_ppl.py --checkpoint "$2" --batches "$EVAL_BATCHES" --device cpu --out "$EVAL_DIR/$1.json" "${@:3}"
+    python scripts/eval_ppl.py --checkpoint "$2" --batches "$EVAL_BATCHES" --device "$DEVICE" --out "$EVAL_DIR/$1.json" "${@:3}"
 }
 evaluate a_dense "$ROOT/runs/dense-pretrain"
 evaluate b_sfa_no_training "$ROOT/runs/dense-pretrain" --attention sfa --k "$K"
@@ -59,6 +76,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 eval_dir, out, wall, pre, ft, k, lambdas = sys.argv[1:]
+
+
+def machine() -> str:
+    import torch
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}, bf16 autocast"
+    return f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), fp32"
+
 rows = []
 labels = {
     "a_dense": "(a) dense, pretrained",
@@ -77,9 +102,9 @@ for name, label in labels.items():
 result = {
     "what": "dense -> SFA conversion fine-tuning (paper Eq. 8) on the embedded corpus, scripts/conversion_demo.sh",
     "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-    "machine": f"CPU, {os.cpu_count()} cores ({platform.processor() or platform.machine()}), fp32",
+    "machine": machine(),
     "wall_seconds_this_invocation": int(wall),  # stages already done are skipped; see each run's elapsed_s
-    "model": "gpt2_tiny with n_layer=2 d_model=128 n_head=2 (head dim 64), seq 128, 1024 tokens/step",
+    "model": os.environ["CONVERSION_MODEL_DESC"],
     "pretrain_steps": int(pre), "finetune_steps": int(ft), "k": int(k), "match_weights": [float(x) for x in lambdas.split()],
     "eval": "scripts/eval_ppl.py, the first val windows of the embedded corpus, identical for every arm",
     "pretrain_elapsed_s": json.loads((Path(sys.argv[1]).parent / "runs" / "dense-pretrain" / "metrics.jsonl").read_text().splitlines()[-1])["elapsed_s"],
