@@ -9,6 +9,8 @@
     # the same prompts with SFA switched on a dense checkpoint, or with real text around the needle
     python scripts/niah.py eval --checkpoint DENSE_RUN --attention sfa --k 8
     python scripts/niah.py eval --checkpoint RUN --haystack-data workspace/data/embedded-gpt2
+    # accuracy vs length of several evaluated runs (depths pooled): a table and a JSON file
+    python scripts/niah.py summarize --out summary.json RUN_A/eval/niah-step_X RUN_B/eval/niah-step_Y
 
 Defaults follow the paper's setting: a haystack of one repeated filler character (--filler '.'),
 "The secret number is NNNNN." as the needle, greedy decoding, exact match of the digits. Everything is
