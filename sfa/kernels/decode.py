@@ -168,12 +168,12 @@ def _split_plan(batch_heads: int, n_keys: int, block_l: int, device: torch.devic
     return math.ceil(n_keys / keys_per_split), keys_per_split
 
 
-# Launch config. GPU: best of the sweep in scripts/bench_decode.py on H200 (docs/bench/results/decode_h200.json,
-# "sweep_top10"); the interpreter's is small so the tests cover several splits, a partial block and several
-# (and partial) chunks of the combine loop.
-GPU_DECODE_CONFIG = dict(BLOCK_L=64, PROGRAMS_PER_SM=16, num_warps=4, num_stages=3)
+# Launch config. GPU: best of the sweep in scripts/bench_decode.py on H200 (docs/bench/results/decode_h200_v5.json,
+# "sweep_top10": the top six plans are within 2%); the interpreter's is small so the tests cover several splits,
+# a partial block and several (and partial) chunks of the combine loop.
+GPU_DECODE_CONFIG = dict(BLOCK_L=64, PROGRAMS_PER_SM=16, SPLIT_CAP=64, num_warps=4, num_stages=2)
 # For programs of >= 16 query rows (e.g. 4 query heads per KV head x 4 tokens), where the gather is 4x wider.
-GPU_DECODE_CONFIG_WIDE = dict(BLOCK_L=64, PROGRAMS_PER_SM=8, num_warps=4, num_stages=3)
+GPU_DECODE_CONFIG_WIDE = dict(BLOCK_L=64, PROGRAMS_PER_SM=8, num_warps=4, num_stages=2)
 # fp32 caches (e.g. fp32 weights under autocast): the 3-stage bf16 pipeline needs ~300 KB of shared memory
 # for 4-byte elements, over the 227 KB a block may take on Hopper, so halve the tile and do not pipeline.
 GPU_DECODE_CONFIG_FP32 = dict(BLOCK_L=32, PROGRAMS_PER_SM=8, num_warps=4, num_stages=1)
