@@ -165,19 +165,24 @@ def evaluate(args) -> dict:
     model, _ = load_model(checkpoint_file, device, attention=override)
     fmt, haystack = prompt_pieces(args, tokenizer, "val")
     max_len = model.config.max_seq_len
-    lengths = args.lengths or [max_len - max_answer_tokens(fmt) - 1]  # room for the answer and one more token
+    # room for the leading eot, the answer and one more token
+    lengths = args.lengths or [max_len - max_answer_tokens(fmt) - 2]
     samples = eval_samples(tokenizer, haystack, fmt, lengths, args.depths, args.samples, args.seed)
-    needed = max(lengths) + answer_budget(samples)
+    needed = 1 + max(lengths) + answer_budget(samples)
     if needed > max_len:
         raise SystemExit(
-            f"niah eval: the longest prompt ({max(lengths)} tokens) plus {answer_budget(samples)} generated tokens "
-            f"exceeds the model's max_seq_len={max_len}; use shorter --lengths"
+            f"niah eval: the longest prompt ({max(lengths)} tokens) after the leading end-of-text token, plus "
+            f"{answer_budget(samples)} generated tokens, exceeds the model's max_seq_len={max_len}; use shorter --lengths"
         )
     generate = model_generate_fn(model)
 
     def generate_fn(prompts, n_new):
+        # A prompt is fed as a document: after an end-of-text token, as every document of the training data
+        # starts (data/format.py, NIAH make-data included). Without it a model trained on such data sees an
+        # unfamiliar first position and, in our CPU check, answered in the wrong format.
+        start = torch.full((prompts.shape[0], 1), tokenizer.eot_token, dtype=prompts.dtype, device=prompts.device)
         with autocast(device, dtype):
-            return generate(prompts, n_new)
+            return generate(torch.cat([start, prompts], dim=1), n_new)
 
     with torch.no_grad(), tqdm(total=len(samples), desc="niah", unit="prompt", disable=None) as bar:
         result = score_samples(samples, generate_fn, tokenizer, batch_size=args.batch_size, device=device, progress=bar.update)
@@ -191,7 +196,7 @@ def evaluate(args) -> dict:
         "tokenizer": tokenizer.name,
         "haystack": haystack.description,
         "needle": fmt.needle, "question": fmt.question, "answer": fmt.answer, "digits": fmt.digits,
-        "lengths": lengths, "depths": args.depths, "samples_per_cell": args.samples, "seed": args.seed,
+        "prompt_prefix": "eot", "lengths": lengths, "depths": args.depths, "samples_per_cell": args.samples, "seed": args.seed,
         "device": str(device), "dtype": str(dtype).replace("torch.", ""),
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         **result,

@@ -177,8 +177,8 @@ def test_eval_end_to_end_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):
     sample = grid(seed=0, lengths=(96,), depths=(1.0,), samples=2)[1]
     record = next(r for r in saved["samples"] if (r["length"], r["depth"], r["index"]) == (96, 1.0, 1))
     assert record["answer"] == sample.answer
-    prompt = torch.tensor([sample.input_ids])
-    new = generate(model, prompt, len(sample.answer_ids) + 1)[0, 96:].tolist()
+    prompt = torch.tensor([[TOK.eot_token, *sample.input_ids]])  # fed as a document: after end-of-text
+    new = generate(model, prompt, len(sample.answer_ids) + 1)[0, 97:].tolist()
     assert record["generated"] == TOK.decode(new)
     assert record["correct"] == is_exact_match(record["generated"], sample.answer)
 
@@ -201,6 +201,26 @@ def test_eval_with_sfa_override_and_real_text_haystack(tiny_checkpoint, tmp_path
         haystack_from_prepared(data, "val", type("Qwen", (), {"name": "qwen"})())
     with pytest.raises(SystemExit, match="exceeds the model's max_seq_len=128"):
         niah_script.main(["eval", "--checkpoint", str(tiny_checkpoint), "--lengths", "126", "--device", "cpu"])
+
+
+def test_eval_prompts_start_with_end_of_text_and_must_fit_with_it(tiny_checkpoint, tmp_path):
+    from evaluation.niah_score import answer_budget
+
+    def run(length):
+        return niah_script.main([
+            "eval", "--checkpoint", str(tiny_checkpoint), "--lengths", str(length), "--depths", "0.5", "--samples", "1",
+            "--device", "cpu", "--out", str(tmp_path / str(length)),
+        ])  # fmt: skip
+
+    def budget(length):  # generated tokens for that length's one sample (its answer's tokens + 1)
+        return answer_budget(grid(seed=0, lengths=(length,), depths=(0.5,), samples=1))
+
+    # the longest length whose eot + prompt + generated tokens fill the 128 positions exactly, and one more
+    fits = max(n for n in range(100, 127) if 1 + n + budget(n) <= 128)
+    assert run(fits)["prompt_prefix"] == "eot"
+    with pytest.raises(SystemExit, match=rf"longest prompt \({fits + 1} tokens\) after the leading end-of-text token"):
+        run(fits + 1)  # would have fitted without the leading eot
+    assert fits + 1 + budget(fits + 1) <= 128
 
 
 @pytest.mark.gpu
