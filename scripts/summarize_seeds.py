@@ -1,0 +1,77 @@
+"""Mean and spread of each quality-study arm's final val loss over seeds.
+
+Each argument is one seed's study directory laid out as scripts/quality_study.sh writes it,
+<dir>/<family>/<arm>/metrics.jsonl (+ config.yaml). An arm's final val loss is the last logged `val_loss`.
+Prints a table per family (n, mean, sample std, min, max, and the mean difference to the family's dense arm
+with its standard error) and writes the same as JSON with --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+from pathlib import Path
+
+
+def final_val_loss(metrics: Path) -> float:
+    losses = [r["val_loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "val_loss" in r]
+    if not losses:
+        raise ValueError(f"{metrics}: no val_loss record (did the run evaluate?)")
+    return float(losses[-1])
+
+
+def collect(study_dirs: list[Path]) -> dict[str, dict[str, list[float]]]:
+    """{family: {arm: [final val loss per seed]}}"""
+    table: dict[str, dict[str, list[float]]] = {}
+    for study in study_dirs:
+        if not study.is_dir():
+            raise FileNotFoundError(f"study directory not found: {study}")
+        found = sorted(study.glob("*/*/metrics.jsonl"))
+        if not found:
+            raise ValueError(f"{study}: no <family>/<arm>/metrics.jsonl inside (is this a quality_study.sh output?)")
+        for metrics in found:
+            family, arm = metrics.parent.parent.name, metrics.parent.name
+            table.setdefault(family, {}).setdefault(arm, []).append(final_val_loss(metrics))
+    return table
+
+
+def summarize(table: dict[str, dict[str, list[float]]]) -> dict:
+    out = {}
+    for family, arms in table.items():
+        dense = arms.get("dense")
+        rows = {}
+        for arm, losses in sorted(arms.items()):
+            row = {"n": len(losses), "mean": statistics.fmean(losses), "min": min(losses), "max": max(losses),
+                   "std": statistics.stdev(losses) if len(losses) > 1 else None, "val_losses": losses}
+            if dense and arm != "dense" and len(losses) > 1 and len(dense) > 1:
+                # Difference of means with its standard error (independent seeds per arm).
+                row["minus_dense"] = row["mean"] - statistics.fmean(dense)
+                row["minus_dense_se"] = math.sqrt(statistics.variance(losses) / len(losses) + statistics.variance(dense) / len(dense))
+            rows[arm] = row
+        out[family] = rows
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("studies", nargs="+", type=Path, help="one quality_study.sh output directory per seed")
+    p.add_argument("--out", type=Path, help="write the summary as JSON here")
+    args = p.parse_args(argv)
+    summary = summarize(collect(args.studies))
+    for family, rows in summary.items():
+        print(f"\n{family}: final val loss over seeds")
+        print(f"{'arm':<14}{'n':>3}{'mean':>9}{'std':>8}{'min':>8}{'max':>8}{'- dense':>9}{'± se':>8}")
+        for arm, r in rows.items():
+            std = f"{r['std']:8.4f}" if r["std"] is not None else f"{'-':>8}"
+            diff = f"{r['minus_dense']:+9.4f}{r['minus_dense_se']:8.4f}" if "minus_dense" in r else f"{'':>17}"
+            print(f"{arm:<14}{r['n']:>3}{r['mean']:9.4f}{std}{r['min']:8.4f}{r['max']:8.4f}{diff}")
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps({"studies": [str(s) for s in args.studies], "families": summary}, indent=2) + "\n")
+    return summary
+
+
+if __name__ == "__main__":
+    main()
