@@ -7,9 +7,11 @@
 #   scripts/niah_study.sh OUT [extra hydra overrides for every training run]
 #   NIAH_SMOKE=1 scripts/niah_study.sh /tmp/niah-smoke        # CPU, seconds: tiny model, contexts 128/256
 #
-# Budget: about 9 minutes on one H100 with the defaults (2 data sets, 4 trainings of NIAH_TRAIN_S seconds
+# Budget: about 8-9 minutes on one H100 with the defaults (2 data sets, 4 trainings of NIAH_TRAIN_S seconds
 # plus start-up, 4 evaluations). Offline, logging=disabled. Each arm writes OUT/<C>-<arm>/{run,eval}/ and a
 # .done marker: running the script again on the same OUT skips finished steps and redoes unfinished ones.
+# The summary covers every arm evaluated in OUT, so longer training fits the same budget one context per
+# call:  NIAH_CONTEXTS=2048 NIAH_TRAIN_S=180 scripts/niah_study.sh OUT; NIAH_CONTEXTS=8192 NIAH_TRAIN_S=180 ...
 # Knobs (environment): NIAH_CONTEXTS ("2048 8192"), NIAH_TRAIN_S (60), NIAH_SAMPLES (eval prompts per length
 # and depth, 20), NIAH_DEPTHS (0,0.25,0.5,0.75,1), NIAH_TOKENS_PER_STEP (32768), NIAH_PACK (0: one sample per
 # training window, so no other sample's needle is in view; 1: pack several where they fit), PYTHON (python3).
@@ -71,7 +73,6 @@ train_samples() {  # 6e7 tokens of windows: ~60 s of training at 1M tokens/s bef
 
 log() { echo "[niah_study $(date -u +%H:%M:%S)] $*"; }
 
-evals=()
 for C in $CONTEXTS; do
   data="$OUT/data-$C"
   if [[ ! -f "$data/.done" ]]; then
@@ -100,7 +101,8 @@ for C in $CONTEXTS; do
       "$PY" "$REPO/scripts/niah.py" eval --checkpoint "$dir/run" --lengths "$(eval_lengths "$C")" --depths "$DEPTHS" \
         --samples "$SAMPLES" --batch-size 10 --device "$DEVICE" --out "$dir/eval" 2>&1 | tee "$dir.eval.log"
     fi
-    evals+=("$dir/eval/niah.json")
   done
 done
+# Every arm evaluated in OUT so far, this invocation's and earlier ones' (e.g. one context per invocation).
+mapfile -t evals < <(ls -d "$OUT"/*-dense/eval/niah.json "$OUT"/*-sfa/eval/niah.json 2>/dev/null | sort -V)
 "$PY" "$REPO/scripts/niah.py" summarize --out "$OUT/summary.json" "${evals[@]}" | tee "$OUT/summary.txt"

@@ -4,6 +4,7 @@ TokenLoader reads, and `scripts/niah.py eval` end to end on a tiny random checkp
 import importlib.util
 import json
 import re
+import shutil
 import sys
 from pathlib import Path
 
@@ -355,6 +356,11 @@ def test_study_script_runs_end_to_end_and_skips_finished_steps(tmp_path):
     assert meta["options"]["loss_on"] == "answer" and meta["options"]["one_per_window"] is True
     checkpoints = sorted((tmp_path / "study").glob("128-*/run/checkpoints/*.pt"))
     stamps = [p.stat().st_mtime_ns for p in checkpoints]
+    # an arm evaluated by an earlier call (another context) joins the summary: fake one by copying an eval
+    (tmp_path / "study" / "1024-dense").mkdir()
+    shutil.copytree(tmp_path / "study" / "128-dense" / "eval", tmp_path / "study" / "1024-dense" / "eval")
     again = run()  # finished steps are skipped: nothing is retrained or re-evaluated
     assert again.returncode == 0 and "train dense" not in again.stdout and "eval sfa" not in again.stdout
     assert [p.stat().st_mtime_ns for p in checkpoints] == stamps and len(checkpoints) == 2
+    rows = json.loads((tmp_path / "study" / "summary.json").read_text())["runs"]
+    assert [Path(r["niah_json"]).parent.parent.name for r in rows] == ["128-dense", "128-sfa", "1024-dense"]
