@@ -5,7 +5,7 @@
 # at prompt lengths up to C over a depth grid, then print accuracy vs length and write OUT/summary.json.
 #
 #   scripts/niah_study.sh OUT [extra hydra overrides for every training run]
-#   NIAH_SMOKE=1 scripts/niah_study.sh /tmp/niah-smoke        # CPU, seconds: tiny model, contexts 128/256
+#   NIAH_SMOKE=1 scripts/niah_study.sh /tmp/niah-smoke        # CPU, ~1 min: tiny model, contexts 128/256
 #
 # Budget: about 8-9 minutes on one H100 with the defaults (2 data sets, 4 trainings of NIAH_TRAIN_S seconds
 # plus start-up, 4 evaluations). Offline, logging=disabled. Each arm writes OUT/<C>-<arm>/{run,eval}/ and a
@@ -40,7 +40,7 @@ MODEL=(model=gpt2_tiny)
 MAX_STEPS=100000
 OPTIM=(optim.lr=1.5e-3 optim.warmup_steps=50)
 DEVICE=auto
-if [[ "${NIAH_SMOKE:-0}" == 1 ]]; then  # the whole pipeline in seconds on a CPU
+if [[ "${NIAH_SMOKE:-0}" == 1 ]]; then  # the whole pipeline on a CPU in about a minute
   CONTEXTS=${NIAH_CONTEXTS:-128 256}
   SAMPLES=${NIAH_SAMPLES:-1}
   DEPTHS=${NIAH_DEPTHS:-0,1}
@@ -60,7 +60,7 @@ train_lengths() {
     *) echo "$(($1 / 2)),$(($1 - 6))" ;;
   esac
 }
-eval_lengths() {  # a prompt plus its answer budget (answer tokens + 1, at most 7) must fit max_seq_len = C
+eval_lengths() {  # eot + prompt + answer budget (answer tokens + 1, at most 7) must fit max_seq_len = C
   case $1 in
     2048) echo 512,1024,2040 ;;
     8192) echo 1024,2048,4096,8184 ;;
