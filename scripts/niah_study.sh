@@ -7,8 +7,8 @@
 #   scripts/niah_study.sh OUT [extra hydra overrides for every training run]
 #   NIAH_SMOKE=1 scripts/niah_study.sh /tmp/niah-smoke        # CPU, ~1 min: tiny model, contexts 128/256
 #
-# Budget: about 8-9 minutes on one H100 with the defaults (2 data sets, 4 trainings of NIAH_TRAIN_S seconds
-# plus start-up, 4 evaluations). Offline, logging=disabled. Each arm writes OUT/<C>-<arm>/{run,eval}/ and a
+# Budget: about 8-9 minutes on one H100 with the defaults (2 data sets, 4 trainings of about NIAH_TRAIN_S
+# seconds plus start-up, 4 evaluations). Offline, logging=disabled. Each arm writes OUT/<C>-<arm>/{run,eval}/ and a
 # .done marker: running the script again on the same OUT skips finished steps and redoes unfinished ones.
 # The summary covers every arm evaluated in OUT, so longer training fits the same budget one context per
 # call:  NIAH_CONTEXTS=2048 NIAH_TRAIN_S=180 scripts/niah_study.sh OUT; NIAH_CONTEXTS=8192 NIAH_TRAIN_S=180 ...
@@ -35,10 +35,11 @@ TOKENS_PER_STEP=${NIAH_TOKENS_PER_STEP:-32768}
 PACKING=(--one-per-window)
 [[ "${NIAH_PACK:-0}" == 1 ]] && PACKING=()
 MODEL=(model=gpt2_tiny)
-# A fixed wall time, not a step count: max_steps only sets the cosine horizon, far away, so the learning rate
-# stays near its peak after the warm-up (the run stops at train.time_limit_s with a checkpoint).
+# Dense trains for a fixed wall time (train.time_limit_s); SFA then trains for exactly as many steps (same
+# samples, same schedule), so Triton compilation and SFA's slower step do not cost it training. The cosine
+# horizon (optim.decay_steps) is set far away for both: the learning rate stays near its peak after warm-up.
 MAX_STEPS=100000
-OPTIM=(optim.lr=1.5e-3 optim.warmup_steps=50)
+OPTIM=(optim.lr=1.5e-3 optim.warmup_steps=50 "optim.decay_steps=$MAX_STEPS")
 DEVICE=auto
 if [[ "${NIAH_SMOKE:-0}" == 1 ]]; then  # the whole pipeline on a CPU in about a minute
   CONTEXTS=${NIAH_CONTEXTS:-128 256}
@@ -47,7 +48,7 @@ if [[ "${NIAH_SMOKE:-0}" == 1 ]]; then  # the whole pipeline on a CPU in about a
   TOKENS_PER_STEP=${NIAH_TOKENS_PER_STEP:-512}
   MODEL=(model=gpt2_tiny model.n_layer=1 model.d_model=64 model.n_head=2)
   MAX_STEPS=3
-  OPTIM=(optim.warmup_steps=1)
+  OPTIM=(optim.warmup_steps=1 "optim.decay_steps=$MAX_STEPS")
   DEVICE=cpu
 fi
 
@@ -88,10 +89,17 @@ for C in $CONTEXTS; do
     [[ $arm == sfa ]] && attention=(attention=sfa attention.k=8)
     if [[ ! -f "$dir/run/.done" ]]; then
       rm -rf "$dir/run" "$dir/eval"
-      log "train $arm at $C (${TRAIN_S}s)"
+      if [[ $arm == dense ]]; then
+        limits=("train.max_steps=$MAX_STEPS" "train.time_limit_s=$TRAIN_S")
+      else  # the steps dense reached; twice its time as a safety stop
+        steps=$("$PY" -c 'import json, sys; print(json.loads(open(sys.argv[1]).read().splitlines()[-1])["step"])' \
+          "$OUT/$C-dense/run/metrics.jsonl")
+        limits=("train.max_steps=$steps" "train.time_limit_s=$((2 * TRAIN_S))")
+      fi
+      log "train $arm at $C (${limits[*]})"
       (cd "$REPO" && "$PY" train.py "${MODEL[@]}" "model.max_seq_len=$C" "${attention[@]}" "${OPTIM[@]}" "data.dir=$data" \
-        "train.seq_len=$C" "train.micro_batch=$micro" "train.batch_tokens=$((micro * C))" "train.max_steps=$MAX_STEPS" \
-        "train.time_limit_s=$TRAIN_S" train.eval_every=0 train.ckpt_every=0 train.eval_batches=4 train.log_every=50 \
+        "train.seq_len=$C" "train.micro_batch=$micro" "train.batch_tokens=$((micro * C))" "${limits[@]}" \
+        train.eval_every=0 train.ckpt_every=0 train.eval_batches=4 train.log_every=50 \
         train.keep_checkpoints=1 "train.device=$DEVICE" logging=disabled "out_dir=$dir/run" "run_name=niah-$C-$arm" \
         "${EXTRA[@]}") 2>&1 | tee "$dir.train.log"
       touch "$dir/run/.done"

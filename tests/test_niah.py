@@ -354,13 +354,20 @@ def test_study_script_runs_end_to_end_and_skips_finished_steps(tmp_path):
     assert all(np.isfinite(r["final_loss"]) and np.isfinite(r["val_loss"]) for r in summary["runs"])
     meta = json.loads((tmp_path / "study" / "data-128" / "meta.json").read_text())
     assert meta["options"]["loss_on"] == "answer" and meta["options"]["one_per_window"] is True
-    checkpoints = sorted((tmp_path / "study").glob("128-*/run/checkpoints/*.pt"))
-    stamps = [p.stat().st_mtime_ns for p in checkpoints]
+    study = tmp_path / "study"
+    dense_checkpoint = next((study / "128-dense" / "run" / "checkpoints").glob("*.pt"))
+    stamp = dense_checkpoint.stat().st_mtime_ns
+    # Rerun: finished steps are skipped. Pretend the SFA arm did not finish and dense stopped (by its time
+    # limit) at step 2: SFA is retrained for exactly dense's steps, dense is left alone.
+    (study / "128-sfa" / "run" / ".done").unlink()
+    metrics = (study / "128-dense" / "run" / "metrics.jsonl").read_text().splitlines()
+    (study / "128-dense" / "run" / "metrics.jsonl").write_text("\n".join(metrics[:2]) + "\n")
     # an arm evaluated by an earlier call (another context) joins the summary: fake one by copying an eval
-    (tmp_path / "study" / "1024-dense").mkdir()
-    shutil.copytree(tmp_path / "study" / "128-dense" / "eval", tmp_path / "study" / "1024-dense" / "eval")
-    again = run()  # finished steps are skipped: nothing is retrained or re-evaluated
-    assert again.returncode == 0 and "train dense" not in again.stdout and "eval sfa" not in again.stdout
-    assert [p.stat().st_mtime_ns for p in checkpoints] == stamps and len(checkpoints) == 2
-    rows = json.loads((tmp_path / "study" / "summary.json").read_text())["runs"]
+    shutil.copytree(study / "128-dense" / "eval", study / "1024-dense" / "eval")
+    again = run()
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert "train dense" not in again.stdout and "eval dense" not in again.stdout and "train sfa" in again.stdout
+    assert dense_checkpoint.stat().st_mtime_ns == stamp
+    rows = json.loads((study / "summary.json").read_text())["runs"]
     assert [Path(r["niah_json"]).parent.parent.name for r in rows] == ["128-dense", "128-sfa", "1024-dense"]
+    assert [r["steps"] for r in rows] == [2, 2, 2]  # SFA ran as many steps as dense's (now 2)
