@@ -12,7 +12,8 @@
 # models. Both arms get the same schedule, data and seconds, so the dense-vs-SFA comparison stays fair.
 # Data: OUT/data-2048 and OUT/data-8192 (made once: run `scripts/niah_curriculum.sh OUT data` first when two
 # arms run at the same time). Knobs: NIAH_TRAIN_S (seconds per stage, 180), NIAH_SAMPLES (eval prompts per
-# length and depth, 20), NIAH_SAMPLES_2K / NIAH_SAMPLES_8K (training prompts), K (SFA k, 8), PYTHON.
+# length and depth, 20), NIAH_SAMPLES_2K / NIAH_SAMPLES_8K (training prompts), K (SFA k, 8), NIAH_SEED
+# (train.seed, 1337), NIAH_STAGES ("2k 8k"; "2k" stops after the first stage), PYTHON.
 set -euo pipefail
 OUT=${1:?usage: scripts/niah_curriculum.sh OUT dense|sfa|data}
 ARM=${2:?usage: scripts/niah_curriculum.sh OUT dense|sfa|data}
@@ -24,6 +25,8 @@ export PYTHONUNBUFFERED=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=disa
 TRAIN_S=${NIAH_TRAIN_S:-180}
 SAMPLES=${NIAH_SAMPLES:-20}
 K=${K:-8}
+SEED=${NIAH_SEED:-1337}
+STAGES=${NIAH_STAGES:-2k 8k}
 log() { echo "[niah_curriculum $ARM $(date -u +%H:%M:%S)] $*"; }
 
 make_data() {  # context, prompt lengths, training samples
@@ -60,7 +63,7 @@ train_stage() {  # context, run dir, extra overrides...
     train.seq_len="$C" train.micro_batch=$((32768 / C)) train.batch_tokens=32768 train.max_steps=100000 \
     train.time_limit_s="$TRAIN_S" train.eval_every=0 train.ckpt_every=0 train.eval_batches=4 train.log_every=100 \
     train.keep_checkpoints=1 optim.lr=1.5e-3 optim.warmup_steps=50 logging=disabled "out_dir=$dir" \
-    "run_name=niah-$ARM-$C" "$@") 2>&1 | tail -n 4
+    "run_name=niah-$ARM-$C" "train.seed=$SEED" "$@") 2>&1 | tail -n 4
   touch "$dir/.done"
 }
 evaluate() {  # run dir, lengths
@@ -74,6 +77,7 @@ stage1="$OUT/$ARM-2k"
 stage2="$OUT/$ARM-2k-then-8k"
 train_stage 2048 "$stage1"
 evaluate "$stage1" 512,1024,2040
+[[ " $STAGES " == *" 8k "* ]] || { log "done (2k stage only)"; exit 0; }
 train_stage 8192 "$stage2" "init.from_checkpoint=$stage1"
 evaluate "$stage2" 1024,2048,4096,8184
 log "done"
