@@ -23,7 +23,8 @@ def evaluate_loss(
     model, data_dir, split: str = "val", *, seq_len: int, batch_size: int, max_batches: int | None = None,
     device=torch.device("cpu"), dtype=torch.float32, progress=None,
 ) -> dict:  # fmt: skip
-    """Token-weighted mean cross-entropy over the split (or its first `max_batches` batches)."""
+    """Token-weighted mean cross-entropy over the split (or its first `max_batches` batches); on data with a
+    loss mask, over the unmasked target tokens only (`tokens` counts those)."""
     from data.format import check_vocab
     from data.loader import TokenLoader
 
@@ -40,8 +41,12 @@ def evaluate_loss(
         x, y = x.to(device), y.to(device)
         with autocast(device, dtype):
             _, loss = model(x, targets=y)
-        total_loss += float(loss) * y.numel()  # the model's loss is the mean over its targets
-        total_tokens += y.numel()
+        # The model's loss is the mean over its targets, i.e. the tokens not masked out (y = -1, data with a
+        # loss mask such as NIAH's answer-only data); weighting by that count gives the token-weighted mean.
+        targets = int((y != -1).sum())
+        if targets:
+            total_loss += float(loss) * targets
+            total_tokens += targets
         batches += 1
         if progress is not None:
             progress(y.numel())

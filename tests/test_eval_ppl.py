@@ -106,6 +106,37 @@ def test_sfa_switched_on_a_dense_checkpoint(workdir, tmp_path):
     assert full["loss"] == pytest.approx(dense["loss"], rel=1e-6)
 
 
+def test_masked_data_weights_by_the_unmasked_targets(workdir, tmp_path):
+    """On data with a loss mask (e.g. NIAH answer-only), the loss is the mean NLL over unmasked targets."""
+    import shutil
+
+    from data.format import mask_name, read_meta, write_meta
+
+    root, data_dir, ckpt, _ = workdir
+    masked = tmp_path / "masked"
+    shutil.copytree(data_dir, masked)
+    meta = read_meta(masked)
+    rng = np.random.default_rng(3)
+    stream_mask = []
+    for shard in meta["splits"]["val"]["shards"]:
+        bits = rng.integers(0, 2, size=shard["tokens"]).astype(np.uint8)
+        bits[:: SEQ_LEN // 2] = 1  # every window keeps some targets (the loader refuses empty windows)
+        bits.tofile(masked / mask_name(shard["file"]))
+        stream_mask.append(bits)
+    meta["splits"]["val"]["loss_mask"] = True
+    write_meta(masked, meta)
+    stream_mask = np.concatenate(stream_mask)
+    model, _ = load_model(ckpt)
+    nll = np.asarray(by_hand_losses(model, data_dir))
+    n_windows = len(nll) // SEQ_LEN
+    target_mask = np.concatenate([stream_mask[w * (SEQ_LEN + 1) + 1 : (w + 1) * (SEQ_LEN + 1)] for w in range(n_windows)])
+    assert 0 < target_mask.sum() < len(target_mask)
+    report = eval_ppl.main(["--checkpoint", str(ckpt), "--data", str(masked), "--batch-size", "3", "--device", "cpu",
+                            "--out", str(tmp_path / "m.json")])
+    assert report["tokens"] == int(target_mask.sum())
+    assert report["loss"] == pytest.approx(float(nll[target_mask == 1].mean()), rel=1e-5)
+
+
 def test_default_output_goes_to_the_run_dir(workdir):
     root, _, _, _ = workdir
     report = run(workdir, "--batches", "1", "--attention", "sfa", "--k", "8")
