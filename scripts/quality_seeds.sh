@@ -5,6 +5,7 @@
 #   scripts/quality_seeds.sh OUT SEED [SEED ...]            # e.g. scripts/quality_seeds.sh workspace/qs 2 3
 #   NGPU=1 scripts/quality_seeds.sh OUT 2 3 4               # one GPU: seeds one after another
 #   EXTRA_RUNS=docs/results/quality_study_2026-11-27_h100/runs scripts/quality_seeds.sh OUT 2 3   # pool earlier seeds
+#   OVERRIDES="train.max_steps=2 train.eval_every=1" scripts/quality_seeds.sh OUT 1 2   # extra Hydra overrides, every arm
 #
 # Writes OUT/seed<S>/{gpt2,qwen3}/<arm>/ (run dirs), OUT/seed<S>.log, and OUT/seeds.json + a table on stdout
 # (scripts/summarize_seeds.py). The seed changes weight init, data order and dropout; data and tokens are fixed.
@@ -20,7 +21,7 @@ running=()
 for seed in "$@"; do
   gpu=$(( ${#running[@]} % NGPU ))
   echo "[quality_seeds $(date -u +%H:%M:%S)] seed $seed on GPU $gpu"
-  CUDA_VISIBLE_DEVICES=$gpu bash scripts/quality_study.sh "$OUT/seed$seed" train.seed="$seed" >"$OUT/seed$seed.log" 2>&1 &
+  CUDA_VISIBLE_DEVICES=$gpu bash scripts/quality_study.sh "$OUT/seed$seed" train.seed="$seed" ${OVERRIDES:-} >"$OUT/seed$seed.log" 2>&1 &
   running+=($!)
   if (( ${#running[@]} == NGPU )); then
     for pid in "${running[@]}"; do wait "$pid"; done
