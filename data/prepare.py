@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.format import FORMAT_VERSION, META_FILE, SPLITS, DataFormatError, read_meta, shard_name, token_dtype, write_meta
-from data.sources import HF_PREFIX, Document, iter_documents
+from data.sources import EMBEDDED_SOURCES, HF_PREFIX, Document, iter_documents
 from data.tokenizers import check_tokenizer_name, get_tokenizer, tokenizer_file_sha256
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -92,11 +92,17 @@ def source_label(source: str | list[str]) -> str:
     return source if isinstance(source, str) else " ".join(source)
 
 
+def is_embedded(source: str | list[str]) -> bool:
+    """A corpus shipped with the repository (its split is fixed, val_fraction does not apply)."""
+    sources = [source] if isinstance(source, str) else list(source)
+    return len(sources) == 1 and sources[0] in EMBEDDED_SOURCES
+
+
 def data_dir_name(source: str | list[str], tokenizer: str) -> str:
     """The folder name under the data root, keyed by source and tokenizer."""
     sources = [source] if isinstance(source, str) else list(source)
-    if sources == ["embedded"]:
-        key = "embedded"
+    if is_embedded(sources):
+        key = sources[0]
     elif len(sources) == 1 and sources[0].startswith(HF_PREFIX):
         key = "hf-" + re.sub(r"[^A-Za-z0-9._-]+", "_", sources[0][len(HF_PREFIX):]).strip("_")
     else:  # local paths: a short hash of what was named, resolved against the current directory
@@ -109,7 +115,7 @@ def prepare_options(source, val_fraction, max_tokens, shard_tokens, hf_split, te
     """The settings that change the output; recorded in meta.json and compared on reuse."""
     is_hf = isinstance(source, str) and source.startswith(HF_PREFIX)
     return {
-        "val_fraction": None if source in ("embedded", ["embedded"]) else float(val_fraction),
+        "val_fraction": None if is_embedded(source) else float(val_fraction),
         "max_tokens": None if max_tokens is None else int(max_tokens),
         "shard_tokens": int(shard_tokens),
         "hf_split": hf_split if is_hf else None,
@@ -267,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m data.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--source", nargs="+", default=["embedded"],
-                        help="'embedded', 'hf:<dataset>[:<config>]', or local .txt/.md/.jsonl files, folders, globs")
+                        help="'embedded', 'embedded_plus', 'hf:<dataset>[:<config>]', or local .txt/.md/.jsonl files, folders, globs")
     parser.add_argument("--tokenizer", default="gpt2", help="gpt2 or qwen")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default workspace/data/<source>-<tokenizer>)")
     parser.add_argument("--val-fraction", type=float, default=0.05,

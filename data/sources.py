@@ -1,4 +1,4 @@
-"""Where documents come from: the embedded corpus, local text files, or a Hugging Face `datasets` name.
+"""Where documents come from: an embedded corpus, local text files, or a Hugging Face `datasets` name.
 
 Each source yields `Document(text, split)` in a deterministic order with a deterministic train/val split,
 so preparing the same source twice gives the same shards.
@@ -15,7 +15,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator
 
-EMBEDDED_CORPUS = Path(__file__).resolve().parent / "corpus" / "shakespeare.jsonl.xz"
+_CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
+EMBEDDED_CORPUS = _CORPUS_DIR / "shakespeare.jsonl.xz"
+# The corpora that ship with the repository (offline, fixed splits), by source name. `embedded` is the default
+# job's; `embedded_plus` adds the King James Bible and Jane Austen's novels (data/corpus/README.md), about 2.4x
+# the training text, for comparisons that want more data than Shakespeare alone without the network.
+EMBEDDED_SOURCES = {
+    "embedded": (EMBEDDED_CORPUS,),
+    "embedded_plus": (EMBEDDED_CORPUS, _CORPUS_DIR / "kjv_austen.jsonl.xz"),
+}
 LOCAL_SUFFIXES = (".txt", ".md", ".jsonl")
 HF_PREFIX = "hf:"
 _GLOB_CHARS = set("*?[")
@@ -44,14 +52,17 @@ def check_val_fraction(val_fraction: float) -> float:
 # --- the embedded corpus ---------------------------------------------------------------------------------
 
 
-def embedded_documents(corpus_file: Path = EMBEDDED_CORPUS) -> Iterator[Document]:
-    """Shakespeare's works (public domain); the split is fixed in the file (last works held out)."""
-    if not corpus_file.is_file():
-        raise DataSourceError(f"embedded corpus {corpus_file} is missing; it ships with the repository (git checkout it)")
-    with lzma.open(corpus_file, "rt", encoding="utf-8") as f:
-        for line in f:
-            work = json.loads(line)
-            yield Document(work["text"], work["split"])
+def embedded_documents(corpus_files: Iterable[Path] = (EMBEDDED_CORPUS,)) -> Iterator[Document]:
+    """The works of shipped corpus files (public domain), in file order; each work's split is fixed in the file."""
+    corpus_files = [Path(corpus_files)] if isinstance(corpus_files, (str, Path)) else list(corpus_files)
+    for corpus_file in corpus_files:  # all checked first: a missing file fails before any work is read
+        if not corpus_file.is_file():
+            raise DataSourceError(f"embedded corpus {corpus_file} is missing; it ships with the repository (git checkout it)")
+    for corpus_file in corpus_files:
+        with lzma.open(corpus_file, "rt", encoding="utf-8") as f:
+            for line in f:
+                work = json.loads(line)
+                yield Document(work["text"], work["split"])
 
 
 # --- local files ------------------------------------------------------------------------------------------
@@ -73,7 +84,7 @@ def expand_local_paths(patterns: Iterable[str]) -> list[Path]:
         elif Path(pattern).is_file():
             found = [Path(pattern)]
         else:
-            raise DataSourceError(f"source {pattern!r} is neither 'embedded', 'hf:<name>', nor an existing file, directory or glob")
+            raise DataSourceError(f"source {pattern!r} is neither an embedded corpus ({', '.join(EMBEDDED_SOURCES)}), 'hf:<name>', nor an existing file, directory or glob")
         for path in found:
             if path.suffix not in LOCAL_SUFFIXES:
                 raise DataSourceError(f"{path}: unsupported file type {path.suffix!r}; use {', '.join(LOCAL_SUFFIXES)}")
@@ -192,14 +203,15 @@ def hf_documents(
 
 
 def iter_documents(source: str | list[str], val_fraction: float = 0.05, **hf_options) -> Iterable[Document]:
-    """Documents of 'embedded', 'hf:NAME[:CONFIG]', or local paths/directories/globs (a list or one string)."""
+    """Documents of 'embedded' / 'embedded_plus', 'hf:NAME[:CONFIG]', or local paths/directories/globs (a list or
+    one string)."""
     sources = [source] if isinstance(source, str) else list(source)
     if not sources:
         raise DataSourceError("no source given")
-    if sources == ["embedded"]:
-        return embedded_documents()
+    if len(sources) == 1 and sources[0] in EMBEDDED_SOURCES:
+        return embedded_documents(EMBEDDED_SOURCES[sources[0]])
     if len(sources) == 1 and sources[0].startswith(HF_PREFIX):
         return hf_documents(sources[0], val_fraction=val_fraction, **hf_options)
-    if any(s == "embedded" or s.startswith(HF_PREFIX) for s in sources):
-        raise DataSourceError(f"'embedded' and 'hf:' sources cannot be combined with others: {sources}")
+    if any(s in EMBEDDED_SOURCES or s.startswith(HF_PREFIX) for s in sources):
+        raise DataSourceError(f"embedded ({', '.join(EMBEDDED_SOURCES)}) and 'hf:' sources cannot be combined with others: {sources}")
     return local_documents(sources, val_fraction)

@@ -13,10 +13,12 @@ from data.format import DataFormatError, open_shards, read_meta, token_dtype
 from data.prepare import data_dir_name, ensure_prepared, main, prepare
 from data.sources import (
     EMBEDDED_CORPUS,
+    EMBEDDED_SOURCES,
     DataSourceError,
     DatasetUnavailableError,
     embedded_documents,
     is_val_index,
+    iter_documents,
     split_tail_by_chars,
 )
 from data.tokenizers import get_tokenizer
@@ -51,6 +53,27 @@ def test_embedded_corpus_is_big_enough_and_deduplicated():
     assert not any("project gutenberg" in t.lower() for t in texts)
     assert [w["split"] for w in works] == ["train"] * 39 + ["val"] * 3  # the last works are held out
     assert EMBEDDED_CORPUS.stat().st_size < 3_000_000  # the repo stays lean
+
+
+def test_embedded_plus_adds_the_kjv_and_austen_with_fixed_splits():
+    """`embedded_plus` = the Shakespeare works, then the 66 KJV books and Jane Austen's six novels
+    (data/build_extra_corpus.py); held out: the last 9 books (Hebrews..Revelation) and Sense and Sensibility."""
+    extra = EMBEDDED_SOURCES["embedded_plus"][1]
+    works = [json.loads(line) for line in lzma.open(extra, "rt", encoding="utf-8")]
+    assert [w["id"] for w in works[:2]] == ["kjv_ge", "kjv_exo"] and works[65]["id"] == "kjv_rev"
+    assert [w["id"] for w in works[66:]] == ["austen_emma", "austen_mansfieldpark", "austen_northangerabbey",
+                                             "austen_persuasion", "austen_prideprejudice", "austen_sensesensibility"]
+    assert [w["split"] for w in works] == ["train"] * 57 + ["val"] * 9 + ["train"] * 5 + ["val"]
+    assert works[0]["text"].startswith("In the beginning God created the heaven and the earth.\n")
+    assert sum(len(w["text"].encode()) for w in works) >= 8_000_000
+    assert extra.stat().st_size < 2_500_000  # the repo stays lean
+    docs = list(iter_documents("embedded_plus"))
+    shakespeare = list(embedded_documents())
+    assert docs[: len(shakespeare)] == shakespeare and len(docs) == len(shakespeare) + len(works)
+    assert [d.split for d in docs[len(shakespeare):]] == [w["split"] for w in works]
+    assert data_dir_name("embedded_plus", "gpt2") == "embedded_plus-gpt2"
+    with pytest.raises(DataSourceError, match="cannot be combined"):
+        iter_documents(["embedded_plus", "notes.txt"])
 
 
 def test_strip_gutenberg_boilerplate():
@@ -178,7 +201,7 @@ def test_single_local_document_is_cut_at_a_line(tmp_path):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda r: str(r / "missing.txt"), "is neither 'embedded', 'hf:<name>', nor an existing file"),
+        (lambda r: str(r / "missing.txt"), r"is neither an embedded corpus \(embedded, embedded_plus\), 'hf:<name>', nor an existing file"),
         (lambda r: str(r / "*.nothing"), "matches no files"),
         (lambda r: (r / "x.csv").write_text("a,b") and str(r / "x.csv"), "unsupported file type '.csv'"),
         (lambda r: (r / "x.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n') and str(r / "x.jsonl"),
