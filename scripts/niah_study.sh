@@ -7,8 +7,8 @@
 #   scripts/niah_study.sh OUT [extra hydra overrides for every training run]
 #   NIAH_SMOKE=1 scripts/niah_study.sh /tmp/niah-smoke        # CPU, ~1 min: tiny model, contexts 128/256
 #
-# Budget: about 8-9 minutes on one H100 with the defaults (2 data sets, 4 trainings of about NIAH_TRAIN_S
-# seconds plus start-up, 4 evaluations). Offline, logging=disabled. Each arm writes OUT/<C>-<arm>/{run,eval}/ and a
+# Budget (estimated, not yet run on a GPU): about 8-9 minutes on one H100 with the defaults (2 data sets, 4 trainings of about NIAH_TRAIN_S
+# seconds plus start-up, 4 evaluations); scripts/niah_curriculum.sh is what ran (docs/results.md 3c). Offline, logging=disabled. Each arm writes OUT/<C>-<arm>/{run,eval}/ and a
 # .done marker: running the script again on the same OUT skips finished steps and redoes unfinished ones.
 # The summary covers every arm evaluated in OUT, so longer training fits the same budget one context per
 # call:  NIAH_CONTEXTS=2048 NIAH_TRAIN_S=180 scripts/niah_study.sh OUT; NIAH_CONTEXTS=8192 NIAH_TRAIN_S=180 ...
