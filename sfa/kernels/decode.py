@@ -153,7 +153,7 @@ def _combine_kernel(
 
 
 def _split_plan(batch_heads: int, n_keys: int, block_l: int, device: torch.device, programs_per_sm: int,
-                split_cap: int = 128, min_keys_per_split: int = 0):
+                split_cap: int, min_keys_per_split: int):
     """(n_splits, keys_per_split): about `programs_per_sm` programs per SM, at most `split_cap` splits per
     (batch, KV head), chunks of at least `min_keys_per_split` keys and a multiple of the block.
 
