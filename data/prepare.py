@@ -273,7 +273,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m data.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--source", nargs="+", default=["embedded"],
-                        help="'embedded', 'embedded_plus', 'hf:<dataset>[:<config>]', or local .txt/.md/.jsonl files, folders, globs")
+                        help="'embedded', 'embedded_plus', 'embedded_all', 'hf:<dataset>[:<config>]', or local .txt/.md/.jsonl files, folders, globs")
     parser.add_argument("--tokenizer", default="gpt2", help="gpt2 or qwen")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default workspace/data/<source>-<tokenizer>)")
     parser.add_argument("--val-fraction", type=float, default=0.05,

