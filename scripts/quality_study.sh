@@ -1,30 +1,49 @@
 #!/usr/bin/env bash
-# The small-scale quality study of docs/results.md: every arm of configs/experiment/study_{gpt2,qwen3}.yaml,
-# one after another on one GPU, then scripts/plot_runs.py over each family.
+# The quality study of docs/results.md: every arm of configs/experiment/${STUDY}_{gpt2,qwen3}.yaml, one after
+# another on one GPU, then scripts/plot_runs.py over each family.
 #   scripts/quality_study.sh [OUT_DIR] [extra Hydra overrides for every arm...]
+#   STUDY=study_large scripts/quality_study.sh OUT      # the 12-layer study (section 1b of docs/results.md)
+#   scripts/quality_study.sh --list-arms                # "family arm overrides..." per line (scripts/quality_seeds.sh)
+#   scripts/quality_study.sh --one OUT FAMILY ARM [extra overrides...]   # one arm, no plots
 # Writes OUT_DIR/{gpt2,qwen3}/<arm>/ (run dirs) and OUT_DIR/plots_{gpt2,qwen3}/ (PNGs + summary.json).
+# STUDY (default `study`) picks the experiment configs; the arms are the same in every study.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+STUDY=${STUDY:-study}
+
+list_arms() {  # the one list of arms: family, arm name, its attention overrides
+  echo "gpt2 dense attention=dense"
+  for k in 2 4 8 16; do echo "gpt2 sfa-k$k attention=sfa attention.k=$k"; done
+  echo "gpt2 short-d32 attention=short attention.d_short=32"
+  echo "qwen3 dense attention=dense"
+  echo "qwen3 sfa-k16 attention=sfa attention.k=16"
+  echo "qwen3 sfa-k16-fmap attention=sfa attention.k=16 attention.feature_map=true"
+  echo "qwen3 short-d64 attention=short attention.d_short=64"
+}
+
+run_arm() {  # OUT family arm [extra overrides...]
+  local out=$1 family=$2 arm=$3
+  shift 3
+  local line
+  line=$(list_arms | awk -v f="$family" -v a="$arm" '$1 == f && $2 == a')
+  [[ -n $line ]] || { echo "quality_study.sh: no arm '$family $arm'; arms: $(list_arms | cut -d' ' -f1,2 | tr '\n' ',')" >&2; exit 2; }
+  read -r -a arm_overrides <<<"$(cut -d' ' -f3- <<<"$line")"
+  local config=configs/experiment/${STUDY}_$family.yaml
+  [[ -f $config ]] || { echo "quality_study.sh: STUDY=$STUDY has no $config" >&2; exit 2; }
+  python train.py "experiment=${STUDY}_$family" logging=disabled train.resume=none "root=$out/root" \
+    "out_dir=$out/$family/$arm" "${arm_overrides[@]}" "$@" </dev/null 2>&1 | tail -n 3
+}
+
+case ${1:-} in
+  --list-arms) list_arms; exit 0 ;;
+  --one) shift; (($# >= 3)) || { echo "usage: quality_study.sh --one OUT FAMILY ARM [overrides...]" >&2; exit 2; }
+         run_arm "$@"; exit 0 ;;
+esac
+
 OUT=${1:-workspace/quality_study}
 shift || true
 mkdir -p "$OUT"
-
-run_arm() {  # family arm overrides...
-  local family=$1 arm=$2
-  shift 2
-  python train.py "experiment=study_$family" logging=disabled train.resume=none "root=$OUT/root" \
-    "out_dir=$OUT/$family/$arm" "$@" "${EXTRA[@]}" 2>&1 | tail -n 3
-}
-EXTRA=("$@")
-
-run_arm gpt2 dense attention=dense
-for k in 2 4 8 16; do run_arm gpt2 "sfa-k$k" attention=sfa attention.k=$k; done
-run_arm gpt2 short-d32 attention=short attention.d_short=32
-
-run_arm qwen3 dense attention=dense
-run_arm qwen3 sfa-k16 attention=sfa attention.k=16
-run_arm qwen3 sfa-k16-fmap attention=sfa attention.k=16 attention.feature_map=true
-run_arm qwen3 short-d64 attention=short attention.d_short=64
+while read -r family arm _; do run_arm "$OUT" "$family" "$arm" "$@"; done < <(list_arms)
 
 for family in gpt2 qwen3; do
   python scripts/plot_runs.py "$OUT/$family"/* --out "$OUT/plots_$family" | tail -n 12

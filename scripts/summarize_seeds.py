@@ -1,7 +1,8 @@
 """Mean and spread of each quality-study arm's final val loss over seeds.
 
 Each argument is one seed's study directory laid out as scripts/quality_study.sh writes it,
-<dir>/<family>/<arm>/metrics.jsonl (+ config.yaml). An arm's final val loss is the last logged `val_loss`.
+<dir>/<family>/<arm>/metrics.jsonl (+ config.yaml). An arm's final val loss is the last logged `val_loss`;
+`--metric best` takes each run's lowest logged `val_loss` instead (for multi-epoch runs that may overfit).
 Prints a table per family (n, mean, sample std, min, max, and the mean difference to the family's dense arm
 with its standard error) and writes the same as JSON with --out.
 """
@@ -15,15 +16,21 @@ import statistics
 from pathlib import Path
 
 
-def final_val_loss(metrics: Path) -> float:
+METRICS = ("final", "best")
+
+
+def run_val_loss(metrics: Path, metric: str = "final") -> float:
+    """The run's last (`final`) or lowest (`best`) logged val loss."""
     losses = [r["val_loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "val_loss" in r]
     if not losses:
         raise ValueError(f"{metrics}: no val_loss record (did the run evaluate?)")
-    return float(losses[-1])
+    if metric not in METRICS:
+        raise ValueError(f"metric {metric!r} is not one of {METRICS}")
+    return float(losses[-1] if metric == "final" else min(losses))
 
 
-def collect(study_dirs: list[Path]) -> dict[str, dict[str, list[float]]]:
-    """{family: {arm: [final val loss per seed]}}"""
+def collect(study_dirs: list[Path], metric: str = "final") -> dict[str, dict[str, list[float]]]:
+    """{family: {arm: [final (or best) val loss per seed]}}"""
     table: dict[str, dict[str, list[float]]] = {}
     for study in study_dirs:
         if not study.is_dir():
@@ -33,7 +40,7 @@ def collect(study_dirs: list[Path]) -> dict[str, dict[str, list[float]]]:
             raise ValueError(f"{study}: no <family>/<arm>/metrics.jsonl inside (is this a quality_study.sh output?)")
         for metrics in found:
             family, arm = metrics.parent.parent.name, metrics.parent.name
-            table.setdefault(family, {}).setdefault(arm, []).append(final_val_loss(metrics))
+            table.setdefault(family, {}).setdefault(arm, []).append(run_val_loss(metrics, metric))
     return table
 
 
@@ -57,11 +64,12 @@ def summarize(table: dict[str, dict[str, list[float]]]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("studies", nargs="+", type=Path, help="one quality_study.sh output directory per seed")
+    p.add_argument("--metric", choices=METRICS, default="final", help="each run's last (final) or lowest (best) val loss")
     p.add_argument("--out", type=Path, help="write the summary as JSON here")
     args = p.parse_args(argv)
-    summary = summarize(collect(args.studies))
+    summary = summarize(collect(args.studies, args.metric))
     for family, rows in summary.items():
-        print(f"\n{family}: final val loss over seeds")
+        print(f"\n{family}: {args.metric} val loss over seeds")
         print(f"{'arm':<14}{'n':>3}{'mean':>9}{'std':>8}{'min':>8}{'max':>8}{'- dense':>9}{'± se':>8}")
         for arm, r in rows.items():
             std = f"{r['std']:8.4f}" if r["std"] is not None else f"{'-':>8}"
@@ -69,7 +77,7 @@ def main(argv: list[str] | None = None) -> dict:
             print(f"{arm:<14}{r['n']:>3}{r['mean']:9.4f}{std}{r['min']:8.4f}{r['max']:8.4f}{diff}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(json.dumps({"studies": [str(s) for s in args.studies], "families": summary}, indent=2) + "\n")
+        args.out.write_text(json.dumps({"studies": [str(s) for s in args.studies], "metric": args.metric, "families": summary}, indent=2) + "\n")
     return summary
 
 

@@ -54,3 +54,12 @@ def test_errors_name_the_problem(tmp_path):
     (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "loss": 5.0}) + "\n")
     with pytest.raises(ValueError, match="no val_loss record"):
         summarize_seeds.main([str(tmp_path / "noval")])
+
+
+def test_best_metric_takes_each_runs_lowest_val_loss(tmp_path):
+    """A multi-epoch run that overfits: `final` is its last val loss, `best` its lowest."""
+    write_run(tmp_path / "s1", "gpt2", "dense", [6.0, 4.5, 4.8])
+    write_run(tmp_path / "s2", "gpt2", "dense", [5.0, 4.7, 4.6])
+    dirs = [str(tmp_path / "s1"), str(tmp_path / "s2")]
+    assert summarize_seeds.main(dirs)["gpt2"]["dense"]["val_losses"] == [4.8, 4.6]
+    assert summarize_seeds.main(dirs + ["--metric", "best"])["gpt2"]["dense"]["val_losses"] == [4.5, 4.6]
