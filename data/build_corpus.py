@@ -63,13 +63,22 @@ def read_works(sdist: Path) -> list[dict]:
     return works
 
 
-def write_corpus(works: list[dict], out: Path = CORPUS_FILE) -> None:
+def hold_out_tail(docs: list[dict], n_val: int) -> list[dict]:
+    """Mark the last n_val documents "val", the rest "train" (every corpus part holds out a tail of whole documents)."""
+    if not 0 < n_val < len(docs):
+        raise ValueError(f"cannot hold out {n_val} of {len(docs)} documents")
+    return [{**d, "split": "val" if i >= len(docs) - n_val else "train"} for i, d in enumerate(docs)]
+
+
+def write_corpus(works: list[dict], out: Path = CORPUS_FILE) -> dict[str, int]:
+    """Write the documents as one JSON object per line (xz); return the characters per split, for the build log."""
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_suffix(".tmp")
     with lzma.open(tmp, "wt", encoding="utf-8", preset=9 | lzma.PRESET_EXTREME) as f:
         for work in works:
             f.write(json.dumps(work, ensure_ascii=False) + "\n")
     tmp.replace(out)
+    return {split: sum(len(w["text"]) for w in works if w["split"] == split) for split in ("train", "val")}
 
 
 def main() -> None:

