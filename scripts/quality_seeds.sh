@@ -74,6 +74,7 @@ pids=()
 for ((gpu = 0; gpu < NGPU; gpu++)); do worker "$gpu" & pids+=($!); done
 for pid in "${pids[@]}"; do wait "$pid"; done
 
+compgen -G "$OUT/seed*/*/*/metrics.jsonl" >/dev/null || { echo "quality_seeds.sh: no run finished in $OUT, nothing to summarize" >&2; exit 1; }
 for metric in final best; do
   python scripts/summarize_seeds.py "$OUT"/seed*/ ${EXTRA_RUNS:+"$EXTRA_RUNS"} --metric $metric --out "$OUT/seeds_$metric.json"
 done
