@@ -29,7 +29,7 @@ import numpy as np
 from tqdm import tqdm
 
 from data.format import FORMAT_VERSION, META_FILE, SPLITS, DataFormatError, read_meta, shard_name, token_dtype, write_meta
-from data.sources import EMBEDDED_SOURCES, HF_PREFIX, Document, iter_documents
+from data.sources import HF_PREFIX, Document, is_embedded, iter_documents
 from data.tokenizers import check_tokenizer_name, get_tokenizer, tokenizer_file_sha256
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -90,12 +90,6 @@ def batched_by_chars(documents: Iterable[Document], max_chars: int) -> Iterable[
 
 def source_label(source: str | list[str]) -> str:
     return source if isinstance(source, str) else " ".join(source)
-
-
-def is_embedded(source: str | list[str]) -> bool:
-    """A corpus shipped with the repository (its split is fixed, val_fraction does not apply)."""
-    sources = [source] if isinstance(source, str) else list(source)
-    return len(sources) == 1 and sources[0] in EMBEDDED_SOURCES
 
 
 def data_dir_name(source: str | list[str], tokenizer: str) -> str:

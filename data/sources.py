@@ -205,13 +205,19 @@ def hf_documents(
 # --- dispatch ---------------------------------------------------------------------------------------------
 
 
+def is_embedded(source: str | list[str]) -> bool:
+    """A corpus shipped with the repository (its split is fixed, val_fraction does not apply)."""
+    sources = [source] if isinstance(source, str) else list(source)
+    return len(sources) == 1 and sources[0] in EMBEDDED_SOURCES
+
+
 def iter_documents(source: str | list[str], val_fraction: float = 0.05, **hf_options) -> Iterable[Document]:
     """Documents of an embedded corpus (a name in EMBEDDED_SOURCES), 'hf:NAME[:CONFIG]', or local
     paths/directories/globs (a list or one string)."""
     sources = [source] if isinstance(source, str) else list(source)
     if not sources:
         raise DataSourceError("no source given")
-    if len(sources) == 1 and sources[0] in EMBEDDED_SOURCES:
+    if is_embedded(sources):
         return embedded_documents(EMBEDDED_SOURCES[sources[0]])
     if len(sources) == 1 and sources[0].startswith(HF_PREFIX):
         return hf_documents(sources[0], val_fraction=val_fraction, **hf_options)
