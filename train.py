@@ -185,7 +185,8 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
     # Same seed on every rank for the weights (FSDP2 shards each rank's own copy); per-rank streams after.
     seed_everything(cfg.train.seed)
     model = build_model(plan.model_config, plan.attention).to(info.device)
-    if resume_from(cfg, out_dir) is None:  # a run with its own checkpoint resumes from it, never re-initialises
+    resume_path = resume_from(cfg, out_dir)
+    if resume_path is None:  # a run with its own checkpoint resumes from it, never re-initialises
         loaded = conversion.initialize_from(model, config.get("init"))
         if loaded:
             log.info("%s", loaded)
@@ -207,9 +208,7 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
 
     step, tokens_seen = 0, 0
     guard = faults.NonFiniteGuard(cfg.train.nonfinite, cfg.train.nonfinite_max_consecutive)
-    match = conversion.parse_match_loss(config.get("convert"), plan.model_config.n_layer, plan.attention.kind)
     loss_parts = conversion.LossParts(info.device)  # lm_loss / match_loss when the Eq. 8 term is on
-    resume_path = resume_from(cfg, out_dir)
     if resume_path is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
@@ -263,7 +262,7 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
             # Gradients are all-reduced only on the last micro-batch of the step.
             with dist.gradient_sync(model, info, enabled=micro == plan.grad_accum - 1):
                 with autocast_context(info.device, cfg.train.dtype):
-                    loss, parts = conversion.training_loss(model, x, y, match)
+                    loss, parts = conversion.training_loss(model, x, y, plan.match_loss)
                 if faults.test_hook("nan_loss", step + 1, info.rank):
                     loss = loss * float("nan")
                 (loss / plan.grad_accum).backward()
@@ -299,7 +298,7 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
             "kv_cache_bytes_per_token": kv_bytes, "peak_memory_bytes": peak_memory_bytes(info.device),
             "nonfinite_skipped": guard.skipped,
         }
-        if match.enabled:  # "loss" is then the total: lm_loss + convert.match_weight * match_loss
+        if plan.match_loss.enabled:  # "loss" is then the total: lm_loss + convert.match_weight * match_loss
             record.update(loss_parts.means(info))
         if nonfinite:
             record["nonfinite"] = nonfinite

@@ -19,13 +19,15 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class Plan:
-    """What the checks derive: the model's config, the resolved attention, and the batch arithmetic."""
+    """What the checks derive: the model's config, the resolved attention, the batch arithmetic and the
+    conversion loss."""
 
     model_config: object
     attention: object
     micro_batch: int
     grad_accum: int
     tokens_per_micro_batch: int  # all processes together
+    match_loss: object  # training.conversion.MatchLoss: the Eq. 8 output-matching term (weight 0 = off)
 
 
 def model_overrides(model_cfg: dict) -> dict:
@@ -143,7 +145,6 @@ def check_config(cfg: dict, world_size: int) -> Plan:
     from training.conversion import check_init, parse_match_loss
 
     check_init(cfg.get("init"))
-    parse_match_loss(cfg.get("convert"), model_config.n_layer, attention.kind)
 
     return Plan(
         model_config=model_config,
@@ -151,5 +152,6 @@ def check_config(cfg: dict, world_size: int) -> Plan:
         micro_batch=micro_batch,
         grad_accum=batch_tokens // per_micro_step,
         tokens_per_micro_batch=per_micro_step,
+        match_loss=parse_match_loss(cfg.get("convert"), model_config.n_layer, attention.kind),
     )
 
