@@ -7,20 +7,30 @@ projections, which the models read from `qk_head_dim`:
   sfa   : the same with q and k reduced to their top-k coordinates per head (sfa.sfa_attention).
   short : q and k are projected to d_short per head instead of D (V and the output unchanged), so the
           model simply produces narrower q/k and the attention is dense with scale 1/sqrt(d_short).
+Two axes orthogonal to the kind (docs/models.md "RoPE and SFA"):
+  rope  : full (RoPE on every q/k dim, as HF Qwen3) | decoupled (RoPE on the first rope_dims dims only;
+          under SFA those stay dense and top-k runs over the other, un-rotated dims, as in DeepSeek's MLA)
+          | none (no positional signal in attention). Models without RoPE (GPT-2) accept only full.
+  scale : sqrt_d (1/sqrt(D), the paper's) | sqrt_k (SFA: 1/sqrt of the coordinates a row keeps)
+          | learned (a per-head temperature on q, starting at 1/sqrt(D)).
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+import math
 from dataclasses import asdict, dataclass, fields
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 import sfa
 from sfa.reference import causal_mask
 
 ATTENTION_KINDS = ("dense", "sfa", "short")
+ROPE_LAYOUTS = ("full", "decoupled", "none")
+SCALES = ("sqrt_d", "sqrt_k", "learned")
 
 
 @dataclass
@@ -31,6 +41,9 @@ class AttentionConfig:
     d_short: int | None = None  # short baseline: q/k width per head
     backend: str = "auto"  # sfa.sfa_attention backend
     feature_map: bool = False  # SFA on Qwen3: learned d×d map shared by Q and K after RoPE
+    rope: str = "full"  # full | decoupled | none (see the module docstring)
+    rope_dims: int | None = None  # rope=decoupled: the leading q/k dims per head that are rotary
+    scale: str = "sqrt_d"  # sqrt_d | sqrt_k | learned
 
     @classmethod
     def coerce(cls, attention: "AttentionConfig | dict | str | None") -> "AttentionConfig":
@@ -50,19 +63,23 @@ class AttentionConfig:
             return cls(**attention)
         raise TypeError(f"attention must be an AttentionConfig, dict, kind name or None, got {type(attention).__name__}")
 
-    def resolved(self, head_dim: int) -> "AttentionConfig":
-        """Check this config against a model's head dim; return a copy with topk_k filled in."""
+    def resolved(self, head_dim: int, uses_rope: bool = True) -> "AttentionConfig":
+        """Check this config against a model's head dim (and whether the model has RoPE at all); return a
+        copy with topk_k filled in."""
         if self.kind not in ATTENTION_KINDS:
             raise ValueError(f"attention.kind={self.kind!r} is unknown; choose one of {', '.join(ATTENTION_KINDS)}")
+        self._check_rope(head_dim, uses_rope)
         values = asdict(self)
         if self.kind == "sfa":
             if self.topk_q is None:
                 raise ValueError("attention.topk_q is required for attention.kind='sfa'")
             values["topk_k"] = self.topk_q if self.topk_k is None else self.topk_k
+            free = head_dim - (self.rope_dims if self.rope == "decoupled" else 0)
             for name in ("topk_q", "topk_k"):
                 k = values[name]
-                if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= head_dim:
-                    raise ValueError(f"attention.{name}={k!r} must be an int in [1, head_dim={head_dim}]")
+                if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= free:
+                    limit = f"head_dim - rope_dims = {free}" if free != head_dim else f"head_dim={head_dim}"
+                    raise ValueError(f"attention.{name}={k!r} must be an int in [1, {limit}]")
             if self.backend not in sfa.available_backends():
                 raise ValueError(
                     f"attention.backend={self.backend!r} is unknown; available: {', '.join(sfa.available_backends())}"
@@ -77,11 +94,69 @@ class AttentionConfig:
             raise ValueError(f"attention.d_short is only meaningful for kind='short', not {self.kind!r}")
         if self.feature_map and self.kind != "sfa":
             raise ValueError("attention.feature_map=True needs attention.kind='sfa'")
+        if self.feature_map and self.rope != "full":
+            raise ValueError(
+                f"attention.feature_map=True is the paper's remedy for full RoPE; with attention.rope={self.rope} "
+                "the sparse dims carry no rotation already: drop one of the two"
+            )
+        if self.scale not in SCALES:
+            raise ValueError(f"attention.scale={self.scale!r} is unknown; choose one of {', '.join(SCALES)}")
+        if self.scale == "sqrt_k" and self.kind != "sfa":
+            raise ValueError(f"attention.scale=sqrt_k needs attention.kind=sfa (kind={self.kind} keeps every coordinate)")
         return AttentionConfig(**values)
+
+    def _check_rope(self, head_dim: int, uses_rope: bool) -> None:
+        if self.rope not in ROPE_LAYOUTS:
+            raise ValueError(f"attention.rope={self.rope!r} is unknown; choose one of {', '.join(ROPE_LAYOUTS)}")
+        if not uses_rope and self.rope != "full":
+            raise ValueError(
+                f"attention.rope={self.rope}: this model has learned absolute positions, not RoPE; the rope axis "
+                "applies to RoPE models (model=qwen3_*)"
+            )
+        if self.rope != "decoupled":
+            if self.rope_dims is not None:
+                raise ValueError(f"attention.rope_dims={self.rope_dims} needs attention.rope=decoupled (got {self.rope})")
+            return
+        short = self.kind == "short" and isinstance(self.d_short, int) and not isinstance(self.d_short, bool)
+        d, r = (self.d_short if short else head_dim), self.rope_dims
+        if isinstance(r, bool) or not isinstance(r, int) or r < 2 or r % 2 or r >= d:
+            raise ValueError(
+                f"attention.rope_dims={r!r} must be an even int in [2, {d - 1}] (the q/k head dim is {d}) for "
+                "attention.rope=decoupled"
+            )
 
     def qk_head_dim(self, head_dim: int) -> int:
         """Width of q and k per head: d_short for the short baseline, else the head dim."""
         return self.d_short if self.kind == "short" else head_dim
+
+    def rotary_dims(self, qk_dim: int) -> int:
+        """How many leading q/k dims of a head RoPE rotates (0: no RoPE)."""
+        return {"full": qk_dim, "decoupled": self.rope_dims, "none": 0}[self.rope]
+
+    @property
+    def dense_dims(self) -> int:
+        """SFA's always-kept leading coordinates (sfa.sfa_attention's dense_dims): the rotary part of a
+        decoupled head; 0 otherwise."""
+        return self.rope_dims if self.kind == "sfa" and self.rope == "decoupled" else 0
+
+    def score_scale(self) -> float | None:
+        """The scale sfa.sfa_attention gets: None (its default 1/sqrt(D)) unless scale=sqrt_k, which divides by
+        the square root of the coordinates a query row keeps (dense_dims + topk_q). `learned` is a gain on q
+        (LogitScale), so the kernels still see the default."""
+        return 1.0 / math.sqrt(self.dense_dims + self.topk_q) if self.scale == "sqrt_k" else None
+
+
+class LogitScale(nn.Module):
+    """attention.scale=learned: a per-head temperature exp(log_gain) multiplying q, so every score of the head
+    scales by it. It starts at 1 (the paper's 1/sqrt(D) scale). A positive factor on a whole row leaves its
+    top-k selection unchanged, so SFA's masks are the same with or without it."""
+
+    def __init__(self, n_head: int):
+        super().__init__()
+        self.log_gain = nn.Parameter(torch.zeros(n_head))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:  # q (B, H, T, D)
+        return q * self.log_gain.exp().to(q.dtype)[None, :, None, None]
 
 
 def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -138,7 +213,7 @@ def attend(
             q, k, v = _autocast_dtypes(q, k, v)
         out = sfa.sfa_attention(
             q, k, v, topk_q=config.topk_q, topk_k=None if isinstance(k, sfa.SparseCode) else config.topk_k,
-            causal=True, backend=config.backend,
+            causal=True, backend=config.backend, scale=config.score_scale(), dense_dims=config.dense_dims,
         )
     else:
         out = dense_sdpa(q, k, v)

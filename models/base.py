@@ -28,10 +28,12 @@ def check_model_dims(name: str, config) -> None:
 class CausalLM(nn.Module):
     """Base for the decoder-only language models. forward -> (logits float (B, T, V), loss | None)."""
 
+    uses_rope = False  # whether the model's positions come from RoPE (the attention.rope axis applies)
+
     def __init__(self, config, attention: AttentionConfig | dict | str | None):
         super().__init__()
         self.config = config
-        self.attention = AttentionConfig.coerce(attention).resolved(config.head_dim)
+        self.attention = AttentionConfig.coerce(attention).resolved(config.head_dim, uses_rope=self.uses_rope)
 
     # --- subclass hooks -------------------------------------------------------------------------
     embed_tokens: nn.Embedding
@@ -58,10 +60,12 @@ class CausalLM(nn.Module):
         start = 0 if cache is None else cache.length
         if cache is not None and len(cache) != self.config.n_layer:
             raise ValueError(f"cache has {len(cache)} layers but the model has n_layer={self.config.n_layer}")
-        if cache is not None and (cache.topk, cache.head_dim) != (self._cache_topk(), self.qk_head_dim):
+        want = (self._cache_topk(), self.qk_head_dim, self._cache_dense_dims())
+        if cache is not None and (cache.topk, cache.head_dim, cache.dense_dims) != want:
             raise ValueError(
-                f"cache layout (topk={cache.topk}, key dim {cache.head_dim}) does not fit this model's attention "
-                f"(topk={self._cache_topk()}, key dim {self.qk_head_dim}); make it with model.new_cache()"
+                f"cache layout (topk={cache.topk}, key dim {cache.head_dim}, dense_dims={cache.dense_dims}) does not fit "
+                f"this model's attention (topk={want[0]}, key dim {want[1]}, dense_dims={want[2]}); make it with "
+                "model.new_cache()"
             )
         if start + input_ids.shape[1] > self.config.max_seq_len:
             raise ValueError(
@@ -111,14 +115,20 @@ class CausalLM(nn.Module):
             "v_head_dim": cfg.head_dim,
             "topk_q": att.topk_q,
             "topk_k": att.topk_k,
+            "dense_dims": att.dense_dims,
         }
 
     def _cache_topk(self) -> int | None:
         return self.attention.topk_k if self.attention.kind == "sfa" else None
 
+    def _cache_dense_dims(self) -> int:
+        return self.attention.dense_dims
+
     def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         cfg = self.config
-        return kv_cache_bytes_per_token(cfg.n_layer, cfg.n_kv_head, self.qk_head_dim, cfg.head_dim, self._cache_topk(), dtype)
+        return kv_cache_bytes_per_token(
+            cfg.n_layer, cfg.n_kv_head, self.qk_head_dim, cfg.head_dim, self._cache_topk(), dtype, self._cache_dense_dims()
+        )
 
     def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
         """An empty cache of the layout this model's attention needs (dense / sfa / short).
@@ -137,4 +147,5 @@ class CausalLM(nn.Module):
             topk=self._cache_topk(),
             dtype=dtype or param.dtype,
             device=device or param.device,
+            dense_dims=self._cache_dense_dims(),
         )

@@ -15,7 +15,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import AttentionConfig, attend
+from .attention import AttentionConfig, LogitScale, attend
 from .base import CausalLM, check_model_dims
 
 
@@ -60,6 +60,7 @@ class GPT2Attention(nn.Module):
         self.c_attn = nn.Linear(config.d_model, sum(self.split_sizes))
         self.c_proj = nn.Linear(self.n_head * self.head_dim, config.d_model)
         self.resid_dropout = nn.Dropout(config.dropout)
+        self.logit_scale = LogitScale(self.n_head) if attention.scale == "learned" else None
 
     def forward(self, x, layer_cache=None, pairs=None):
         b, t, _ = x.shape
@@ -67,6 +68,8 @@ class GPT2Attention(nn.Module):
         q = q.view(b, t, self.n_head, self.qk_dim).transpose(1, 2)
         k = k.view(b, t, self.n_head, self.qk_dim).transpose(1, 2)
         v = v.view(b, t, self.n_head, self.head_dim).transpose(1, 2)
+        if self.logit_scale is not None:
+            q = self.logit_scale(q)
         if pairs is not None:
             out, dense_out = attend(q, k, v, self.attention, return_pair=True)
             pairs.append((out, dense_out))

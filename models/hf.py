@@ -105,6 +105,10 @@ def config_to_hf(model):
         raise ValueError("to_hf: the short-embedding baseline (narrower q/k) has no HF equivalent")
     if att.feature_map:
         raise ValueError("to_hf: attention.feature_map adds weights HF Qwen3 has no place for")
+    if att.rope != "full":
+        raise ValueError(f"to_hf: attention.rope={att.rope} has no HF Qwen3 equivalent (HF rotates every q/k dim)")
+    if att.scale != "sqrt_d":
+        raise ValueError(f"to_hf: attention.scale={att.scale} has no HF equivalent (HF scales scores by 1/sqrt(D))")
     if isinstance(cfg, GPT2Config):
         if cfg.n_head * cfg.head_dim != cfg.d_model:
             raise ValueError(f"to_hf: HF GPT-2 needs d_model == n_head * head_dim, got {cfg.d_model} != {cfg.n_head}*{cfg.head_dim}")
@@ -151,12 +155,17 @@ def from_hf(path_or_model, attention: AttentionConfig | dict | str | None = None
     attention = AttentionConfig.coerce(attention)
     if attention.kind == "short":
         raise ValueError("from_hf: the short-embedding baseline has narrower q/k projections than any HF checkpoint")
+    if attention.rope != "full":
+        raise ValueError(
+            f"from_hf: HF weights were trained with RoPE on every q/k dim; attention.rope={attention.rope} would "
+            "compute another function with them. Load with attention.rope=full"
+        )
     model = (GPT2 if isinstance(config, GPT2Config) else Qwen3)(config, attention)
     hf_state = hf_model.state_dict()
     state = {}
     for name, param in model.state_dict().items():
-        if name.endswith("feature_map.weight"):
-            state[name] = param  # ours only: keep the identity start
+        if name.endswith(("feature_map.weight", "logit_scale.log_gain")):
+            state[name] = param  # ours only: keep the identity / unit-temperature start
             continue
         if name not in hf_state:
             raise KeyError(f"from_hf: HF checkpoint lacks {name!r}")

@@ -5,6 +5,10 @@ one-to-one. SFA sits after QK-norm and RoPE, i.e. on exactly the q and k the den
 with `attention.feature_map` a learned d×d map per layer, shared by Q and K and initialised to the
 identity, is applied after RoPE and before top-k (the paper's "extra linear transformation", which
 lets training move positional dimensions out of the sparsified coordinates).
+
+`attention.rope` picks where RoPE goes: every q/k dim (`full`, HF's layout), only the first
+`attention.rope_dims` dims of each head (`decoupled`: under SFA those stay dense and top-k runs over the
+un-rotated rest), or nowhere (`none`). See models/attention.py and docs/models.md.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import AttentionConfig, attend
+from .attention import AttentionConfig, LogitScale, attend
 from .base import CausalLM, check_model_dims
 
 
@@ -43,7 +47,7 @@ class Qwen3Config:
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * weight, computed in fp32 and cast back (as HF's Qwen3RMSNorm)."""
+    """x / rms(x) * weight, normalised in fp32 and cast back before the weight (as HF's Qwen3RMSNorm)."""
 
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -51,14 +55,15 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype)
 
 
 class RotaryEmbedding(nn.Module):
-    """RoPE in the "rotate half" layout: dims i and i + D/2 form a rotated pair."""
+    """RoPE in the "rotate half" layout over `dim` dims: dims i and i + dim/2 form a rotated pair.
+
+    cos/sin are computed once in fp32 for every position up to the longest sequence seen so far and sliced
+    per forward, instead of recomputed at every step. The table is a plain attribute, not a buffer, so
+    DDP does not broadcast it every step and checkpoints do not carry it; it follows inv_freq's device."""
 
     def __init__(self, dim: int, theta: float):
         super().__init__()
@@ -66,11 +71,22 @@ class RotaryEmbedding(nn.Module):
             raise ValueError(f"RoPE needs an even q/k head dim, got {dim}")
         inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self._table: tuple[torch.Tensor, torch.Tensor] | None = None
 
-    def forward(self, positions: torch.Tensor, dtype: torch.dtype):
-        freqs = torch.outer(positions.float(), self.inv_freq)
-        angles = torch.cat((freqs, freqs), dim=-1)  # (T, D)
-        return angles.cos().to(dtype), angles.sin().to(dtype)
+    def _cos_sin(self, end: int) -> tuple[torch.Tensor, torch.Tensor]:
+        table = self._table
+        if table is None or table[0].shape[0] < end or table[0].device != self.inv_freq.device:
+            length = max(end, 2 * table[0].shape[0]) if table is not None else end
+            positions = torch.arange(length, device=self.inv_freq.device, dtype=torch.float)
+            freqs = torch.outer(positions, self.inv_freq)
+            angles = torch.cat((freqs, freqs), dim=-1)
+            self._table = table = (angles.cos(), angles.sin())
+        return table
+
+    def forward(self, start: int, end: int, dtype: torch.dtype):
+        """cos, sin (end - start, dim) for positions start..end-1, in `dtype`."""
+        cos, sin = self._cos_sin(end)
+        return cos[start:end].to(dtype), sin[start:end].to(dtype)
 
 
 def rotate_half(x):
@@ -79,7 +95,12 @@ def rotate_half(x):
 
 
 def apply_rope(x, cos, sin):
-    return x * cos + rotate_half(x) * sin
+    """Rotate the first cos.shape[-1] dims of x (all of them for full RoPE); the rest pass unchanged."""
+    r = cos.shape[-1]
+    if r == x.shape[-1]:
+        return x * cos + rotate_half(x) * sin
+    rotary, rest = x[..., :r], x[..., r:]
+    return torch.cat((rotary * cos + rotate_half(rotary) * sin, rest), dim=-1)
 
 
 class Qwen3Attention(nn.Module):
@@ -96,17 +117,21 @@ class Qwen3Attention(nn.Module):
         self.q_norm = RMSNorm(self.qk_dim, config.rms_norm_eps)
         self.k_norm = RMSNorm(self.qk_dim, config.rms_norm_eps)
         self.feature_map = nn.Linear(self.qk_dim, self.qk_dim, bias=False) if attention.feature_map else None
+        self.logit_scale = LogitScale(self.n_head) if attention.scale == "learned" else None
 
     def forward(self, x, cos, sin, layer_cache=None, pairs=None):
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, t, self.n_head, self.qk_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv_head, self.qk_dim)).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cos is not None:  # attention.rope=none has no rotary part
+            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         dense_qk = None
         if self.feature_map is not None:
             dense_qk = (q, k)  # the dense target of conversion fine-tuning has no feature map
             q, k = self.feature_map(q), self.feature_map(k)
+        if self.logit_scale is not None:
+            q = self.logit_scale(q)
         if pairs is not None:
             out, dense_out = attend(q, k, v, self.attention, return_pair=True, dense_qk=dense_qk)
             pairs.append((out, dense_out))
@@ -140,6 +165,8 @@ class Qwen3DecoderLayer(nn.Module):
 
 
 class Qwen3(CausalLM):
+    uses_rope = True
+
     def __init__(self, config: Qwen3Config, attention: AttentionConfig | dict | str | None = None):
         super().__init__(config, attention)
         self.model = nn.ModuleDict(
@@ -149,7 +176,8 @@ class Qwen3(CausalLM):
                 norm=RMSNorm(config.d_model, config.rms_norm_eps),
             )
         )
-        self.rotary = RotaryEmbedding(self.qk_head_dim, config.rope_theta)
+        rotary_dims = self.attention.rotary_dims(self.qk_head_dim)
+        self.rotary = RotaryEmbedding(rotary_dims, config.rope_theta) if rotary_dims else None
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
@@ -171,8 +199,9 @@ class Qwen3(CausalLM):
 
     def trunk(self, input_ids, start, cache, pairs):
         x = self.model.embed_tokens(input_ids)
-        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
-        cos, sin = self.rotary(positions, x.dtype)
+        cos = sin = None
+        if self.rotary is not None:
+            cos, sin = self.rotary(start, start + input_ids.shape[1], x.dtype)
         for i, layer in enumerate(self.model.layers):
             x = layer(x, cos, sin, layer_cache=None if cache is None else cache[i], pairs=pairs)
         return self.model.norm(x)

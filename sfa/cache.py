@@ -6,6 +6,9 @@ their column indices, uint8 for head dims up to 256) while values stay dense; at
 through `sfa.sfa_attention(q, keys_code, values, ...)`, which accepts SparseCodes and fewer queries
 than keys (the queries are the last positions).
 
+Decoupled RoPE (`dense_dims` > 0): each key's first dense_dims coordinates (the rotary part) are stored
+as they are, beside the top-k code of the rest.
+
 `kv_cache_bytes_per_token` is the single formula for the memory a token costs; the caches allocate
 exactly that, and the training loop logs it, so the number reported is the number allocated.
 """
@@ -14,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from .topk import SparseCode, index_dtype_for, topk_sparsify
+from .topk import SparseCode, check_dense_dims, index_dtype_for, topk_sparsify
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -22,18 +25,19 @@ def _element_size(dtype: torch.dtype) -> int:
 
 
 def layer_bytes_per_token(
-    n_kv_heads: int, head_dim: int, v_head_dim: int, topk: int | None = None, dtype: torch.dtype = torch.bfloat16
+    n_kv_heads: int, head_dim: int, v_head_dim: int, topk: int | None = None, dtype: torch.dtype = torch.bfloat16,
+    dense_dims: int = 0,
 ) -> int:
     """Bytes one token occupies in one layer's cache.
 
-    dense: Hkv * (D + Dv) * elem;  SFA: Hkv * (k * (elem + index_elem) + Dv * elem)
-    (with bf16 values and uint8 indices that is Hkv * (3k + 2Dv)).
+    dense: Hkv * (D + Dv) * elem;  SFA: Hkv * ((dense_dims + Dv) * elem + k * (elem + index_elem))
+    (with bf16 values and uint8 indices that is Hkv * (2 dense_dims + 3k + 2Dv)).
     """
     elem = _element_size(dtype)
     if topk is None:
         return n_kv_heads * (head_dim + v_head_dim) * elem
     index_elem = _element_size(index_dtype_for(head_dim))
-    return n_kv_heads * (topk * (elem + index_elem) + v_head_dim * elem)
+    return n_kv_heads * (topk * (elem + index_elem) + (dense_dims + v_head_dim) * elem)
 
 
 def kv_cache_bytes_per_token(
@@ -43,45 +47,61 @@ def kv_cache_bytes_per_token(
     v_head_dim: int,
     topk: int | None = None,
     dtype: torch.dtype = torch.bfloat16,
+    dense_dims: int = 0,
 ) -> int:
     """Bytes one token occupies in a whole model's KV cache (what the training loop logs).
 
     head_dim is the key width actually stored (d_short for the short-embedding baseline);
-    topk=None means a dense cache, an int the SFA cache that keeps k of head_dim key features.
+    topk=None means a dense cache, an int the SFA cache that keeps k of head_dim key features
+    (of the last head_dim - dense_dims, with the first dense_dims stored dense: decoupled RoPE).
     """
     for name, value in (("n_layers", n_layers), ("n_kv_heads", n_kv_heads), ("head_dim", head_dim), ("v_head_dim", v_head_dim)):
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"kv_cache_bytes_per_token: {name} must be a positive int, got {value!r}")
-    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= head_dim):
-        raise ValueError(f"kv_cache_bytes_per_token: topk={topk!r} must be None (dense) or an int in [1, head_dim={head_dim}]")
-    return n_layers * layer_bytes_per_token(n_kv_heads, head_dim, v_head_dim, topk, dtype)
+    check_dense_dims("kv_cache_bytes_per_token", dense_dims, head_dim)
+    if dense_dims and topk is None:
+        raise ValueError("kv_cache_bytes_per_token: dense_dims applies to the SFA cache only (topk given)")
+    limit = head_dim - dense_dims
+    if topk is not None and (isinstance(topk, bool) or not isinstance(topk, int) or not 1 <= topk <= limit):
+        bound = f"head_dim - dense_dims = {limit}" if dense_dims else f"head_dim={head_dim}"
+        raise ValueError(f"kv_cache_bytes_per_token: topk={topk!r} must be None (dense) or an int in [1, {bound}]")
+    return n_layers * layer_bytes_per_token(n_kv_heads, head_dim, v_head_dim, topk, dtype, dense_dims)
 
 
 class LayerCache:
     """One layer's cache: keys (dense, or as a top-k code when `topk` is set) and dense values.
 
-    Shapes: keys (B, Hkv, capacity, D) dense, or values/indices (B, Hkv, capacity, k);
+    Shapes: keys (B, Hkv, capacity, D) dense, or values/indices (B, Hkv, capacity, k) and, with
+    dense_dims, the keys' leading coordinates (B, Hkv, capacity, dense_dims);
     values (B, Hkv, capacity, Dv). `length` positions are filled.
     """
 
-    def __init__(self, batch_size, capacity, n_kv_heads, head_dim, v_head_dim, topk=None, dtype=torch.bfloat16, device=None):
-        if topk is not None and not 1 <= topk <= head_dim:
-            raise ValueError(f"LayerCache: topk={topk} must be in [1, head_dim={head_dim}]")
+    def __init__(self, batch_size, capacity, n_kv_heads, head_dim, v_head_dim, topk=None, dtype=torch.bfloat16, device=None,
+                 dense_dims=0):
+        check_dense_dims("LayerCache", dense_dims, head_dim)
+        if topk is not None and not 1 <= topk <= head_dim - dense_dims:
+            raise ValueError(f"LayerCache: topk={topk} must be in [1, head_dim - dense_dims = {head_dim - dense_dims}]")
         self.topk = topk
         self.head_dim = head_dim
+        self.dense_dims = dense_dims if topk is not None else 0
         self.capacity = capacity
         self.length = 0
         shape = (batch_size, n_kv_heads, capacity)
+        self.key_dense = None
         if topk is None:
             self.keys = torch.zeros(*shape, head_dim, dtype=dtype, device=device)
         else:
             self.key_values = torch.zeros(*shape, topk, dtype=dtype, device=device)
             self.key_indices = torch.zeros(*shape, topk, dtype=index_dtype_for(head_dim), device=device)
+            if self.dense_dims:
+                self.key_dense = torch.zeros(*shape, self.dense_dims, dtype=dtype, device=device)
         self.values = torch.zeros(*shape, v_head_dim, dtype=dtype, device=device)
 
     def tensors(self) -> list[torch.Tensor]:
         """Every buffer this layer allocated (for exact memory accounting)."""
         keys = [self.keys] if self.topk is None else [self.key_values, self.key_indices]
+        if self.key_dense is not None:
+            keys.append(self.key_dense)
         return [*keys, self.values]
 
     def append(self, k: torch.Tensor | SparseCode, v: torch.Tensor):
@@ -100,13 +120,16 @@ class LayerCache:
                 k = k.to_dense()
             self.keys[:, :, self.length : end] = k
         else:
-            code = k if isinstance(k, SparseCode) else topk_sparsify(k, self.topk)
-            if code.k != self.topk or code.dim != self.head_dim:
+            code = k if isinstance(k, SparseCode) else topk_sparsify(k, self.topk, self.dense_dims)
+            if (code.k, code.dim, code.dense_dims) != (self.topk, self.head_dim, self.dense_dims):
                 raise ValueError(
-                    f"KV cache: key code has k={code.k}, dim={code.dim}; the cache holds k={self.topk}, dim={self.head_dim}"
+                    f"KV cache: key code has k={code.k}, dim={code.dim}, dense_dims={code.dense_dims}; the cache holds "
+                    f"k={self.topk}, dim={self.head_dim}, dense_dims={self.dense_dims}"
                 )
             self.key_values[:, :, self.length : end] = code.values
             self.key_indices[:, :, self.length : end] = code.indices
+            if self.key_dense is not None:
+                self.key_dense[:, :, self.length : end] = code.dense
         self.values[:, :, self.length : end] = v
         self.length = end
         return self.cached_keys(), self.values[:, :, :end]
@@ -118,6 +141,7 @@ class LayerCache:
             values=self.key_values[:, :, : self.length],
             indices=self.key_indices[:, :, : self.length],
             dim=self.head_dim,
+            dense=None if self.key_dense is None else self.key_dense[:, :, : self.length],
         )
 
 
@@ -125,7 +149,7 @@ class KVCache:
     """A model's cache: one LayerCache per layer, all with the same layout.
 
     topk=None gives the dense cache (also the short-embedding baseline's, with head_dim = d_short);
-    an int gives SFA's compressed cache.
+    an int gives SFA's compressed cache, with dense_dims > 0 its decoupled layout.
     """
 
     def __init__(
@@ -139,16 +163,18 @@ class KVCache:
         topk: int | None = None,
         dtype: torch.dtype = torch.bfloat16,
         device=None,
+        dense_dims: int = 0,
     ):
         for name, value in (("n_layers", n_layers), ("batch_size", batch_size), ("capacity", capacity)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"KVCache: {name} must be a positive int, got {value!r}")
         # Validates head counts, dims and topk with the same messages as the accounting.
-        kv_cache_bytes_per_token(n_layers, n_kv_heads, head_dim, v_head_dim, topk, dtype)
+        kv_cache_bytes_per_token(n_layers, n_kv_heads, head_dim, v_head_dim, topk, dtype, dense_dims)
         self.n_kv_heads, self.head_dim, self.v_head_dim = n_kv_heads, head_dim, v_head_dim
-        self.topk, self.dtype, self.capacity = topk, dtype, capacity
+        self.topk, self.dtype, self.capacity, self.dense_dims = topk, dtype, capacity, dense_dims
         self.layers = [
-            LayerCache(batch_size, capacity, n_kv_heads, head_dim, v_head_dim, topk, dtype, device) for _ in range(n_layers)
+            LayerCache(batch_size, capacity, n_kv_heads, head_dim, v_head_dim, topk, dtype, device, dense_dims)
+            for _ in range(n_layers)
         ]
 
     @property
@@ -168,7 +194,9 @@ class KVCache:
 
     def bytes_per_token(self) -> int:
         """Bytes per cached position for the whole model (all layers, one sequence of the batch)."""
-        return kv_cache_bytes_per_token(len(self.layers), self.n_kv_heads, self.head_dim, self.v_head_dim, self.topk, self.dtype)
+        return kv_cache_bytes_per_token(
+            len(self.layers), self.n_kv_heads, self.head_dim, self.v_head_dim, self.topk, self.dtype, self.dense_dims
+        )
 
     def nbytes(self) -> int:
         """Bytes actually allocated (all layers, whole batch, full capacity)."""

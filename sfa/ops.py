@@ -1,7 +1,7 @@
 """`sfa_attention`: argument checks, then dispatch to a backend.
 
 Backends are plain functions with the signature of `sfa_attention_reference` (arguments already
-checked, `topk_q`/`topk_k` resolved to ints). The Triton backends register themselves here from
+checked, `topk_q`/`topk_k`/`dense_dims` resolved to ints). The Triton backends register themselves here from
 `sfa.kernels` when Triton is importable; "reference" is always there.
 """
 
@@ -42,7 +42,7 @@ def _describe(x) -> str:
     return f"tensor(shape={tuple(x.shape)}, dtype={x.dtype}, device={x.device})"
 
 
-def _resolve_topk(name: str, x, topk, dim: int) -> int:
+def _resolve_topk(name: str, x, topk, dim: int, dense_dims: int) -> int:
     if isinstance(x, SparseCode):
         if topk is not None and topk != x.k:
             raise ValueError(f"sfa_attention: {name}={topk} but the SparseCode for it holds k={x.k} entries per row")
@@ -51,13 +51,29 @@ def _resolve_topk(name: str, x, topk, dim: int) -> int:
         raise ValueError(f"sfa_attention: {name} is required when the input is a dense tensor")
     if isinstance(topk, bool) or not isinstance(topk, int):
         raise TypeError(f"sfa_attention: {name} must be an int, got {type(topk).__name__}")
-    if not 1 <= topk <= dim:
-        raise ValueError(f"sfa_attention: {name}={topk} must be in [1, D={dim}] (D = head dim)")
+    if not 1 <= topk <= dim - dense_dims:
+        limit = f"D - dense_dims = {dim} - {dense_dims}" if dense_dims else f"D={dim}"
+        raise ValueError(f"sfa_attention: {name}={topk} must be in [1, {limit}] (D = head dim)")
     return topk
 
 
-def check_attention_inputs(q, k, v, *, topk_q, topk_k, scale=None) -> tuple[int, int]:
-    """Raise a clear error for any argument outside the contract; return the resolved (topk_q, topk_k)."""
+def _resolve_dense_dims(q, k, dense_dims, dim: int) -> int:
+    """The always-kept leading dims: given, or carried by the SparseCode inputs; all must agree."""
+    from_codes = {x.dense_dims for x in (q, k) if isinstance(x, SparseCode)}
+    if dense_dims is None:
+        if len(from_codes) > 1:
+            raise ValueError(f"sfa_attention: the q and k codes keep different dense_dims {sorted(from_codes)}")
+        dense_dims = from_codes.pop() if from_codes else 0
+    if isinstance(dense_dims, bool) or not isinstance(dense_dims, int) or not 0 <= dense_dims < dim:
+        raise ValueError(f"sfa_attention: dense_dims={dense_dims!r} must be an int in [0, D-1={dim - 1}]")
+    if from_codes - {dense_dims}:
+        raise ValueError(f"sfa_attention: dense_dims={dense_dims} but a SparseCode input keeps {sorted(from_codes)}")
+    return dense_dims
+
+
+def check_attention_inputs(q, k, v, *, topk_q, topk_k, scale=None, dense_dims=None) -> tuple[int, int, int]:
+    """Raise a clear error for any argument outside the contract; return the resolved
+    (topk_q, topk_k, dense_dims)."""
     for name, x in (("q", q), ("k", k)):
         if not isinstance(x, (torch.Tensor, SparseCode)):
             raise TypeError(f"sfa_attention: {name} must be a tensor or a SparseCode, got {type(x).__name__}")
@@ -85,9 +101,12 @@ def check_attention_inputs(q, k, v, *, topk_q, topk_k, scale=None) -> tuple[int,
         raise ValueError(f"sfa_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"sfa_attention: scale must be a positive number, got {scale!r}")
-    topk_q = _resolve_topk("topk_q", q, topk_q, d)
-    topk_k = _resolve_topk("topk_k", k, topk_q if topk_k is None and not isinstance(k, SparseCode) else topk_k, d)
-    return topk_q, topk_k
+    dense_dims = _resolve_dense_dims(q, k, dense_dims, d)
+    topk_q = _resolve_topk("topk_q", q, topk_q, d, dense_dims)
+    topk_k = _resolve_topk(
+        "topk_k", k, topk_q if topk_k is None and not isinstance(k, SparseCode) else topk_k, d, dense_dims
+    )
+    return topk_q, topk_k, dense_dims
 
 
 def sfa_attention(
@@ -100,19 +119,25 @@ def sfa_attention(
     causal: bool = True,
     scale: float | None = None,
     backend: str = "auto",
+    dense_dims: int | None = None,
 ) -> torch.Tensor:
     """Sparse Feature Attention: softmax(mask(q)·mask(k)ᵀ·scale + causal)·v.
 
     q (B, Hq, Nq, D), k (B, Hkv, Nk, D), v (B, Hkv, Nk, Dv), Hq a multiple of Hkv (GQA), Nq <= Nk
     (queries are the last Nq positions). q and k may be given as SparseCodes instead. topk_k
     defaults to topk_q. scale defaults to 1/sqrt(D). Returns (B, Hq, Nq, Dv) in v's dtype.
+    dense_dims (decoupled RoPE; default 0, or what the SparseCode inputs carry): the first dense_dims
+    coordinates of every q and k row are always kept and topk_* are chosen among the other D - dense_dims,
+    so a score is the dense dot of the leading part plus the SFA overlap of the rest.
     Non-finite inputs are not checked (that would cost a device sync): NaN/Inf propagate in the
     reference and give unspecified selections in the kernels.
     """
-    topk_q, topk_k = check_attention_inputs(q, k, v, topk_q=topk_q, topk_k=topk_k, scale=scale)
+    topk_q, topk_k, dense_dims = check_attention_inputs(
+        q, k, v, topk_q=topk_q, topk_k=topk_k, scale=scale, dense_dims=dense_dims
+    )
     if backend == "auto":
         backend = choose_backend(q, k, v, topk_q=topk_q, topk_k=topk_k, causal=causal)
     fn = BACKENDS.get(backend)
     if fn is None:
         raise ValueError(f"sfa_attention: unknown backend {backend!r}; available: {', '.join(available_backends())}")
-    return fn(q, k, v, topk_q=topk_q, topk_k=topk_k, causal=causal, scale=scale)
+    return fn(q, k, v, topk_q=topk_q, topk_k=topk_k, causal=causal, scale=scale, dense_dims=dense_dims)

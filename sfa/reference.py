@@ -2,6 +2,8 @@
 
 SFA(q, k, v) is *defined* as dense attention on top-k-masked q and k:
     softmax(mask(q) · mask(k)^T · scale + causal) · v,   scale = 1/sqrt(D) (the full head dim).
+With `dense_dims` > 0 (decoupled RoPE) the mask also keeps the first dense_dims coordinates of every
+row, so a score is q_r·k_r + q̃_s·k̃_s: a dense (rotary) part plus the SFA overlap of the rest.
 A query/key pair with no shared active coordinate scores exactly 0 (it still takes part in the
 softmax). Gradients reach q and k only at their selected coordinates (the mask is held fixed);
 v gets a dense gradient. Called on fp32 inputs this is the fp32 reference the kernel tests use.
@@ -17,7 +19,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from .topk import SparseCode, topk_sparsify
+from .topk import SparseCode, masked_rows
 
 
 def causal_mask(n_queries: int, n_keys: int, device) -> torch.Tensor:
@@ -65,16 +67,6 @@ def attention_math(q, k, v, *, causal: bool = True, scale: float | None = None) 
     return torch.softmax(scores, dim=-1) @ v
 
 
-def masked_features(x: torch.Tensor | SparseCode, topk: int) -> torch.Tensor:
-    """The dense tensor SFA scores with: a code's scatter, or x with its top-k kept per row.
-    topk equal to the row length keeps x itself, so SFA with k = D *is* dense attention."""
-    if isinstance(x, SparseCode):
-        return x.to_dense()
-    if topk == x.shape[-1]:
-        return x
-    return topk_sparsify(x, topk).to_dense()
-
-
 def sfa_attention_reference(
     q: torch.Tensor | SparseCode,
     k: torch.Tensor | SparseCode,
@@ -84,8 +76,9 @@ def sfa_attention_reference(
     topk_k: int,
     causal: bool = True,
     scale: float | None = None,
+    dense_dims: int = 0,
 ) -> torch.Tensor:
     """Reference backend (arguments already validated by sfa.ops.sfa_attention)."""
-    q_masked = masked_features(q, topk_q)
-    k_masked = masked_features(k, topk_k)
+    q_masked = masked_rows(q, topk_q, dense_dims)
+    k_masked = masked_rows(k, topk_k, dense_dims)
     return dense_attention(q_masked, k_masked, v, causal=causal, scale=scale)

@@ -87,7 +87,7 @@ def test_cache_overflow_and_mismatched_code_raise():
     cache = KVCache(1, batch_size=1, capacity=3, n_kv_heads=1, head_dim=8, v_head_dim=8, topk=2, dtype=torch.float32)
     with pytest.raises(ValueError, match=r"KV cache is full: 0 cached \+ 4 new positions exceed its capacity 3"):
         cache[0].append(torch.randn(1, 1, 4, 8), torch.randn(1, 1, 4, 8))
-    with pytest.raises(ValueError, match="key code has k=3, dim=8; the cache holds k=2, dim=8"):
+    with pytest.raises(ValueError, match="key code has k=3, dim=8, dense_dims=0; the cache holds k=2, dim=8, dense_dims=0"):
         cache[0].append(sfa.topk_sparsify(torch.randn(1, 1, 1, 8), 3), torch.randn(1, 1, 1, 8))
 
 
@@ -111,7 +111,7 @@ def test_model_rejects_a_cache_that_does_not_fit():
         m.new_cache(1, 49)
     with pytest.raises(ValueError, match="cache has 1 layers but the model has n_layer=2"):
         m(torch.randint(0, 97, (1, 3)), cache=KVCache(1, 1, 8, 4, 16, 16, dtype=torch.float32))
-    with pytest.raises(ValueError, match=r"cache layout \(topk=3, key dim 16\) does not fit this model's attention \(topk=None"):
+    with pytest.raises(ValueError, match=r"cache layout \(topk=3, key dim 16, dense_dims=0\) does not fit this model.s attention \(topk=None"):
         m(torch.randint(0, 97, (1, 3)), cache=small("gpt2", "sfa").new_cache(1, 8))
     cache = m.new_cache(1, 40)
     m(torch.randint(0, 97, (1, 40)), cache=cache)

@@ -256,7 +256,11 @@ def test_seam_sfa_is_sfa_attention():
 
 # --- accounting ---------------------------------------------------------------------------------------
 def test_attention_flops_dims_per_kind():
-    base = dict(n_layer=2, n_head=4, n_kv_head=2, v_head_dim=16)
+    base = dict(n_layer=2, n_head=4, n_kv_head=2, v_head_dim=16, dense_dims=0)
+    assert small("qwen3", {"kind": "sfa", "topk_q": 4, "rope": "decoupled", "rope_dims": 6}).attention_flops_dims() == {
+        **base, "head_dim": 16, "topk_q": 4, "topk_k": 4, "dense_dims": 6}
+    assert small("qwen3", {"kind": "dense", "rope": "decoupled", "rope_dims": 6}).attention_flops_dims() == {
+        **base, "head_dim": 16, "topk_q": None, "topk_k": None}
     assert small("qwen3").attention_flops_dims() == {**base, "head_dim": 16, "topk_q": None, "topk_k": None}
     assert small("qwen3", {"kind": "sfa", "topk_q": 4, "topk_k": 2}).attention_flops_dims() == {
         **base, "head_dim": 16, "topk_q": 4, "topk_k": 2}

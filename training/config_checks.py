@@ -46,6 +46,10 @@ def attention_fields(att_cfg: dict) -> dict:
         d_short=att_cfg["d_short"] if kind == "short" else None,
         backend=att_cfg["backend"],
         feature_map=att_cfg["feature_map"],
+        # Configs saved before the rope/scale axes existed mean the paper's layout.
+        rope=att_cfg.get("rope", "full"),
+        rope_dims=att_cfg.get("rope_dims"),
+        scale=att_cfg.get("scale", "sqrt_d"),
     )
 
 
@@ -72,7 +76,7 @@ def _non_negative_int(value, key: str) -> int:
 def check_config(cfg: dict, world_size: int) -> Plan:
     """Validate a resolved config (a plain dict) for `world_size` processes; return the derived plan."""
     from models import AttentionConfig
-    from models.presets import resolve_config
+    from models.presets import model_class, resolve_config
 
     train, optim, att = cfg["train"], cfg["optim"], cfg["attention"]
 
@@ -86,7 +90,9 @@ def check_config(cfg: dict, world_size: int) -> Plan:
             f"attention.backend={att['backend']!r} is unknown; available: {', '.join(_known_backends())}"
         )
     try:
-        attention = AttentionConfig(**attention_fields(att)).resolved(model_config.head_dim)
+        attention = AttentionConfig(**attention_fields(att)).resolved(
+            model_config.head_dim, uses_rope=model_class(model_config).uses_rope
+        )
     except (ValueError, TypeError) as e:
         raise ConfigError(str(e)) from e
 

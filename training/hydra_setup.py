@@ -17,3 +17,13 @@ def register_resolvers() -> None:
     # Run names must tell apart runs that differ only in a boolean switch (e.g. the Qwen3 feature map).
     if not OmegaConf.has_resolver("sfa_flag"):
         OmegaConf.register_new_resolver("sfa_flag", lambda on, text: text if on else "")
+    # ... and in the attention variants (configs/attention/*.yaml `tag`): "" for the paper's layout.
+    if not OmegaConf.has_resolver("sfa_variant"):
+        OmegaConf.register_new_resolver("sfa_variant", attention_variant_tag)
+
+
+def attention_variant_tag(rope: str, rope_dims, scale: str) -> str:
+    """Run-name suffix for the rope and scale axes: e.g. "-rope32" (decoupled), "-nope", "-sqrtk"."""
+    parts = {"full": "", "none": "-nope", "decoupled": f"-rope{rope_dims}"}.get(rope, f"-rope_{rope}")
+    return parts + {"sqrt_d": "", "sqrt_k": "-sqrtk", "learned": "-tlearn"}.get(scale, f"-{scale}")
+

@@ -35,7 +35,9 @@ def flops_per_token(model: nn.Module, seq_len: int) -> dict[str, float]:
         n_layer=dims["n_layer"], n_head=dims["n_head"], head_dim=dims["head_dim"],
         v_head_dim=dims["v_head_dim"], seq_len=seq_len,
     )
-    executed_attn = attention_forward_flops_per_token(**common, topk_q=dims.get("topk_q"), topk_k=dims.get("topk_k"))
+    executed_attn = attention_forward_flops_per_token(
+        **common, topk_q=dims.get("topk_q"), topk_k=dims.get("topk_k"), dense_dims=dims.get("dense_dims", 0)
+    )
     dense_attn = attention_forward_flops_per_token(**common)
     n = matmul_params(model)
     return {

@@ -8,6 +8,8 @@ Decode is bandwidth-bound: per key the kernel reads k values + k uint8 indices +
     cache byte is read once, not once per query head.
   * the scores gather the query (dense, top-k masked, L1/L2-resident, a few hundred bytes) at each
     key's k indices: score[r, j] = sum_u q~[r, idx[j, u]] * val[j, u]. No dense key is formed.
+  * decoupled codes (decoupled RoPE) add their always-kept leading dims as a plain dot product:
+    score[r, j] += sum_{u < DENSE_DIMS} q[r, u] * k_dense[j, u] (2 * DENSE_DIMS more bytes per key).
   * P·V runs on the tensor cores (the query rows are padded to 16, the minimum dot size).
 Causal alignment: the T queries are the last T positions, so query t sees keys j <= L - T + t.
 The cache tensors may be views with arbitrary batch/head/token strides (sfa/cache.py passes
@@ -41,13 +43,15 @@ def _replicate_rows(x, REP: tl.constexpr):
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K_VAL, K_IDX, V, O_PART, LSE_PART,
+    Q, K_VAL, K_IDX, K_DENSE, V, O_PART, LSE_PART,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kl,
     stride_ib, stride_ih, stride_il,
+    stride_db, stride_dh, stride_dl,
     stride_vb, stride_vh, stride_vl,
     n_kv_heads, n_keys, n_queries, keys_per_split, n_splits, scale_log2,
     GROUP: tl.constexpr, ROWS: tl.constexpr, KSEL: tl.constexpr, KSEL_PAD: tl.constexpr,
+    DENSE_DIMS: tl.constexpr, DENSE_PAD: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_L: tl.constexpr,
     CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
@@ -75,6 +79,12 @@ def _decode_split_kernel(
     k_val_base = K_VAL + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
     k_idx_base = K_IDX + b.to(tl.int64) * stride_ib + h_kv.to(tl.int64) * stride_ih
     v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
+    if DENSE_DIMS > 0:  # the query rows' always-kept leading dims, loaded once
+        dd = tl.arange(0, DENSE_PAD)
+        dd_ok = dd < DENSE_DIMS
+        q_dense = tl.load(q_base + q_row_off[:, None] + dd[None, :], mask=row_ok[:, None] & dd_ok[None, :], other=0.0)
+        q_dense = q_dense.to(tl.float32)
+        k_dense_base = K_DENSE + b.to(tl.int64) * stride_db + h_kv.to(tl.int64) * stride_dh
 
     m_i = tl.full([ROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([ROWS], tl.float32)
@@ -95,7 +105,13 @@ def _decode_split_kernel(
             q_base + (q_row_off[:, None, None] + idx[None, :, :]),
             mask=row_ok[:, None, None] & code_ok[None, :, :], other=0.0,
         ).to(tl.float32)
-        s = tl.sum(q_at_idx * val[None, :, :], axis=2) * scale_log2  # (ROWS, BLOCK_L), log2 units
+        s = tl.sum(q_at_idx * val[None, :, :], axis=2)  # (ROWS, BLOCK_L)
+        if DENSE_DIMS > 0:
+            k_dense = tl.load(
+                k_dense_base + keys64[:, None] * stride_dl + dd[None, :], mask=key_ok[:, None] & dd_ok[None, :], other=0.0,
+            ).to(tl.float32)
+            s += tl.sum(q_dense[:, None, :] * k_dense[None, :, :], axis=2)
+        s = s * scale_log2  # log2 units
         visible = key_ok[None, :]
         if CAUSAL:
             visible = visible & (keys[None, :] <= last_visible[:, None])
@@ -182,10 +198,11 @@ INTERPRETER_DECODE_CONFIG = dict(BLOCK_L=16, PROGRAMS_PER_SM=1, num_warps=4, num
 
 def decode_into(
     q_masked: torch.Tensor, k_values: torch.Tensor, k_indices: torch.Tensor, v: torch.Tensor,
-    out: torch.Tensor, *, scale: float, causal: bool, config: dict | None = None,
+    out: torch.Tensor, *, scale: float, causal: bool, config: dict | None = None, k_dense: torch.Tensor | None = None,
 ) -> None:
     """Launch both kernels. q_masked (B, Hq, T, D) dense top-k-masked queries; k_values/k_indices
-    (B, Hkv, L, k); v (B, Hkv, L, Dv); out (B, Hq, T, Dv) contiguous, written in place."""
+    (B, Hkv, L, k); k_dense (B, Hkv, L, dense_dims) the keys' always-kept leading dims of a decoupled
+    code, or None; v (B, Hkv, L, Dv); out (B, Hq, T, Dv) contiguous, written in place."""
     b, hq, n_q, _ = q_masked.shape
     _, hkv, n_keys, ksel = k_values.shape
     dv = v.shape[-1]
@@ -207,14 +224,18 @@ def decode_into(
     o_part = torch.empty((b * hq * n_q * n_splits, dv), dtype=torch.float32, device=v.device)
     lse_part = torch.empty((b * hq * n_q * n_splits,), dtype=torch.float32, device=v.device)
     dv_pad = max(16, next_pow2(dv))
+    dense_dims = 0 if k_dense is None else k_dense.shape[-1]
+    dense_arg = k_values if k_dense is None else k_dense  # never read when DENSE_DIMS == 0
     _decode_split_kernel[(b * hkv, n_splits)](
-        q_masked, k_values, k_indices, v, o_part, lse_part,
+        q_masked, k_values, k_indices, dense_arg, v, o_part, lse_part,
         q_masked.stride(0), q_masked.stride(1), q_masked.stride(2),
         k_values.stride(0), k_values.stride(1), k_values.stride(2),
         k_indices.stride(0), k_indices.stride(1), k_indices.stride(2),
+        dense_arg.stride(0), dense_arg.stride(1), dense_arg.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         hkv, n_keys, n_q, keys_per_split, n_splits, scale * LOG2_E,
         GROUP=group, ROWS=rows, KSEL=ksel, KSEL_PAD=next_pow2(ksel),
+        DENSE_DIMS=dense_dims, DENSE_PAD=max(2, next_pow2(dense_dims)),
         DV=dv, DV_PAD=dv_pad, BLOCK_L=block_l, CAUSAL=causal,
         DOT_PRECISION="ieee" if v.dtype == torch.float32 else "tf32",
         **cfg,
@@ -224,38 +245,28 @@ def decode_into(
     )
 
 
-def _decode_attention(q_masked, k_values, k_indices, v, scale: float, causal: bool) -> torch.Tensor:
+def _decode_attention(q_masked, k_values, k_indices, v, scale: float, causal: bool, k_dense=None) -> torch.Tensor:
     out = torch.empty((*q_masked.shape[:-1], v.shape[-1]), dtype=v.dtype, device=v.device)
-    decode_into(q_masked, k_values, k_indices, v, out, scale=scale, causal=causal)
+    decode_into(q_masked, k_values, k_indices, v, out, scale=scale, causal=causal, k_dense=k_dense)
     return out
 
 
 @torch.library.custom_op("sfa::decode_attention", mutates_args=())
 def decode_attention_op(
     q_masked: torch.Tensor, k_values: torch.Tensor, k_indices: torch.Tensor, v: torch.Tensor,
-    scale: float, causal: bool,
+    scale: float, causal: bool, k_dense: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inference only (no autograd formula): decode never trains."""
-    return _decode_attention(q_masked, k_values, k_indices, v, scale, causal)
+    return _decode_attention(q_masked, k_values, k_indices, v, scale, causal, k_dense)
 
 
 @decode_attention_op.register_fake
-def _(q_masked, k_values, k_indices, v, scale, causal):
+def _(q_masked, k_values, k_indices, v, scale, causal, k_dense=None):
     return q_masked.new_empty((*q_masked.shape[:-1], v.shape[-1]), dtype=v.dtype)
 
 
-def _as_dense_masked(x, topk: int) -> torch.Tensor:
-    from ..topk import SparseCode
-    from .topk import fused_topk_masked
-
-    if isinstance(x, SparseCode):
-        return x.to_dense()
-    if topk == x.shape[-1]:
-        return x
-    return fused_topk_masked(x, topk)[1]
-
-
-def decode_sfa_attention(q, k, v, *, topk_q: int, topk_k: int, causal: bool = True, scale: float | None = None):
+def decode_sfa_attention(q, k, v, *, topk_q: int, topk_k: int, causal: bool = True, scale: float | None = None,
+                         dense_dims: int = 0):
     """The `decode` backend: few queries (Hq/Hkv x Nq <= 64 rows per KV head) against a compressed cache.
 
     k is normally a SparseCode (the cache); a dense k is sparsified first (a full pass over the keys,
@@ -263,6 +274,7 @@ def decode_sfa_attention(q, k, v, *, topk_q: int, topk_k: int, causal: bool = Tr
     """
     from ..topk import SparseCode
     from ._config import kernel_can_run_on
+    from .masked import masked_features
     from .topk import fused_topk_sparsify
 
     hq, n_q, d = q.shape[1], q.shape[2], q.shape[3]
@@ -278,13 +290,15 @@ def decode_sfa_attention(q, k, v, *, topk_q: int, topk_k: int, causal: bool = Tr
         raise ValueError(f"decode backend: needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got device {v.device}")
     if v.stride(-1) != 1:
         v = v.contiguous()
-    code = k if isinstance(k, SparseCode) else fused_topk_sparsify(k, topk_k)
-    values, indices = code.values, code.indices
+    code = k if isinstance(k, SparseCode) else fused_topk_sparsify(k, topk_k, dense_dims)
+    values, indices, k_dense = code.values, code.indices, code.dense
     if values.stride(-1) != 1 or indices.stride(-1) != 1:
         values, indices = values.contiguous(), indices.contiguous()
-    q_masked = _as_dense_masked(q, topk_q).to(v.dtype)
+    if k_dense is not None and k_dense.stride(-1) != 1:
+        k_dense = k_dense.contiguous()
+    q_masked = masked_features(q, topk_q, dense_dims).to(v.dtype)
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     if torch.compiler.is_compiling():
-        return decode_attention_op(q_masked, values, indices, v, scale, causal)
+        return decode_attention_op(q_masked, values, indices, v, scale, causal, k_dense)
     # Eager: skip the custom-op dispatcher (tens of microseconds a call, a visible share of a decode step).
-    return _decode_attention(q_masked, values, indices, v, scale, causal)
+    return _decode_attention(q_masked, values, indices, v, scale, causal, k_dense)

@@ -233,8 +233,10 @@ def flash_sfa_attention(
     topk_k: int,
     causal: bool = True,
     scale: float | None = None,
+    dense_dims: int = 0,
 ) -> torch.Tensor:
-    """SFA through the FlashSFA kernels; same contract as sfa.sfa_attention_reference."""
+    """SFA through the FlashSFA kernels; same contract as sfa.sfa_attention_reference. Decoupled rows
+    (dense_dims > 0) need nothing of the kernels: their masked-dense q̃, k̃ simply keep the leading dims."""
     if not (v.is_cuda or interpreting()):
         raise RuntimeError(
             f"flash backend: the Triton kernels need CUDA tensors (got device {v.device}); on CPU use "
@@ -243,10 +245,11 @@ def flash_sfa_attention(
     reason = unsupported_reason(q, v)
     if reason is not None:
         warnings.warn(f"flash backend: {reason}; falling back to the reference backend", stacklevel=2)
-        return sfa_attention_reference(q, k, v, topk_q=topk_q, topk_k=topk_k, causal=causal, scale=scale)
+        return sfa_attention_reference(q, k, v, topk_q=topk_q, topk_k=topk_k, causal=causal, scale=scale,
+                                       dense_dims=dense_dims)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
-    q_masked = masked_features(q, topk_q)
-    k_masked = masked_features(k, topk_k)
+    q_masked = masked_features(q, topk_q, dense_dims)
+    k_masked = masked_features(k, topk_k, dense_dims)
     out, _ = torch.ops.sfa.flash_fwd(q_masked, k_masked, v, bool(causal), float(scale))
     return out

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from ..reference import dense_attention
-from ..topk import SparseCode
+from ..topk import SparseCode, masked_rows
 from .topk import fused_topk_masked
 
 # Dense SDPA kernels in order of preference on CUDA; torch skips any that rejects the inputs (e.g.
@@ -31,13 +31,14 @@ SDPA_PREFERENCE = [
 EXPAND_KV_HEADS_FOR_GQA = False
 
 
-def masked_features(x: torch.Tensor | SparseCode, topk: int) -> torch.Tensor:
-    """Dense top-k-masked rows, differentiable straight-through (x itself when topk == D)."""
-    if isinstance(x, SparseCode):
-        return x.to_dense()
-    if topk == x.shape[-1]:
-        return x
-    return fused_topk_masked(x, topk)[1]
+def _fused_masked(rows: torch.Tensor, topk: int) -> torch.Tensor:
+    return fused_topk_masked(rows, topk)[1]
+
+
+def masked_features(x: torch.Tensor | SparseCode, topk: int, dense_dims: int = 0) -> torch.Tensor:
+    """Dense top-k-masked rows through the fused kernel (sfa.topk.masked_rows), differentiable
+    straight-through; the first `dense_dims` coordinates are kept (x itself when nothing is dropped)."""
+    return masked_rows(x, topk, dense_dims, tail_masked=_fused_masked)
 
 
 def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float | None) -> torch.Tensor:
@@ -54,8 +55,9 @@ def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: boo
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=group > 1)
 
 
-def masked_sfa_attention(q, k, v, *, topk_q: int, topk_k: int, causal: bool = True, scale: float | None = None):
+def masked_sfa_attention(q, k, v, *, topk_q: int, topk_k: int, causal: bool = True, scale: float | None = None,
+                         dense_dims: int = 0):
     """The `masked` backend (arguments already checked by sfa.sfa_attention)."""
-    q_masked = masked_features(q, topk_q)
-    k_masked = masked_features(k, topk_k)
+    q_masked = masked_features(q, topk_q, dense_dims)
+    k_masked = masked_features(k, topk_k, dense_dims)
     return dense_sdpa(q_masked, k_masked, v, causal=causal, scale=scale)

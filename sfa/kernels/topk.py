@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..topk import SparseCode, index_dtype_for, topk_sparsify
+from ..topk import SparseCode, check_dense_dims, index_dtype_for, topk_sparsify, with_dense_prefix
 from ._config import interpreting, kernel_can_run_on, next_pow2
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -218,8 +218,11 @@ def _eager_without_grad(x: torch.Tensor) -> bool:
     return not torch.compiler.is_compiling() and not (x.requires_grad and torch.is_grad_enabled())
 
 
-def fused_topk_sparsify(x: torch.Tensor, k: int) -> SparseCode:
+def fused_topk_sparsify(x: torch.Tensor, k: int, dense_dims: int = 0) -> SparseCode:
     """`sfa.topk_sparsify` through the fused kernel (bit-identical result; falls back off-GPU or for D > 256)."""
+    if dense_dims:
+        check_dense_dims("fused_topk_sparsify", dense_dims, x.shape[-1])
+        return with_dense_prefix(x, fused_topk_sparsify(x[..., dense_dims:], k), dense_dims)
     _check("fused_topk_sparsify", x, k)
     if _eager_without_grad(x):
         values, indices, _ = _compute(x, k, with_masked=False)
