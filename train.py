@@ -91,6 +91,16 @@ def evaluate(model, cfg: DictConfig, data_dir: Path, info: dist.DistInfo, micro_
     return dist.all_reduce_mean(total / batches, info).item()
 
 
+def diagnostics_batch(cfg: DictConfig, data_dir: Path, info: dist.DistInfo, model) -> dict:
+    """training/diagnostics.py on the first validation sequence (the same one every time)."""
+    from data.loader import TokenLoader
+
+    from training.diagnostics import attention_diagnostics
+
+    x, _ = next(iter(TokenLoader(data_dir, "val", 1, cfg.train.seq_len, 0, 1, cfg.train.seed).iter_eval_batches(1)))
+    return attention_diagnostics(model, x.to(info.device), lambda: autocast_context(info.device, cfg.train.dtype))
+
+
 def save_checkpoint(model, optimizer, scheduler, loader, step, tokens_seen, config, out_dir, info, keep,
                     nonfinite_state=None):
     """Collective (every rank calls it): gather full states, rank 0 writes the file atomically."""
@@ -312,6 +322,8 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
         if step == cfg.train.max_steps or out_of_time or (cfg.train.eval_every and step % cfg.train.eval_every == 0):
             last_val = evaluate(model, cfg, data_dir, info, plan.micro_batch)
             record.update(val_loss=last_val, val_perplexity=float(np.exp(min(last_val, 50.0))))
+        if cfg.train.diagnostics_every and (step % cfg.train.diagnostics_every == 0 or done):  # all ranks (FSDP2 gathers)
+            record.update(diagnostics_batch(cfg, data_dir, info, model))
         for sink in sinks:
             sink.write(record)
         progress.update(record)

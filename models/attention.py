@@ -18,6 +18,7 @@ Two axes orthogonal to the kind (docs/models.md "RoPE and SFA"):
 from __future__ import annotations
 
 from collections.abc import Mapping
+import contextlib
 import math
 from dataclasses import asdict, dataclass, fields
 
@@ -182,6 +183,51 @@ def _autocast_dtypes(q, k, v):
     return cast(q), cast(k), cast(v)
 
 
+# --- opt-in diagnostics: what attention does per layer (training/diagnostics.py logs them) ------------
+_stats_sink: list | None = None
+DIAGNOSTIC_QUERY_ROWS = 256  # scores are formed for the last this-many query positions of the first sequence
+
+
+@contextlib.contextmanager
+def collect_attention_stats():
+    """Within this context every attend() call without a cache appends one dict of statistics of its
+    inputs (one per layer, in order): the share of q's and k's energy the top-k keeps, the largest
+    logit, and the mean softmax entropy of the attention rows. Costs a few small extra matmuls per
+    layer, so the training loop only enables it on diagnostic steps (train.diagnostics_every)."""
+    global _stats_sink
+    outer, _stats_sink = _stats_sink, []
+    try:
+        yield _stats_sink
+    finally:
+        _stats_sink = outer
+
+
+@torch.no_grad()
+def _attention_stats(q: torch.Tensor, k: torch.Tensor, config: AttentionConfig) -> dict[str, float]:
+    q, k = q[:1].float(), k[:1].float()  # q (1, Hq, T, D), k (1, Hkv, T, D)
+    if config.kind == "sfa":
+        q_kept = sfa.topk_mask(q, config.topk_q, config.dense_dims)
+        k_kept = sfa.topk_mask(k, config.topk_k, config.dense_dims)
+    else:
+        q_kept, k_kept = q, k
+
+    def energy_kept(kept, full):
+        return (kept.square().sum(-1) / full.square().sum(-1).clamp_min(1e-30)).mean().item()
+
+    n_keys, n_rows = k.shape[2], min(q.shape[2], DIAGNOSTIC_QUERY_ROWS)
+    keys = k_kept.repeat_interleave(q.shape[1] // k.shape[1], dim=1)
+    scale = config.score_scale() or 1.0 / math.sqrt(q.shape[-1])
+    scores = (q_kept[:, :, -n_rows:] @ keys.transpose(-1, -2)) * scale
+    scores = scores.masked_fill(~causal_mask(n_rows, n_keys, q.device), float("-inf"))
+    probs = scores.softmax(dim=-1)
+    return {
+        "q_energy_kept": energy_kept(q_kept, q),
+        "k_energy_kept": energy_kept(k_kept, k),
+        "max_logit": scores.max().item(),
+        "entropy": torch.special.entr(probs).sum(-1).mean().item(),
+    }
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -200,6 +246,8 @@ def attend(
     of the same inputs computed without gradients, for the conversion loss (paper Eq. 8); `dense_qk`
     overrides the q/k that dense output uses (Qwen3 passes them from before its feature map).
     """
+    if _stats_sink is not None and layer_cache is None:
+        _stats_sink.append(_attention_stats(q, k, config))
     if layer_cache is not None:
         if return_pair:
             raise ValueError("return_attention_pairs cannot be combined with a KV cache")
