@@ -277,3 +277,41 @@ def test_hydra_config_names_the_variant_and_passes_the_checks():
     assert resolved(["attention=dense", "attention.rope=none"])["attention"]["tag"] == "dense-nope"
     with pytest.raises(ConfigError, match="learned absolute positions"):
         check_config(resolved(["attention.rope=decoupled", "attention.rope_dims=16"]), world_size=1)
+
+
+# --- GPU (scripts/gpu_tests.sh): bf16 kernels at Qwen3 shapes against the fp64 oracle ------------------
+GPU_TOL = {torch.float16: 3e-3, torch.bfloat16: 1e-2}  # as tests/test_kernels_masked.py and _decode.py
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["masked", "flash"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b, hq, hkv, n, d, topk, dd", [(2, 16, 8, 1031, 128, 16, 32), (1, 12, 6, 777, 64, 8, 16)])
+def test_gpu_training_backends_decoupled(backend, dtype, b, hq, hkv, n, d, topk, dd):
+    q = torch.randn(b, hq, n, d, device="cuda").to(dtype).requires_grad_()
+    k = torch.randn(b, hkv, n, d, device="cuda").to(dtype).requires_grad_()
+    v = torch.randn(b, hkv, n, d, device="cuda").to(dtype).requires_grad_()
+    out = sfa.sfa_attention(q, k, v, topk_q=topk, backend=backend, dense_dims=dd)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    ref = oracle(q64, k64, v64, topk, dd)
+    assert rel_err(out, ref) < GPU_TOL[dtype]
+    grad = torch.randn_like(ref)
+    out.backward(grad.to(dtype))
+    ref.backward(grad)
+    for got, want in ((q.grad, q64.grad), (k.grad, k64.grad), (v.grad, v64.grad)):
+        assert rel_err(got, want) < GPU_TOL[dtype]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("b, hq, hkv, n_q, n_keys, d, topk, dd", [(2, 16, 8, 1, 20011, 128, 16, 32),
+                                                                   (1, 32, 4, 4, 9000, 128, 16, 16),
+                                                                   (3, 8, 8, 2, 777, 64, 8, 16)])
+def test_gpu_decode_decoupled(dtype, b, hq, hkv, n_q, n_keys, d, topk, dd):
+    keys = torch.randn(b, hkv, n_keys, d, device="cuda").to(dtype)
+    v = torch.randn(b, hkv, n_keys, d, device="cuda").to(dtype)
+    cache = KVCache(1, b, n_keys + 9, hkv, d, d, topk=topk, dtype=dtype, device="cuda", dense_dims=dd)
+    code, v_cached = cache[0].append(keys, v)
+    q = torch.randn(b, hq, n_q, d, device="cuda").to(dtype)
+    out = sfa.sfa_attention(q, code, v_cached, topk_q=topk)  # auto picks decode for a code
+    assert rel_err(out, oracle(q, keys, v, topk, dd)) < GPU_TOL[dtype]
