@@ -1,8 +1,16 @@
 #!/usr/bin/env bash
 # Run the GPU-marked tests (bf16, larger shapes) on a CUDA machine; CPU CI runs the rest.
 # Usage: scripts/gpu_tests.sh [extra pytest args]
+# The log (device, versions, commit, every test's result) is written to $GPU_TESTS_LOG (default
+# workspace/gpu_tests.log): every kernel or dispatch change commits that log under docs/bench/.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-python -c "import torch, triton; assert torch.cuda.is_available(), 'gpu_tests.sh needs CUDA'; \
+log=${GPU_TESTS_LOG:-workspace/gpu_tests.log}
+mkdir -p "$(dirname "$log")"
+{
+  echo "# scripts/gpu_tests.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) commit $(git rev-parse --short HEAD 2>/dev/null || echo unknown)$(git diff --quiet 2>/dev/null || echo '+dirty')"
+  python -c "import torch, triton; assert torch.cuda.is_available(), 'gpu_tests.sh needs CUDA'; \
 print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
-exec python -m pytest -m gpu -q tests/ "$@"
+  python -m pytest -m gpu -q -rA tests/ "$@"
+} 2>&1 | tee "$log"
+exit "${PIPESTATUS[0]}"

@@ -19,6 +19,16 @@ list_arms() {  # the one list of arms: family, arm name, its attention overrides
   echo "qwen3 sfa-k16 attention=sfa attention.k=16"
   echo "qwen3 sfa-k16-fmap attention=sfa attention.k=16 attention.feature_map=true"
   echo "qwen3 short-d64 attention=short attention.d_short=64"
+  # The RoPE axis (docs/results.md "RoPE and SFA"): decoupled = the first rope_dims of each q/k head rotary and
+  # dense, top-k over the un-rotated rest; KV bytes per KV head and token in the comment (dense: 512).
+  echo "qwen3 sfa-k16-nope attention=sfa attention.k=16 attention.rope=none"                      # 304
+  echo "qwen3 sfa-k16-rope16 attention=sfa attention.k=16 attention.rope=decoupled attention.rope_dims=16"  # 336
+  echo "qwen3 sfa-k16-rope32 attention=sfa attention.k=16 attention.rope=decoupled attention.rope_dims=32"  # 368
+  echo "qwen3 sfa-k8-rope32 attention=sfa attention.k=8 attention.rope=decoupled attention.rope_dims=32"    # 344
+  echo "qwen3 sfa-k16-rope16-tlearn attention=sfa attention.k=16 attention.rope=decoupled attention.rope_dims=16 attention.scale=learned"
+  echo "qwen3 dense-rope16 attention=dense attention.rope=decoupled attention.rope_dims=16"        # 512
+  echo "qwen3 short-d48 attention=short attention.d_short=48"                                      # 352
+  echo "qwen3 short-d32 attention=short attention.d_short=32"                                      # 320
 }
 
 run_arm() {  # OUT family arm [extra overrides...]

@@ -18,12 +18,26 @@ def run(script: str, *args: str, **env: str) -> subprocess.CompletedProcess:
                           env={**os.environ, **env}, timeout=600)
 
 
-def test_the_arm_list_is_the_studys_ten_arms():
+def test_the_arm_list_is_the_studys_arms():
     arms = run("quality_study.sh", "--list-arms").stdout.splitlines()
     assert [" ".join(a.split()[:2]) for a in arms] == [
         "gpt2 dense", "gpt2 sfa-k2", "gpt2 sfa-k4", "gpt2 sfa-k8", "gpt2 sfa-k16", "gpt2 short-d32",
-        "qwen3 dense", "qwen3 sfa-k16", "qwen3 sfa-k16-fmap", "qwen3 short-d64"]
+        "qwen3 dense", "qwen3 sfa-k16", "qwen3 sfa-k16-fmap", "qwen3 short-d64",
+        "qwen3 sfa-k16-nope", "qwen3 sfa-k16-rope16", "qwen3 sfa-k16-rope32", "qwen3 sfa-k8-rope32",
+        "qwen3 sfa-k16-rope16-tlearn", "qwen3 dense-rope16", "qwen3 short-d48", "qwen3 short-d32"]
     assert "attention.feature_map=true" in arms[8]
+
+
+def test_every_arm_passes_the_config_checks_with_its_study():
+    from test_configs import resolved
+
+    from training.config_checks import check_config
+
+    for line in run("quality_study.sh", "--list-arms").stdout.splitlines():
+        family, arm, *overrides = line.split("#")[0].split()
+        plan = check_config(resolved([f"experiment=study_large_{family}", *overrides]), world_size=1)
+        if "rope" in arm and "nope" not in arm:
+            assert plan.attention.rope == "decoupled" and f"rope{plan.attention.rope_dims}" in arm
 
 
 @pytest.mark.slow
