@@ -8,7 +8,8 @@ cd "$(dirname "$0")/.."
 log=${GPU_TESTS_LOG:-workspace/gpu_tests.log}
 mkdir -p "$(dirname "$log")"
 {
-XX
+  # GIT_COMMIT names the commit where the tree travels without .git (a copied working tree)
+  echo "# scripts/gpu_tests.sh $(date -u +%Y-%m-%dT%H:%M:%SZ) commit ${GIT_COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo unknown)}"
   python -c "import torch, triton; assert torch.cuda.is_available(), 'gpu_tests.sh needs CUDA'; \
 print(torch.cuda.get_device_name(), 'torch', torch.__version__, 'triton', triton.__version__)"
   python -m pytest -m gpu -q -rA tests/ "$@"
