@@ -3,6 +3,7 @@ resuming, carrying a subset of parts, and parallel tokenization. Offline: downlo
 
 import hashlib
 import io
+import shutil
 import json
 import struct
 import tarfile
@@ -133,6 +134,7 @@ def test_build_resumes_without_redoing_finished_steps(corpus_setup):
     with pytest.raises(builder.CorpusBuildError, match="network down"):
         builder.build(s["dir"], s["manifest"], fetch=fail_on_src, jobs=1, progress=False)
     assert not (s["dir"] / builder.INDEX_FILE).exists()
+    shutil.rmtree(s["dir"] / builder.BUILD_DIR / "downloads")  # a finished step needs no download any more
     s["fetched"].clear()
     index = builder.build(s["dir"], s["manifest"], fetch=s["fetch"], jobs=1, progress=False)
     assert s["fetched"] == ["fake-src"]  # fake-doc's step was done: neither downloaded nor extracted again
@@ -216,13 +218,14 @@ def test_text_extraction_rules():
 
 
 def test_sword_module_reader():
-    """A zText-like module: two book blocks, a verse index with an empty slot, OSIS markup with a note."""
+    """A zText-like module: two book blocks, a verse index with linked and empty slots, OSIS markup with a note."""
     verses = [["In the beginning.", "<note>a note</note>Light<lb/>was."], ["Grace be with you."]]
     blocks, zz, zv = [], b"", b""
     for b, block in enumerate(verses):
         raw = b""
         for text in block:
-            zv += struct.pack("<IIH", b, len(raw), len(text.encode()))
+            entry = struct.pack("<IIH", b, len(raw), len(text.encode()))
+            zv += entry + entry  # the next verse links to the same note (a commentary's verse range): read once
             raw += text.encode()
         zv += struct.pack("<IIH", 0, 0, 0)  # a heading slot with no text
         comp = zlib.compress(raw)
