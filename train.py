@@ -68,6 +68,9 @@ def prepare_data(cfg: DictConfig, info: dist.DistInfo) -> Path:
         return prepared_dir(d.dir, d.tokenizer)
     source = OmegaConf.to_container(d.source) if OmegaConf.is_list(d.source) else d.source
     options = dict(max_tokens=d.max_tokens, val_fraction=d.val_fraction, hf_split=d.hf_split, text_field=d.text_field)
+    for key in ("corpus_dir", "train_parts"):  # only the package corpora's configs have these
+        if d.get(key) is not None:
+            options[key] = d[key]
     if info.is_main:
         ensure_prepared(source=source, tokenizer=d.tokenizer, root=d.root, **options)
     dist.barrier(info)

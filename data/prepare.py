@@ -29,8 +29,9 @@ import numpy as np
 from tqdm import tqdm
 
 from data.format import FORMAT_VERSION, META_FILE, SPLITS, DataFormatError, read_meta, shard_name, token_dtype, write_meta
+from data.package_corpus import PACKAGE_CORPORA, check_train_parts, is_package_corpus, select_parts, token_chunks
 from data.sources import HF_PREFIX, Document, is_embedded, iter_documents
-from data.tokenizers import check_tokenizer_name, get_tokenizer, tokenizer_file_sha256
+from data.tokenizers import check_tokenizer_name, get_tokenizer, sha256_of_file, tokenizer_file_sha256
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_ROOT = REPO_ROOT / "workspace" / "data"
@@ -88,14 +89,23 @@ def batched_by_chars(documents: Iterable[Document], max_chars: int) -> Iterable[
         yield batch
 
 
+def document_chunks(documents: Iterable[Document], tok) -> Iterable[tuple[str, np.ndarray, int]]:
+    """(split, [eot] + ids, 1) per document, tokenized in batches (the tokenizer's threads share a batch)."""
+    for batch in batched_by_chars(documents, _BATCH_CHARS):
+        for doc, ids in zip(batch, tok.encode_batch([d.text for d in batch])):
+            yield doc.split, np.asarray([tok.eot_token] + ids, dtype=np.int64), 1
+
+
 def source_label(source: str | list[str]) -> str:
     return source if isinstance(source, str) else " ".join(source)
 
 
-def data_dir_name(source: str | list[str], tokenizer: str) -> str:
-    """The folder name under the data root, keyed by source and tokenizer."""
+def data_dir_name(source: str | list[str], tokenizer: str, train_parts: int | None = None) -> str:
+    """The folder name under the data root, keyed by source and tokenizer (and the package corpus's subset)."""
     sources = [source] if isinstance(source, str) else list(source)
-    if is_embedded(sources):
+    if is_package_corpus(source):
+        key = source if train_parts is None else f"{source}-{train_parts}parts"
+    elif is_embedded(sources):
         key = sources[0]
     elif len(sources) == 1 and sources[0].startswith(HF_PREFIX):
         key = "hf-" + re.sub(r"[^A-Za-z0-9._-]+", "_", sources[0][len(HF_PREFIX):]).strip("_")
@@ -105,16 +115,24 @@ def data_dir_name(source: str | list[str], tokenizer: str) -> str:
     return f"{key}-{tokenizer}"
 
 
-def prepare_options(source, val_fraction, max_tokens, shard_tokens, hf_split, text_field, hf_data_files) -> dict:
+def prepare_options(source, val_fraction, max_tokens, shard_tokens, hf_split, text_field, hf_data_files,
+                    train_parts=None) -> dict:  # fmt: skip
     """The settings that change the output; recorded in meta.json and compared on reuse."""
     is_hf = isinstance(source, str) and source.startswith(HF_PREFIX)
+    fixed_split = is_embedded(source) or is_package_corpus(source)
+    package = {}
+    if is_package_corpus(source):  # which parts, and which manifest defined them (not where the parts lie)
+        package = {"train_parts": train_parts, "manifest_sha256": sha256_of_file(PACKAGE_CORPORA[source])}
+    elif train_parts is not None:
+        raise ValueError(f"train_parts={train_parts!r} applies only to the package corpora ({', '.join(PACKAGE_CORPORA)}), not to source {source_label(source)!r}")
     return {
-        "val_fraction": None if is_embedded(source) else float(val_fraction),
+        "val_fraction": None if fixed_split else float(val_fraction),
         "max_tokens": None if max_tokens is None else int(max_tokens),
         "shard_tokens": int(shard_tokens),
         "hf_split": hf_split if is_hf else None,
         "text_field": text_field if is_hf else None,
         "hf_data_files": hf_data_files if is_hf else None,
+        **package,
     }
 
 
@@ -130,27 +148,42 @@ def prepare(
     text_field: str = "text",
     streaming: bool = True,
     hf_data_files=None,
+    corpus_dir: str | Path | None = None,
+    train_parts: int | None = None,
+    workers: int | None = None,
     overwrite: bool = False,
     progress: bool | None = None,
 ) -> Path:
-    """Tokenize `source` into shards + meta.json under `out` (default: DEFAULT_ROOT/<source>-<tokenizer>)."""
+    """Tokenize `source` into shards + meta.json under `out` (default: DEFAULT_ROOT/<source>-<tokenizer>).
+
+    corpus_dir, train_parts, workers: the package corpora only (data/package_corpus.py)."""
     check_tokenizer_name(tokenizer)
+    train_parts = check_train_parts(train_parts)
     if max_tokens is not None:  # configs may say 1e9 (a float); a fraction or a string is a mistake
         if not isinstance(max_tokens, (int, float)) or max_tokens < 1 or max_tokens != int(max_tokens):
             raise ValueError(f"max_tokens must be a positive whole number of tokens, got {max_tokens!r}")
         max_tokens = int(max_tokens)
     if shard_tokens < 1:
         raise ValueError(f"shard_tokens must be positive, got {shard_tokens}")
-    out = Path(out) if out is not None else DEFAULT_ROOT / data_dir_name(source, tokenizer)
+    options = prepare_options(source, val_fraction, max_tokens, shard_tokens, hf_split, text_field, hf_data_files, train_parts)
+    out = Path(out) if out is not None else DEFAULT_ROOT / data_dir_name(source, tokenizer, train_parts)
     if out.exists() and any(out.iterdir()) and not overwrite:
         raise FileExistsError(f"output folder {out} already exists and is not empty; pass --overwrite or choose another --out")
 
     started = time.time()
     tok = get_tokenizer(tokenizer)
     dtype = token_dtype(tok.vocab_size)
-    hf_options = dict(hf_split=hf_split, text_field=text_field, streaming=streaming, data_files=hf_data_files)
-    is_hf = isinstance(source, str) and source.startswith(HF_PREFIX)
-    documents = iter_documents(source, val_fraction=val_fraction, **(hf_options if is_hf else {}))
+    corpus_meta = None
+    if is_package_corpus(source):
+        index, parts = select_parts(source, corpus_dir, train_parts, progress=progress)
+        chunks = token_chunks(parts, tokenizer, workers)
+        corpus_meta = {"manifest_sha256": index["manifest_sha256"], "train_parts": train_parts,
+                       "parts": [part["file"] for part, _ in parts]}  # fmt: skip
+    else:
+        hf_options = dict(hf_split=hf_split, text_field=text_field, streaming=streaming, data_files=hf_data_files)
+        is_hf = isinstance(source, str) and source.startswith(HF_PREFIX)
+        documents = iter_documents(source, val_fraction=val_fraction, **(hf_options if is_hf else {}))
+        chunks = document_chunks(documents, tok)
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
@@ -159,15 +192,14 @@ def prepare(
         writers = {split: ShardWriter(tmp, split, dtype, shard_tokens) for split in SPLITS}
         budget = max_tokens if max_tokens is not None else float("inf")
         bar = tqdm(total=max_tokens, unit="tok", unit_scale=True, disable=None if progress is None else not progress)
-        for batch in batched_by_chars(documents, _BATCH_CHARS):
-            for doc, ids in zip(batch, tok.encode_batch([d.text for d in batch])):
-                tokens = np.asarray([tok.eot_token] + ids, dtype=np.int64)[: int(min(budget, 1 + len(ids)))]
-                writers[doc.split].write(tokens)
-                writers[doc.split].documents += 1
-                budget -= len(tokens)
-                bar.update(len(tokens))
-                if budget <= 0:
-                    break
+        for split, tokens, n_docs in chunks:
+            if len(tokens) > budget:  # cut exactly at the cap; a document cut short still counts
+                tokens = tokens[: int(budget)]
+                n_docs = int(np.count_nonzero(tokens == tok.eot_token))  # every document starts with eot, only there
+            writers[split].write(tokens)
+            writers[split].documents += n_docs
+            budget -= len(tokens)
+            bar.update(len(tokens))
             if budget <= 0:
                 break
         bar.close()
@@ -182,11 +214,13 @@ def prepare(
             "eot_token": tok.eot_token,
             "dtype": dtype,
             "source": source_label(source),
-            "options": prepare_options(source, val_fraction, max_tokens, shard_tokens, hf_split, text_field, hf_data_files),
+            "options": options,
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "prepare_seconds": round(time.time() - started, 2),
             "splits": {split: writer.summary() for split, writer in writers.items()},
         }
+        if corpus_meta is not None:
+            meta["corpus"] = corpus_meta
         if meta["splits"]["train"]["tokens"] == 0:
             raise ValueError(f"source {source_label(source)!r} produced no training tokens")
         write_meta(tmp, meta)
@@ -200,7 +234,7 @@ def prepare(
 
 
 _PREPARE_KEYWORDS = {"val_fraction", "max_tokens", "shard_tokens", "hf_split", "text_field", "streaming",
-                      "hf_data_files", "progress"}  # fmt: skip
+                      "hf_data_files", "corpus_dir", "train_parts", "workers", "progress"}  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -231,13 +265,13 @@ def ensure_prepared(
     if unknown:
         raise TypeError(f"ensure_prepared got unknown option(s) {sorted(unknown)}; known: {sorted(_PREPARE_KEYWORDS)}")
     root = Path(root) if root is not None else DEFAULT_ROOT
-    out = root / data_dir_name(source, tokenizer)
+    out = root / data_dir_name(source, tokenizer, check_train_parts(options.get("train_parts")))
     with _exclusive_lock(root / f".{out.name}.lock"):
         if not (out / META_FILE).exists():
             return prepare(source, tokenizer, out, overwrite=True, **options)
         meta = read_meta(out)
         defaults = dict(val_fraction=0.05, max_tokens=None, shard_tokens=DEFAULT_SHARD_TOKENS, hf_split="train",
-                        text_field="text", hf_data_files=None)  # fmt: skip
+                        text_field="text", hf_data_files=None, train_parts=None)  # fmt: skip
         wanted = {**defaults, **{k: v for k, v in options.items() if k in defaults}}
         expected = {
             "source": source_label(source),
