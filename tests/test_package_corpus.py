@@ -191,6 +191,9 @@ def test_a_carried_subset_of_train_parts(corpus_setup, tmp_path, monkeypatch):
     (carry / "00" / "val-code.jsonl.xz").write_bytes(b"garbage")
     with pytest.raises(package_corpus.CorpusPartsError, match="val-code.jsonl.xz is not the part index.json describes"):
         prepare("pkg_corpus", "gpt2", tmp_path / "again", corpus_dir=carry, train_parts=2, progress=False)
+    s["manifest"].write_text(s["manifest"].read_text().replace('"part_chars": 3000', '"part_chars": 3001'))
+    with pytest.raises(package_corpus.CorpusPartsError, match="was built from another manifest"):
+        prepare("pkg_corpus", "gpt2", tmp_path / "other", corpus_dir=carry, train_parts=2, progress=False)
     with pytest.raises(ValueError, match="train_parts must be a positive whole number"):
         prepare("pkg_corpus", "gpt2", tmp_path / "bad", corpus_dir=carry, train_parts=0)
     with pytest.raises(ValueError, match="train_parts=2 applies only to the package corpora"):
