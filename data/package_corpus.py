@@ -69,6 +69,13 @@ def select_parts(name: str, corpus_dir: str | Path | None, train_parts: int | No
         build(corpus_dir, PACKAGE_CORPORA[name], progress=progress)
         index_file = corpus_dir / INDEX_FILE
     index = json.loads(index_file.read_text())
+    wanted_manifest = sha256_file(PACKAGE_CORPORA[name])
+    if index.get("manifest_sha256") != wanted_manifest:
+        raise CorpusPartsError(
+            f"{index_file} was built from another manifest (sha256 {index.get('manifest_sha256')}) than this "
+            f"checkout's {PACKAGE_CORPORA[name]} ({wanted_manifest}); rebuild the corpus (delete {corpus_dir}) "
+            "or carry parts built from this manifest"
+        )
     val = [p for p in index["parts"] if p["split"] == "val"]
     train = [p for p in index["parts"] if p["split"] == "train"]
     if train_parts is not None and train_parts > len(train):

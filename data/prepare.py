@@ -3,6 +3,7 @@
     python -m data.prepare --source embedded --tokenizer gpt2
     python -m data.prepare --source notes/ "books/**/*.txt" corpus.jsonl --tokenizer qwen --out /data/mine
     python -m data.prepare --source hf:HuggingFaceFW/fineweb:sample-10BT --tokenizer gpt2 --max-tokens 1e9
+    python -m data.prepare --source pkg_corpus --corpus-dir /path/to/parts --train-parts 3
 
 The default output folder is workspace/data/<source>-<tokenizer>/ under the repository root. Output is
 written to a temporary folder and renamed into place, so a folder with meta.json is always complete.
@@ -28,6 +29,7 @@ from typing import Iterable
 import numpy as np
 from tqdm import tqdm
 
+from data.build_package_corpus import CorpusBuildError
 from data.format import FORMAT_VERSION, META_FILE, SPLITS, DataFormatError, read_meta, shard_name, token_dtype, write_meta
 from data.package_corpus import PACKAGE_CORPORA, check_train_parts, is_package_corpus, select_parts, token_chunks
 from data.sources import HF_PREFIX, Document, is_embedded, iter_documents
@@ -301,7 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m data.prepare", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--source", nargs="+", default=["embedded"],
-                        help="'embedded', 'embedded_plus', 'embedded_all', 'hf:<dataset>[:<config>]', or local .txt/.md/.jsonl files, folders, globs")
+                        help="'embedded', 'embedded_plus', 'embedded_all', 'pkg_corpus', 'hf:<dataset>[:<config>]', or local .txt/.md/.jsonl files, folders, globs")
     parser.add_argument("--tokenizer", default="gpt2", help="gpt2 or qwen")
     parser.add_argument("--out", type=Path, default=None, help="output folder (default workspace/data/<source>-<tokenizer>)")
     parser.add_argument("--val-fraction", type=float, default=0.05,
@@ -312,6 +314,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-field", default="text", help="the HF dataset's text column")
     parser.add_argument("--hf-data-files", nargs="+", default=None, help="data_files for builders like hf:json")
     parser.add_argument("--no-streaming", action="store_true", help="download the whole HF split instead of streaming")
+    parser.add_argument("--corpus-dir", type=Path, default=None,
+                        help="pkg_corpus: the built parts (default $SFA_CORPUS_DIR or workspace/corpus/pkg_corpus; built there if absent)")
+    parser.add_argument("--train-parts", type=int, default=None, help="pkg_corpus: use train parts 0..N-1 only")
+    parser.add_argument("--workers", type=int, default=None, help="pkg_corpus: tokenizing processes (default: all cores)")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
     args = parser.parse_args(argv)
 
@@ -320,9 +326,10 @@ def main(argv: list[str] | None = None) -> None:
         out = prepare(
             source, args.tokenizer, args.out, val_fraction=args.val_fraction, max_tokens=args.max_tokens,
             shard_tokens=args.shard_tokens, hf_split=args.hf_split, text_field=args.text_field,
-            streaming=not args.no_streaming, hf_data_files=args.hf_data_files, overwrite=args.overwrite,
+            streaming=not args.no_streaming, hf_data_files=args.hf_data_files, corpus_dir=args.corpus_dir,
+            train_parts=args.train_parts, workers=args.workers, overwrite=args.overwrite,
         )  # fmt: skip
-    except (ValueError, OSError) as err:  # bad input and unavailable sources: a message, not a traceback
+    except (ValueError, OSError, CorpusBuildError) as err:  # bad input and unavailable sources: a message, not a traceback
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     meta = read_meta(out)
     counts = ", ".join(f"{s}: {info['tokens']:,} tokens in {len(info['shards'])} shard(s)" for s, info in meta["splits"].items())

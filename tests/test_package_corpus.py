@@ -191,6 +191,9 @@ def test_a_carried_subset_of_train_parts(corpus_setup, tmp_path, monkeypatch):
     (carry / "00" / "val-code.jsonl.xz").write_bytes(b"garbage")
     with pytest.raises(package_corpus.CorpusPartsError, match="val-code.jsonl.xz is not the part index.json describes"):
         prepare("pkg_corpus", "gpt2", tmp_path / "again", corpus_dir=carry, train_parts=2, progress=False)
+    s["manifest"].write_text(s["manifest"].read_text().replace('"part_chars": 3000', '"part_chars": 3001'))
+    with pytest.raises(package_corpus.CorpusPartsError, match="was built from another manifest"):
+        prepare("pkg_corpus", "gpt2", tmp_path / "other", corpus_dir=carry, train_parts=2, progress=False)
     with pytest.raises(ValueError, match="train_parts must be a positive whole number"):
         prepare("pkg_corpus", "gpt2", tmp_path / "bad", corpus_dir=carry, train_parts=0)
     with pytest.raises(ValueError, match="train_parts=2 applies only to the package corpora"):
@@ -233,3 +236,40 @@ def test_sword_module_reader():
         zz += comp
     files = {"m/mod/ot.bzs": b"".join(blocks), "m/mod/ot.bzv": zv, "m/mod/ot.bzz": zz}
     assert sword_documents(files, "m/mod") == [("mod/ot/0000", "In the beginning.\nLight\nwas.\n"), ("mod/ot/0001", "Grace be with you.\n")]
+
+
+def test_train_py_passes_corpus_dir_and_train_parts(corpus_setup, tmp_path, monkeypatch):
+    """`data=pkg_corpus data.corpus_dir=... data.train_parts=2` reaches ensure_prepared through train.py."""
+    from types import SimpleNamespace
+
+    from hydra import compose, initialize_config_dir
+
+    import train
+    from training.hydra_setup import CONFIG_DIR, register_resolvers
+
+    s = corpus_setup
+    builder.build(s["dir"], s["manifest"], fetch=s["fetch"], jobs=1, progress=False)
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=[f"root={tmp_path}", "data=pkg_corpus", f"data.corpus_dir={s['dir']}", "data.train_parts=2"])
+    monkeypatch.setattr(train.dist, "barrier", lambda info: None)
+    monkeypatch.setattr(builder, "apt_fetch", lambda *a: pytest.fail("data.corpus_dir did not reach the preparer"))
+    out = train.prepare_data(cfg, SimpleNamespace(is_main=True))
+    assert out == tmp_path / "data" / "pkg_corpus-2parts-gpt2" and read_meta(out)["options"]["train_parts"] == 2
+
+
+def test_cli_prepares_a_subset_and_reports_a_missing_registry(corpus_setup, tmp_path, monkeypatch, capsys):
+    from data.prepare import main
+
+    s = corpus_setup
+    builder.build(s["dir"], s["manifest"], fetch=s["fetch"], jobs=1, progress=False)
+    main(["--source", "pkg_corpus", "--corpus-dir", str(s["dir"]), "--train-parts", "1", "--workers", "2", "--out", str(tmp_path / "o")])
+    assert read_meta(tmp_path / "o")["corpus"]["parts"][-1] == "train-000.jsonl.xz"
+
+    def no_registry(pkg, into):
+        raise builder.CorpusBuildError("`apt-get download fake-doc=1:1.0-1` failed")
+
+    monkeypatch.setattr(builder, "apt_fetch", no_registry)
+    with pytest.raises(SystemExit) as info:
+        main(["--source", "pkg_corpus", "--corpus-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "o2")])
+    assert info.value.code == 2 and "error: `apt-get download fake-doc=1:1.0-1` failed" in capsys.readouterr().err
