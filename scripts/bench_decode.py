@@ -90,9 +90,9 @@ def sweep_configs() -> list[dict]:
     shapes = ((1, 131072, 1), (8, 32768, 1), (8, 131072, 1), (8, 32768, 4), (1, 32768, 1))  # [3]: 16 rows/program
     inputs = {s: make_inputs(*s) for s in shapes}
     # Compiled variants x split plans (PROGRAMS_PER_SM, SPLIT_CAP and MIN_KEYS_PER_SPLIT change only the grid).
-    # v2's sweep found BLOCK_L=64, 4 warps, 3 stages best of BLOCK_L {32, 64, 128} x warps {4, 8}; v3's,
-    # 16/SM of {8, 16, 32} with 4 stages no better; v4's, that lifting the 128-split cap slows batch 1
-    # (264 splits: +11% at 128k) and that 2 stages ~ 3. So this one tries fewer, longer splits.
+    # Earlier sweeps (docs/bench/notes_topk_decode.md) found BLOCK_L=64, 4 warps, 3 stages best of BLOCK_L
+    # {32, 64, 128} x warps {4, 8}; 16/SM of {8, 16, 32}, 4 stages no better; lifting the 128-split cap slows batch 1
+    # (264 splits: +11% at 128k); 2 stages ~ 3. So this one tries fewer, longer splits.
     for block_l, warps, stages in ((64, 4, 3), (64, 4, 2)):
         for per_sm, cap, min_keys in ((16, 128, 0), (16, 64, 0), (16, 32, 0), (16, 128, 1024), (16, 128, 2048),
                                       (8, 128, 0), (32, 128, 0)):

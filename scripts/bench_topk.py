@@ -2,7 +2,7 @@
 
 Prints tables and writes JSON (--out, and $OUT/topk.json when $OUT is set). GPU only.
   1. top-k: fused kernel (codes; codes + masked rows) vs torch.topk(|x|) and vs sfa.topk_sparsify,
-     on many rows (default 4M rows of D=128, k=16, bf16 -- the DESIGN.md target shape).
+     on many rows (default 4M rows of D=128, k=16, bf16 -- the docs/design.md target shape).
   2. masked GQA: forward+backward of dense SDPA on masked q~, k~ with GQA via enable_gqa (priority
      cuDNN > flash) vs expanding K/V heads for cuDNN vs flash; and the whole masked backend vs dense cuDNN.
 Timing: triton.testing.do_bench, median, warm-up excluded, L2 flushed between reps.

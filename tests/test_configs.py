@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
+from models import build_model
 from training.config_checks import ConfigError, check_config
 from training.distributed import resolve_mode, setup
 from training.hydra_setup import CONFIG_DIR, register_resolvers
@@ -45,17 +47,46 @@ def test_every_config_composes_and_resolves(group, option):
     assert cfg["out_dir"].startswith("/tmp/sfa-test-root/runs/")
 
 
+def unresolved(overrides=()):
+    return OmegaConf.to_container(compose_train(overrides), resolve=False)
+
+
+def experiment_parts(name):
+    """(group choices from the file's defaults list, the file's own keys) of configs/experiment/<name>.yaml."""
+    raw = OmegaConf.to_container(OmegaConf.load(CONFIG_DIR / "experiment" / f"{name}.yaml"))
+    choices = []
+    for entry in raw.pop("defaults", []):
+        ((key, option),) = entry.items()
+        choices.append(f"{key.removeprefix('override ').strip('/')}={option}")
+    return choices, raw
+
+
+def overlay(base, keys):
+    for key, value in keys.items():
+        base[key] = overlay(base.get(key, {}), value) if isinstance(value, dict) else value
+    return base
+
+
 @pytest.mark.parametrize("experiment", sorted(p.stem for p in (CONFIG_DIR / "experiment").glob("*.yaml")))
-def test_experiments_pass_the_checks(experiment):
+def test_an_experiment_is_its_group_choices_plus_its_own_keys(experiment):
+    # `experiment=X` must equal choosing X's groups on the command line and then setting X's keys on top:
+    # a missing `@package _global_`, an experiment placed before `_self_` in train.yaml's defaults (so
+    # train.yaml's values win), or a misspelt group option all break this equality.
+    choices, own = experiment_parts(experiment)
+    assert own, "an experiment sets some keys"
+    assert unresolved([f"experiment={experiment}"]) == overlay(unresolved(choices), own)
+    check_config(resolved([f"experiment={experiment}"]), world_size=1)  # and the result is a runnable config
+
+
+@pytest.mark.parametrize("experiment, tokens_per_step", [("gpt2_124m_owt", 2**19), ("qwen3_0.6b_pile", 2**19)])
+def test_paper_scale_experiments_keep_their_token_batch_on_one_to_eight_processes(experiment, tokens_per_step):
+    # The paper's ~0.5M-token steps (nanoGPT's 2^19) whatever the world size: processes replace accumulation.
     cfg = resolved([f"experiment={experiment}"])
-    plan = check_config(cfg, world_size=1)
-    assert plan.grad_accum * plan.micro_batch * cfg["train"]["seq_len"] == cfg["train"]["batch_tokens"]
-
-
-@pytest.mark.parametrize("experiment", ["gpt2_124m_owt", "qwen3_0.6b_pile"])
-def test_paper_scale_experiments_fit_eight_processes(experiment):
-    plan = check_config(resolved([f"experiment={experiment}"]), world_size=8)
-    assert plan.grad_accum >= 1
+    plans = {n: check_config(cfg, world_size=n) for n in (1, 2, 4, 8)}
+    for n, plan in plans.items():
+        assert plan.grad_accum * plan.tokens_per_micro_batch == tokens_per_step
+        assert plan.tokens_per_micro_batch == n * plan.micro_batch * cfg["train"]["seq_len"]
+        assert plan.grad_accum * n == plans[1].grad_accum
 
 
 def test_groups_the_issue_asks_for_exist():
@@ -70,10 +101,18 @@ def test_groups_the_issue_asks_for_exist():
 
 @pytest.mark.parametrize("preset", ["gpt2_tiny", "gpt2_small", "gpt2_medium", "qwen3_tiny", "qwen3_0.6b"])
 @pytest.mark.parametrize("attention", ["dense", "sfa", "short"])
-def test_every_model_attention_pair_passes_the_checks(preset, attention):
+def test_every_model_attention_pair_builds_the_model_the_config_names(preset, attention):
+    # What train.py does with the plan, on the meta device: the attention group's defaults (sfa k=8,
+    # short d_short=32, configs/attention/) must reach every layer's attention and the cost accounting.
     plan = check_config(resolved([f"model={preset}", f"attention={attention}"]), world_size=1)
-    assert plan.attention.kind == attention
-    assert plan.grad_accum >= 1
+    with torch.device("meta"):
+        model = build_model(plan.model_config, plan.attention)
+    assert type(model.config).__name__ == ("GPT2Config" if preset.startswith("gpt2") else "Qwen3Config")
+    dims = model.attention_flops_dims()
+    topk = 8 if attention == "sfa" else None
+    assert (dims["topk_q"], dims["topk_k"]) == (topk, topk)
+    assert dims["head_dim"] == (32 if attention == "short" else model.config.head_dim)
+    assert dims["n_layer"] == model.config.n_layer
 
 
 def test_default_is_tiny_gpt2_with_sfa_k8_of_64():

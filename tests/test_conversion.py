@@ -86,8 +86,20 @@ def test_zero_weight_is_exactly_the_plain_lm_loss_and_a_positive_weight_adds_the
     assert torch.equal(parts["lm_loss"], plain.detach())
     torch.testing.assert_close(parts["match_loss"], match_loss(pairs, (0,)))
     torch.testing.assert_close(loss, plain + 2.5 * match_loss(pairs, (0,)))
-    loss.backward()  # the match term trains the SFA path
-    assert model.lm_head.weight.grad is not None
+    # The match term trains the SFA path: its gradient is the total's minus the plain loss's, nonzero on
+    # layer 0's q/k/v projection and exactly zero after layer 0's attention (its output projection, layer 1).
+    params = dict(model.named_parameters())
+    names = ["transformer.h.0.attn.c_attn.weight", "transformer.h.0.attn.c_proj.weight",
+             "transformer.h.1.attn.c_attn.weight", "transformer.ln_f.weight"]
+    total = torch.autograd.grad(loss, [params[n] for n in names])
+    lm_only = torch.autograd.grad(model(x, y)[1], [params[n] for n in names])
+    from_match = {n: t - p for n, t, p in zip(names, total, lm_only)}
+    c_attn = params["transformer.h.0.attn.c_attn.weight"]
+    (expected,) = torch.autograd.grad(2.5 * match_loss(model(x, y, return_attention_pairs=True)[2], (0,)), c_attn)
+    assert expected.abs().max() > 1e-6
+    torch.testing.assert_close(from_match["transformer.h.0.attn.c_attn.weight"], expected, atol=1e-7, rtol=1e-4)
+    for n in names[1:]:
+        torch.testing.assert_close(from_match[n], torch.zeros_like(from_match[n]), atol=1e-7, rtol=0)
 
 
 def test_match_loss_config_checks_name_the_key():

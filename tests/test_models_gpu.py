@@ -3,8 +3,10 @@ decode over the compressed cache): results against the fp32 reference backend on
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 import sfa
+from model_helpers import logits_recording_supports
 from models import build_model, generate
 
 pytestmark = pytest.mark.gpu
@@ -43,20 +45,34 @@ def relative_error(a, b):
     return ((a.float() - b.float()).norm() / b.float().norm()).item()
 
 
+QK_PROJ = {"gpt2_tiny": "transformer.h.0.attn.c_attn.weight", "qwen3_tiny": "model.layers.0.self_attn.q_proj.weight"}
+EMBED = {"gpt2_tiny": "transformer.wte.weight", "qwen3_tiny": "model.embed_tokens.weight"}
+
+
 @pytest.mark.parametrize("preset", list(SHAPES))
 def test_bf16_sfa_training_step_matches_the_fp32_reference(preset):
+    # Not the loss at init (~ln(vocab) whatever attention does): the logits and the gradients of layer 0's
+    # q/k projection, which reach it only through the attention. bf16 rounding flips near-tied top-k
+    # choices (Qwen3's logits then differ by ~5%), so the fp32 oracle scores the supports the bf16 run
+    # selected (tests/model_helpers.py). The same comparison on CPU (bf16 weights, reference backend)
+    # measures logits 0.7-0.9%, q/k projection gradients 0.7-1.7%, embedding gradients 0.7-0.8%.
     fast, oracle = pair(preset, {"kind": "sfa", "topk_q": 8})
     x = torch.randint(0, 512, (2, 200), device="cuda")
-    used = backends_used(lambda: fast.train()(x, x)[1].backward())
+
+    def step(model, supports=None):
+        logits, seen = logits_recording_supports(model.train(), x, supports)
+        F.cross_entropy(logits.float().flatten(0, 1), x.flatten()).backward()
+        return logits, seen
+
+    recorded = []
+    used = backends_used(lambda: recorded.append(step(fast)))
     assert used and all(b != "reference" for b in used), used
-    _, loss_ref = oracle.train()(x, x)
-    loss_ref.backward()
-    logits_fast, loss_fast = fast(x, x)
-    assert abs(loss_fast.item() - loss_ref.item()) < 2e-2 * loss_ref.item()
-    embed = "transformer.wte.weight" if preset == "gpt2_tiny" else "model.embed_tokens.weight"
-    g_fast = dict(fast.named_parameters())[embed].grad
-    g_ref = dict(oracle.named_parameters())[embed].grad
-    assert relative_error(g_fast, g_ref) < 5e-2
+    logits_fast, seen = recorded[0]
+    logits_ref, _ = step(oracle, seen)
+    assert relative_error(logits_fast, logits_ref) < 2e-2
+    fast_params, ref_params = dict(fast.named_parameters()), dict(oracle.named_parameters())
+    for name in (QK_PROJ[preset], EMBED[preset]):
+        assert relative_error(fast_params[name].grad, ref_params[name].grad) < 5e-2, name
 
 
 @pytest.mark.parametrize("preset", list(SHAPES))

@@ -2,7 +2,7 @@
 
   masked  fused top-k -> masked dense q~, k~ -> cuDNN/flash SDPA (training, prefill)
   decode  split-KV attention of a few queries over the compressed cache (K as SparseCode)
-  flash   FlashSFA forward + backward (K2's sfa/kernels/flash.py), when present
+  flash   FlashSFA forward + backward (sfa/kernels/flash.py), when present
 See docs/kernels.md.
 """
 
@@ -14,7 +14,7 @@ from .topk import fused_topk_masked, fused_topk_sparsify
 register_backend("masked", masked_sfa_attention)
 register_backend("decode", decode_sfa_attention)
 
-try:  # K2's FlashSFA; the other backends work without it
+try:  # FlashSFA; the other backends work without it
     from .flash import flash_sfa_attention
 except ImportError:  # pragma: no cover - only while flash.py is absent or broken
     flash_sfa_attention = None

@@ -28,7 +28,7 @@ from ._config import interpreting, next_pow2, num_sms
 
 MAX_QUERY_ROWS = 64  # (query heads per KV head) x (query tokens) handled in one program
 MAX_SPLITS = 1024  # bounds the partials buffer; the combine kernel streams them in COMBINE_BLOCK chunks
-COMBINE_BLOCK = 128  # splits merged per step of the combine kernel's loop (v3's split cap: one step there)
+COMBINE_BLOCK = 128  # splits merged per loop step of the combine kernel (the old 128-split cap: one step)
 LOG2_E = 1.4426950408889634
 
 
@@ -100,7 +100,7 @@ def _decode_split_kernel(
         idx = tl.load(k_idx_base + keys64[:, None] * stride_il + sel[None, :], mask=code_ok, other=0).to(tl.int32)
         val = tl.load(k_val_base + keys64[:, None] * stride_kl + sel[None, :], mask=code_ok, other=0.0).to(tl.float32)
         # Gathered from L1 (the query rows are a few hundred bytes). Holding them in registers and using
-        # tl.gather measured slower and crashed Triton 3.6's compiler for 2-row programs (notes, v2).
+        # tl.gather measured slower, and crashed Triton 3.6 for 2-row programs (docs/bench/notes_topk_decode.md).
         q_at_idx = tl.load(
             q_base + (q_row_off[:, None, None] + idx[None, :, :]),
             mask=row_ok[:, None, None] & code_ok[None, :, :], other=0.0,
@@ -145,7 +145,7 @@ def _combine_kernel(
     DV: tl.constexpr, DV_PAD: tl.constexpr, SPLITS_BLOCK: tl.constexpr,
 ):
     # One (batch, query head, query token) row. The splits' partials are merged SPLITS_BLOCK at a time with
-    # a running max, so any split count fits in registers (v3 held them all at once, capping splits at 128).
+    # a running max, so any split count fits in registers (holding all at once capped splits at 128).
     row = tl.program_id(0).to(tl.int64)
     dv = tl.arange(0, DV_PAD)
     dv_ok = dv < DV
@@ -173,8 +173,8 @@ def _split_plan(batch_heads: int, n_keys: int, block_l: int, device: torch.devic
     """(n_splits, keys_per_split): about `programs_per_sm` programs per SM, at most `split_cap` splits per
     (batch, KV head), chunks of at least `min_keys_per_split` keys and a multiple of the block.
 
-    More splits is not always faster: v4 (docs/bench/notes_topk_decode.md) measured batch 1 at 128k slower
-    with 264 splits than with v3's 128, so the cap and the minimum chunk are launch parameters."""
+    More splits is not always faster: docs/bench/notes_topk_decode.md measured batch 1 at 128k slower
+    with 264 splits than with 128, so the cap and the minimum chunk are launch parameters."""
     if interpreting():
         keys_per_split = 2 * block_l  # several splits even at tiny L, so the combine path is tested
     else:

@@ -3,7 +3,7 @@
 Kept free of Triton imports so it can be read (and tested) anywhere. The numbers behind each rule:
   * decode vs dense decode:   docs/bench/results/decode_h200.json (decode beats dense cuDNN 1.1-1.3x at 32k-128k, T=1)
   * fused top-k vs torch:     docs/bench/results/topk_h200.json ("topk" and "masked": masked = 1.02-1.08x dense cuDNN fwd+bwd)
-  * flash vs masked:          K2's docs/bench/attention.md -- update FLASH_WINS when it reports wins.
+  * flash vs masked:          docs/bench/attention.md -- update FLASH_WINS when it reports wins.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ MAX_KERNEL_HEAD_DIM = 256  # uint8 column indices
 DECODE_MAX_QUERY_ROWS = 64  # (Hq/Hkv) x Nq rows per program in the decode kernel
 
 # (min_queries, max_head_dim) ranges where the `flash` backend measured faster than `masked` for
-# training/prefill on the GPU. Empty: in K2's H200 run (docs/bench/attention.md, v4) flash was
+# training/prefill on the GPU. Empty: in the H200 run of docs/bench/attention.md flash was
 # 1.06-1.37x slower than masked at every measured shape (8k-32k, D 64/128, fwd and fwd+bwd).
 FLASH_WINS: list[tuple[int, int]] = []
 

@@ -2,7 +2,7 @@
 
 Why masked-dense tiles and not the codes themselves: random top-k supports cover nearly every
 feature of a 64-key tile, so a tile's QKᵀ cannot shrink its tensor-core K dimension, and scoring on
-CUDA cores measured 60-70x slower (DESIGN.md "Kernel design notes"). The codes are expanded once
+CUDA cores measured 60-70x slower (docs/design.md "Kernel design notes"). The codes are expanded once
 per tensor (the top-k pass) and this kernel runs QKᵀ and P·V on tensor cores.
 
 One program owns BLOCK_M query rows of one (batch, query head) and streams the key/value blocks of

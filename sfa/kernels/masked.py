@@ -1,6 +1,6 @@
 """The `masked` backend: fused top-k to masked dense q~, k~, then the fastest dense SDPA kernel.
 
-Random top-k supports cover nearly all D within a tile (DESIGN.md), so once q and k are masked the
+Random top-k supports cover nearly all D within a tile (docs/design.md), so once q and k are masked the
 best a kernel can do is dense tensor-core attention on q~, k~ -- which cuDNN/FlashAttention already
 are. The top-k pass writes q~ and k~ once (the expansion happens per tensor, never per tile visit).
 Backward is straight-through by construction: the top-k custom op sends dq~ (dk~) back to q (k) only

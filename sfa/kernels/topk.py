@@ -1,6 +1,6 @@
 """Fused top-k: dense rows in, SparseCode (and optionally the masked dense rows) out, in one pass.
 
-Selection trick (DESIGN.md "Kernel design notes"): |x|'s float bits are monotone in |x|, so packing
+Selection trick (docs/design.md "Kernel design notes"): |x|'s float bits are monotone in |x|, so packing
 them above the column number gives one integer key per entry whose order is "larger magnitude first,
 then lower column first" -- the low bits hold (D-1-col), so the lower column compares larger and
 wins ties, exactly as `sfa.topk_sparsify` (stable sort) decides. `tl.topk` on the keys returns them
