@@ -6,6 +6,18 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
+# The sections the default run name reads (training/run_names.py); resolving only these keeps the
+# resolver away from run_name/out_dir themselves.
+RUN_NAME_SECTIONS = ("model", "attention", "data", "convert", "optim", "train", "init")
+
+
+def _run_name(*, _root_) -> str:
+    from omegaconf import OmegaConf
+
+    from training.run_names import default_run_name
+
+    sections = {key: OmegaConf.to_container(_root_[key], resolve=True) for key in RUN_NAME_SECTIONS if key in _root_}
+    return default_run_name(sections)
 
 
 def register_resolvers() -> None:
@@ -17,3 +29,6 @@ def register_resolvers() -> None:
     # Run names must tell apart runs that differ only in a boolean switch (e.g. the Qwen3 feature map).
     if not OmegaConf.has_resolver("sfa_flag"):
         OmegaConf.register_new_resolver("sfa_flag", lambda on, text: text if on else "")
+    # run_name: ${sfa_run_name:} names the run after its config (readable part + hash).
+    if not OmegaConf.has_resolver("sfa_run_name"):
+        OmegaConf.register_new_resolver("sfa_run_name", _run_name)
