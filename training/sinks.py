@@ -4,6 +4,7 @@ and the console (a tqdm bar on a terminal, a quiet line every `log_every` steps 
 from __future__ import annotations
 
 import contextlib
+import gzip
 import json
 import logging
 import math
@@ -55,6 +56,31 @@ class JsonlSink:
 
     def close(self) -> None:
         self._file.close()
+
+
+def metrics_file(run_dir: str | Path) -> Path | None:
+    """<run_dir>/metrics.jsonl, or the gzipped copy kept in docs/results (metrics.jsonl.gz); None if neither."""
+    for name in ("metrics.jsonl", "metrics.jsonl.gz"):
+        if (Path(run_dir) / name).is_file():
+            return Path(run_dir) / name
+    return None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records JsonlSink wrote (plain or gzipped), skipping a line torn by a crash."""
+    path = metrics_file(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl (or metrics.jsonl.gz)")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
 
 
 class WandbSink:
