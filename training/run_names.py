@@ -1,7 +1,7 @@
 """Default run names: a readable part and a short hash of everything that defines the run.
 
-    gpt2_tiny-sfa-q8k8-3f9a1c            python train.py
-    gpt2_tiny-L2-d128-dense-b41e07       python train.py model.n_layer=2 model.d_model=128 attention=dense
+    gpt2_tiny-sfa-q8k8-de02fe            python train.py
+    gpt2_tiny-L2-d128-dense-f7bbae       python train.py model.n_layer=2 model.d_model=128 attention=dense
 
 The hash covers exactly what a resume compares (training.checkpoint.IDENTITY_KEYS: model, attention,
 data, optimizer, seq_len, batch_tokens, seed, conversion loss) plus the initial weights (`init`), so two
