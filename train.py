@@ -150,7 +150,7 @@ def resume_from(cfg: DictConfig, out_dir: Path) -> Path | None:
         if earlier is not None:  # a fresh run here would mix its checkpoints with the old run's
             raise ckpt.ResumeError(
                 f"train.resume=none but {earlier.parent} holds checkpoints of an earlier run (newest {earlier.name}); "
-                f"delete that folder to start over there, or give this run another run_name=... or out_dir=..."
+                "delete that folder to start over there, or give this run another run_name=... or out_dir=..."
             )
         return None
     if cfg.train.resume == "auto":
@@ -239,11 +239,11 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
         elapsed_before = payload.get("elapsed_s", 0.0)  # wall-time curves continue across resumes
         guard.load_state_dict(payload.get("nonfinite", {}))
         log.info("resumed from %s at step %d (%d tokens seen)", resume_path, step, tokens_seen)
-        old_horizon = (payload["config"]["train"]["max_steps"], payload["config"]["optim"]["decay_steps"])
-        if old_horizon != (cfg.train.max_steps, cfg.optim.decay_steps):
-            log.info("extending the run: train.max_steps %s -> %s, optim.decay_steps %s -> %s; the learning rate now "
-                     "follows the new schedule (cosine to step %d)", *old_horizon[:1], cfg.train.max_steps,
-                     old_horizon[1], cfg.optim.decay_steps, plan.decay_steps)
+        old_steps, old_decay = payload["config"]["train"]["max_steps"], payload["config"]["optim"]["decay_steps"]
+        if (old_steps, old_decay) != (cfg.train.max_steps, cfg.optim.decay_steps):
+            log.info("extending the run: train.max_steps %s -> %s, optim.decay_steps %s -> %s; the learning rate "
+                     "follows the new schedule from here (cosine to step %d)", old_steps, cfg.train.max_steps,
+                     old_decay, cfg.optim.decay_steps, plan.decay_steps)
     # Built after the resume, from the current config: a resumed run may move the horizon.
     scheduler = build_scheduler(optimizer, cfg.optim, plan.warmup_steps, plan.decay_steps, step)
 
@@ -265,8 +265,8 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
         log.info("run dir %s", out_dir)
         log.info("%s (%s) + %s on %s x%d (%s): %.2fM params, %.3g FLOPs/token (dense-equivalent %.3g), "
                  "KV cache %d B/token, grad accumulation %d",
-                 cfg.model.preset, model_shape(plan.model_config), cfg.attention.tag, device_name, info.world_size, info.mode, n_params / 1e6,
-                 costs["flops_per_token"], costs["dense_equiv_flops_per_token"], kv_bytes, plan.grad_accum)
+                 cfg.model.preset, model_shape(plan.model_config), cfg.attention.tag, device_name, info.world_size,
+                 info.mode, n_params / 1e6, costs["flops_per_token"], costs["dense_equiv_flops_per_token"], kv_bytes, plan.grad_accum)
     progress = Progress(info.is_main, cfg.train.max_steps, step, cfg.train.log_every)
 
     model.train()
