@@ -28,11 +28,14 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from data.format import DataFormatError
+from data.sources import DatasetUnavailableError, DataSourceError
+from data.tokenizers import UnknownTokenizerError
 from training import checkpoint as ckpt
 from training import conversion
 from training import distributed as dist
 from training import faults
-from training.config_checks import check_config
+from training.config_checks import ConfigError, check_config
 from training.device_peaks import detect_peak_flops
 from training.hydra_setup import register_resolvers
 from training.metrics import flops_per_token, mfu, peak_memory_bytes, reset_peak_memory
@@ -105,7 +108,7 @@ def diagnostics_batch(cfg: DictConfig, data_dir: Path, info: dist.DistInfo, mode
 
 
 def save_checkpoint(model, optimizer, scheduler, loader, step, tokens_seen, config, out_dir, info, keep,
-                    nonfinite_state=None):
+                    nonfinite_state=None, elapsed_s=0.0):
     """Collective (every rank calls it): gather full states, rank 0 writes the file atomically."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
@@ -121,6 +124,7 @@ def save_checkpoint(model, optimizer, scheduler, loader, step, tokens_seen, conf
                 "format_version": ckpt.FORMAT_VERSION,
                 "step": step,
                 "tokens_seen": tokens_seen,
+                "elapsed_s": elapsed_s,
                 "world_size": info.world_size,
                 "config": config,
                 "model": model_state,
@@ -153,17 +157,29 @@ def write_rank_checksum(model, info: dist.DistInfo, out_dir: Path, step: int) ->
 
 
 def resume_from(cfg: DictConfig, out_dir: Path) -> Path | None:
+    """The checkpoint to resume: out_dir's newest (auto), none, a given file, or a given run dir's newest."""
     if cfg.train.resume == "none":
         earlier = ckpt.latest_checkpoint(out_dir)
         if earlier is not None:  # a fresh run here would mix its checkpoints with the old run's
-            raise ValueError(
+            raise ckpt.ResumeError(
                 f"train.resume=none but {earlier.parent} holds checkpoints of an earlier run (newest {earlier.name}); "
-                "delete them, or choose another run_name / out_dir"
+                "delete that folder to start over there, or give this run another run_name=... or out_dir=..."
             )
         return None
     if cfg.train.resume == "auto":
         return ckpt.latest_checkpoint(out_dir)
-    return Path(cfg.train.resume)
+    path = Path(cfg.train.resume)
+    if path.is_dir():  # a run directory, as init.from_checkpoint and the eval tools take
+        found = ckpt.latest_checkpoint(path)
+        if found is None:
+            raise ckpt.ResumeError(f"train.resume={path}: that run directory has no {ckpt.CHECKPOINT_DIR}/step_*.pt")
+        return found
+    return path
+
+
+def model_shape(config) -> str:
+    """layers x width x heads of a model config, e.g. '4L x 256d x 4h' (the preset name alone hides overrides)."""
+    return f"{config.n_layer}L x {config.d_model}d x {config.n_head}h"
 
 
 def train(cfg: DictConfig, out_dir: Path) -> dict:
@@ -197,6 +213,8 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
 
     # Same seed on every rank for the weights (FSDP2 shards each rank's own copy); per-rank streams after.
     seed_everything(cfg.train.seed)
+    for warning in plan.warnings:
+        log.warning("%s", warning)
     model = build_model(plan.model_config, plan.attention).to(info.device)
     resume_path = resume_from(cfg, out_dir)
     if resume_path is None:  # a run with its own checkpoint resumes from it, never re-initialises
@@ -216,10 +234,9 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
     if cfg.train.compile and info.mode == "fsdp2":
         model = torch.compile(model)
     optimizer = build_optimizer(model, cfg.optim)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.max_steps)
     loader = TokenLoader(data_dir, "train", plan.micro_batch, cfg.train.seq_len, info.rank, info.world_size, cfg.train.seed)
 
-    step, tokens_seen = 0, 0
+    step, tokens_seen, elapsed_before = 0, 0, 0.0
     guard = faults.NonFiniteGuard(cfg.train.nonfinite, cfg.train.nonfinite_max_consecutive)
     loss_parts = conversion.LossParts(info.device)  # lm_loss / match_loss when the Eq. 8 term is on
     if resume_path is not None:
@@ -229,17 +246,26 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
         ckpt.check_compatible(payload, config, info.world_size, resume_path)
         set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optimizer"],
                        options=StateDictOptions(full_state_dict=True))
-        scheduler.load_state_dict(payload["scheduler"])
         loader.load_state_dict(payload["loaders"][info.rank])
         ckpt.restore_rng_state(payload["rng"][info.rank])
         step, tokens_seen = payload["step"], payload["tokens_seen"]
+        elapsed_before = payload.get("elapsed_s", 0.0)  # wall-time curves continue across resumes
         guard.load_state_dict(payload.get("nonfinite", {}))
         log.info("resumed from %s at step %d (%d tokens seen)", resume_path, step, tokens_seen)
+        old_steps, old_decay = payload["config"]["train"]["max_steps"], payload["config"]["optim"]["decay_steps"]
+        if (old_steps, old_decay) != (cfg.train.max_steps, cfg.optim.decay_steps):
+            log.info("extending the run: train.max_steps %s -> %s, optim.decay_steps %s -> %s; the learning rate "
+                     "follows the new schedule from here (cosine to step %d)", old_steps, cfg.train.max_steps,
+                     old_decay, cfg.optim.decay_steps, plan.decay_steps)
+    # Built after the resume, from the current config: a resumed run may move the horizon.
+    scheduler = build_scheduler(optimizer, cfg.optim, plan.warmup_steps, plan.decay_steps, step)
 
     device_name, peak = detect_peak_flops(info.device)
     peak = cfg.metrics.peak_flops or peak
     run_info = {
-        "run_name": cfg.run_name, "model": cfg.model.preset, "params": n_params, "params_nonembedding": n_params_nonembed, **costs,
+        "run_name": cfg.run_name, "model": cfg.model.preset, "n_layer": plan.model_config.n_layer,
+        "d_model": plan.model_config.d_model, "n_head": plan.model_config.n_head, "seed": cfg.train.seed,
+        "params": n_params, "params_nonembedding": n_params_nonembed, **costs,
         "kv_cache_bytes_per_token": kv_bytes, "device": device_name, "world_size": info.world_size,
         "dist": info.mode, "grad_accum": plan.grad_accum, "attention": plan.attention.kind,
         "topk_q": plan.attention.topk_q, "topk_k": plan.attention.topk_k, "d_short": plan.attention.d_short,
@@ -250,13 +276,15 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
     if info.is_main:
         (out_dir / "run_info.json").write_text(json.dumps(run_info, indent=2))
         log.info("run dir %s", out_dir)
-        log.info("%s + %s on %s x%d (%s): %.2fM params, %.3g FLOPs/token (dense-equivalent %.3g), "
+        log.info("%s (%s) + %s on %s x%d (%s): %.2fM params, %.3g FLOPs/token (dense-equivalent %.3g), "
                  "KV cache %d B/token, grad accumulation %d",
-                 cfg.model.preset, cfg.attention.tag, device_name, info.world_size, info.mode, n_params / 1e6,
-                 costs["flops_per_token"], costs["dense_equiv_flops_per_token"], kv_bytes, plan.grad_accum)
+                 cfg.model.preset, model_shape(plan.model_config), cfg.attention.tag, device_name, info.world_size,
+                 info.mode, n_params / 1e6, costs["flops_per_token"], costs["dense_equiv_flops_per_token"], kv_bytes, plan.grad_accum)
     progress = Progress(info.is_main, cfg.train.max_steps, step, cfg.train.log_every)
 
     model.train()
+    # elapsed_s counts this run's loop time over all its processes (resumes continue the clock);
+    # train.time_limit_s is a budget for this process alone, so it is measured from `started`.
     last_val, last_ckpt, started = None, None, time.perf_counter()
     record: dict = {}
     stop_error: Exception | None = None
@@ -304,7 +332,8 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
 
         record = {
             "step": step, "tokens": tokens_seen, "loss": train_loss, "lr": lr, "grad_norm": grad_norm,
-            "tokens_per_s": tokens_per_s, "step_time_s": step_time, "elapsed_s": time.perf_counter() - started,
+            "tokens_per_s": tokens_per_s, "step_time_s": step_time,
+            "elapsed_s": elapsed_before + time.perf_counter() - started,
             "flops_per_token": costs["flops_per_token"],
             "dense_equiv_flops_per_token": costs["dense_equiv_flops_per_token"],
             "mfu": mfu(costs["flops_per_token"], tokens_per_s, peak * info.world_size if peak else None),
@@ -316,7 +345,8 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
         if nonfinite:
             record["nonfinite"] = nonfinite
         # Ranks' clocks differ slightly: stop when any rank is out of time, all at the same step.
-        out_of_time = cfg.train.time_limit_s is not None and dist.any_rank(record["elapsed_s"] >= cfg.train.time_limit_s, info)
+        out_of_time = cfg.train.time_limit_s is not None and dist.any_rank(
+            time.perf_counter() - started >= cfg.train.time_limit_s, info)
         signalled = dist.any_rank(signals.requested, info)  # a signal may reach the ranks at different steps
         stop_nonfinite = guard.should_stop()
         done = step == cfg.train.max_steps or out_of_time or signalled or stop_nonfinite
@@ -332,7 +362,7 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
         progress.update(record)
         if done or (cfg.train.ckpt_every and step % cfg.train.ckpt_every == 0):
             last_ckpt = save_checkpoint(model, optimizer, scheduler, loader, step, tokens_seen, config, out_dir,
-                                        info, cfg.train.keep_checkpoints, guard.state_dict())
+                                        info, cfg.train.keep_checkpoints, guard.state_dict(), record["elapsed_s"])
         if stop_nonfinite:
             stop_error = faults.NonFiniteError(guard.stop_message(step, nonfinite, last_ckpt))
             break
@@ -361,6 +391,11 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
     return summary
 
 
+# Errors in what the user asked for (each message names the key), reported without a traceback.
+USER_ERRORS = (ConfigError, ckpt.ResumeError, conversion.ConversionError, faults.PreflightError, DataFormatError,
+               DataSourceError, DatasetUnavailableError, UnknownTokenizerError)
+
+
 @hydra.main(config_path="configs", config_name="train", version_base="1.3")
 def main(cfg: DictConfig) -> None:
     # Multirun jobs each get their own directory under hydra.sweep.dir; a single run gets out_dir.
@@ -374,6 +409,10 @@ def main(cfg: DictConfig) -> None:
     except faults.NonFiniteError as e:
         log.error("%s", e)
         sys.exit(3)
+    except USER_ERRORS as e:
+        # A bad value, path or resume: the message names the key and the fix; a traceback adds nothing.
+        log.error("%s", e)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

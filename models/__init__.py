@@ -3,7 +3,6 @@
 from .attention import AttentionConfig
 from .generate import generate
 from .gpt2 import GPT2, GPT2Config
-from .hf import from_hf, to_hf
 from .presets import PRESETS, build_model
 from .qwen3 import Qwen3, Qwen3Config
 
@@ -19,3 +18,12 @@ __all__ = [
     "generate",
     "to_hf",
 ]
+
+
+def __getattr__(name: str):
+    # HF interop imports transformers (~2 s), which training never needs: load models.hf on first use.
+    if name in ("from_hf", "to_hf"):
+        from . import hf
+
+        return getattr(hf, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,6 +10,10 @@ identity SFA(q, k, v) = SDPA(topk_mask(q), topk_mask(k), v) with that mask.
 An HF model runs SFA with `config._attn_implementation = "sfa"` (or `attn_implementation="sfa"` in
 from_pretrained) and `config.sfa_topk` (+ optional `sfa_topk_k`, `sfa_backend`). HF applies the
 attention function to q and k after RoPE (and QK-norm), which is exactly where SFA belongs.
+
+`to_hf` of an SFA model also writes `"attn_implementation": "sfa"` into config.json, so a plain
+`from_pretrained(dir)` reloads it running SFA, or, in a process that has not imported models.hf, fails
+with transformers' "attn_implementation="sfa" is not supported" instead of silently running dense.
 """
 
 from __future__ import annotations
@@ -128,6 +132,9 @@ def config_to_hf(model):
         )
     if att.kind == "sfa":
         hf_config.sfa_topk, hf_config.sfa_topk_k, hf_config.sfa_backend = att.topk_q, att.topk_k, att.backend
+        # A plain attribute is saved in config.json, and transformers reads that key back as the attention
+        # implementation (its own `_attn_implementation` is never saved): the export cannot reload as dense.
+        hf_config.attn_implementation = "sfa"
     return hf_config
 
 
@@ -146,13 +153,23 @@ def _load_hf_model(path_or_model):
     raise TypeError(f"from_hf: expected a directory path or a transformers model, got {type(path_or_model).__name__}")
 
 
+def attention_of_hf(hf_config) -> AttentionConfig:
+    """The attention an HF model runs: SFA with its config's k when its implementation is "sfa", else dense."""
+    if getattr(hf_config, "_attn_implementation", None) != "sfa":
+        return AttentionConfig()
+    topk_q = getattr(hf_config, "sfa_topk", None)
+    return AttentionConfig(kind="sfa", topk_q=topk_q, topk_k=getattr(hf_config, "sfa_topk_k", None) or topk_q,
+                           backend=getattr(hf_config, "sfa_backend", None) or "auto")
+
+
 def from_hf(path_or_model, attention: AttentionConfig | dict | str | None = None):
     """Our GPT2 / Qwen3 with the weights of an HF GPT2LMHeadModel / Qwen3ForCausalLM (a model object or
-    a save_pretrained directory), running `attention` (default dense). The result has the HF weights'
-    dtype. SFA needs no new weights; an SFA feature map starts at the identity."""
+    a save_pretrained directory), running `attention` (default: what the HF model runs, i.e. SFA for
+    one exported by to_hf from an SFA model, else dense). The result has the HF weights' dtype. SFA
+    needs no new weights; an SFA feature map starts at the identity."""
     hf_model = _load_hf_model(path_or_model)
     config = config_from_hf(hf_model.config)
-    attention = AttentionConfig.coerce(attention)
+    attention = attention_of_hf(hf_model.config) if attention is None else AttentionConfig.coerce(attention)
     if attention.kind == "short":
         raise ValueError("from_hf: the short-embedding baseline has narrower q/k projections than any HF checkpoint")
     if attention.rope != "full":

@@ -1,6 +1,6 @@
 """Loss and perplexity of a checkpoint on a prepared split; prints a table and writes JSON.
 
-    python scripts/eval_ppl.py --checkpoint workspace/runs/gpt2_small-sfa-q8k8              # the run's own val split
+    python scripts/eval_ppl.py --checkpoint workspace/runs/gpt2_small-sfa-q8k8-HASH              # the run's own val split
     python scripts/eval_ppl.py --checkpoint RUN --data workspace/data/hf-openwebtext-gpt2 --split val --batches 200
     python scripts/eval_ppl.py --checkpoint DENSE_RUN --attention sfa --k 8                # SFA switched on, no training
 

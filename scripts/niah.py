@@ -223,7 +223,9 @@ def run_record(niah_json: Path) -> dict:
     report = json.loads(niah_json.read_text())
     run_dir = run_dir_of(Path(report["checkpoint"]))
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    metrics = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    from training.sinks import read_metrics  # plain or gzipped (docs/results keeps .gz)
+
+    metrics = read_metrics(run_dir)
     last = metrics[-1] if metrics else {}
     attention = report["attention"]
     label = attention["kind"] + (f" k={attention['topk_q']}" if attention["kind"] == "sfa" else "")

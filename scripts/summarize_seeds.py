@@ -13,15 +13,19 @@ import argparse
 import json
 import math
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from training.sinks import read_metrics  # noqa: E402  (plain or gzipped metrics.jsonl)
 
 
 METRICS = ("final", "best")
 
 
 def run_val_loss(metrics: Path, metric: str = "final") -> float:
-    """The run's last (`final`) or lowest (`best`) logged val loss."""
-    losses = [r["val_loss"] for r in map(json.loads, metrics.read_text().splitlines()) if "val_loss" in r]
+    """The run's last (`final`) or lowest (`best`) logged val loss (`metrics`: its metrics.jsonl[.gz])."""
+    losses = [r["val_loss"] for r in read_metrics(metrics.parent) if "val_loss" in r]
     if not losses:
         raise ValueError(f"{metrics}: no val_loss record (did the run evaluate?)")
     if metric not in METRICS:
@@ -35,7 +39,7 @@ def collect(study_dirs: list[Path], metric: str = "final") -> dict[str, dict[str
     for study in study_dirs:
         if not study.is_dir():
             raise FileNotFoundError(f"study directory not found: {study}")
-        found = sorted(study.glob("*/*/metrics.jsonl"))
+        found = sorted({p.parent / "metrics.jsonl" for p in study.glob("*/*/metrics.jsonl*")})
         if not found:
             raise ValueError(f"{study}: no <family>/<arm>/metrics.jsonl inside (is this a quality_study.sh output?)")
         for metrics in found:

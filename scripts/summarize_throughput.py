@@ -12,11 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
+import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from training.sinks import read_metrics  # noqa: E402  (plain or gzipped metrics.jsonl)
 
 
 def steady_state(run_dir: Path) -> dict:
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
+    records = read_metrics(run_dir)
     steps = [r for r in records[len(records) // 5:] if "val_loss" not in r and "tokens_per_s" in r]
     if not steps:
         raise SystemExit(f"{run_dir}: no training steps in metrics.jsonl to measure")

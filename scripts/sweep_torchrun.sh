@@ -5,7 +5,7 @@
 #   NGPU=8 scripts/sweep_torchrun.sh experiment=gpt2_124m_owt logging=online
 #   KS="4 8 16" KINDS="dense sfa" scripts/sweep_torchrun.sh train.max_steps=2000
 #
-# Extra arguments go to every job. Run names are <model>-<attention tag> unless you pass run_name (then
+# Extra arguments go to every job. Run names follow each job's config (docs/training.md) unless you pass run_name (then
 # every job would share it: don't). Compare afterwards: python scripts/plot_runs.py workspace/runs/*
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -67,7 +67,7 @@ def test_foreign_and_missing_files_are_refused(tmp_path):
     torch.save({"state_dict": {}}, path)
     with pytest.raises(ValueError, match="not a training checkpoint of this project"):
         ckpt.load_checkpoint(path)
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(ckpt.ResumeError, match="does not exist"):
         ckpt.load_checkpoint(tmp_path / "missing.pt")
 
 
@@ -93,7 +93,8 @@ def test_conversion_weight_and_prepared_data_dir_are_part_of_the_identity():
 
 
 def test_allowed_changes_and_world_size():
-    changed = {**CONFIG, "train": {**CONFIG["train"], "max_steps": 99},
+    # The horizon may move (extending a run): max_steps, and the decay_steps docs/training.md tells people to set.
+    changed = {**CONFIG, "train": {**CONFIG["train"], "max_steps": 99}, "optim": {**CONFIG["optim"], "decay_steps": 99},
                "attention": {**CONFIG["attention"], "backend": "reference"}, "data": {**CONFIG["data"], "root": "/b"}}
     ckpt.check_compatible(payload(), changed, 1, "c.pt")
     with pytest.raises(ValueError, match="written by 1 processes but this run has 2"):

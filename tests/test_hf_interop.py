@@ -83,7 +83,7 @@ def test_hf_model_running_sfa_equals_ours(make):
     hf.set_attn_implementation("sfa")
     assert hf.config._attn_implementation == "sfa"
     ours = from_hf(make_copy(hf), attention={"kind": "sfa", "topk_q": 5}).eval()
-    dense = from_hf(hf).eval()
+    dense = from_hf(hf, attention="dense").eval()
     x = tokens()
     with torch.no_grad():
         hf_logits = hf(x).logits
@@ -173,3 +173,22 @@ def test_interop_errors(tmp_path):
 def test_from_hf_keeps_the_checkpoint_dtype():
     hf = hf_gpt2().to(torch.bfloat16)
     assert next(from_hf(hf).parameters()).dtype == torch.bfloat16
+
+
+def test_an_sfa_export_does_not_reload_as_dense(tmp_path, monkeypatch):
+    ours = from_hf(hf_gpt2(), attention={"kind": "sfa", "topk_q": 4}).eval()
+    to_hf(ours).save_pretrained(tmp_path)
+    x = tokens()
+    with torch.no_grad():
+        expected = ours(x)[0]
+        # No attn_implementation argument: the config.json written by to_hf asks for "sfa" itself.
+        reloaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+        assert reloaded.config._attn_implementation == "sfa"
+        torch.testing.assert_close(reloaded(x).logits, expected)
+        back = from_hf(tmp_path).eval()  # our loader defaults to what the HF model runs
+        assert (back.attention.kind, back.attention.topk_q) == ("sfa", 4)
+        torch.testing.assert_close(back(x)[0], expected)
+    # In a process that never imported models.hf, transformers refuses rather than running dense.
+    monkeypatch.delitem(AttentionInterface._global_mapping, "sfa")
+    with pytest.raises(ValueError, match='attn_implementation="sfa"` is not supported'):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path)

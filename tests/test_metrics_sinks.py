@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
 import sys
 import types
 import warnings
@@ -11,7 +13,7 @@ import pytest
 from omegaconf import OmegaConf
 
 from training.optim import WarmupCosine
-from training.sinks import JsonlSink, WandbSink, format_record
+from training.sinks import JsonlSink, Progress, WandbSink, format_record
 
 
 def logging_cfg(mode):
@@ -128,3 +130,43 @@ def test_warmup_cosine_schedule():
     assert s(10) == pytest.approx(1.0)
     assert s(60) == pytest.approx(0.1 + 0.5 * 0.9)  # halfway down the cosine
     assert s(110) == pytest.approx(0.1) and s(500) == pytest.approx(0.1)
+
+
+def test_conversion_losses_reach_the_console_line():
+    line = format_record({"step": 2, "loss": 3.5, "lm_loss": 3.25, "match_loss": 0.0125})
+    assert line == "step 2 | loss 3.5000 | lm_loss 3.2500 | match_loss 0.0125"
+
+
+def test_offline_wandb_says_how_to_sync(tmp_path, monkeypatch, caplog):
+    monkeypatch.setitem(sys.modules, "wandb", fake_wandb())
+    sink = WandbSink(logging_cfg("offline"), {}, tmp_path, "run")
+    with caplog.at_level(logging.INFO, logger="train"):
+        sink.close()
+    assert f"upload this run with: wandb sync {tmp_path}/wandb/offline-run-*" in caplog.text
+
+
+class _Terminal(io.StringIO):
+    def isatty(self):
+        return True
+
+
+def test_with_the_progress_bar_the_log_file_still_gets_every_log_every_line(tmp_path, monkeypatch):
+    monkeypatch.setattr(sys, "stderr", _Terminal())
+    # As Hydra sets it up: a console handler and train.log, both on the root logger.
+    root = logging.getLogger()
+    handlers = [logging.StreamHandler(sys.stderr), logging.FileHandler(tmp_path / "train.log")]
+    for handler in handlers:
+        root.addHandler(handler)
+    monkeypatch.setattr(logging.getLogger("train"), "level", logging.INFO)
+    try:
+        progress = Progress(True, total=6, initial=0, every=2)
+        assert progress.bar is not None  # the terminal got a bar
+        for step in range(1, 7):
+            progress.update({"step": step, "loss": 1.0, **({"val_loss": 0.5} if step == 3 else {})})
+        progress.close()
+    finally:
+        for handler in handlers:
+            root.removeHandler(handler)
+            handler.close()
+    steps = [line.split(" | ")[0] for line in (tmp_path / "train.log").read_text().splitlines()]
+    assert steps == ["step 2", "step 3", "step 4", "step 6"]  # every 2nd step, and the eval step

@@ -63,3 +63,16 @@ def test_best_metric_takes_each_runs_lowest_val_loss(tmp_path):
     dirs = [str(tmp_path / "s1"), str(tmp_path / "s2")]
     assert summarize_seeds.main(dirs)["gpt2"]["dense"]["val_losses"] == [4.8, 4.6]
     assert summarize_seeds.main(dirs + ["--metric", "best"])["gpt2"]["dense"]["val_losses"] == [4.5, 4.6]
+
+
+def test_gzipped_metrics_as_docs_results_keeps_them(tmp_path):
+    import gzip
+
+    for seed, loss in enumerate([5.0, 5.2]):
+        write_run(tmp_path / f"seed{seed}", "gpt2", "dense", [6.0, loss])
+        plain = tmp_path / f"seed{seed}" / "gpt2" / "dense" / "metrics.jsonl"
+        with gzip.open(plain.with_name("metrics.jsonl.gz"), "wt") as f:
+            f.write(plain.read_text())
+        plain.unlink()
+    summary = summarize_seeds.main([str(tmp_path / "seed0"), str(tmp_path / "seed1")])
+    assert summary["gpt2"]["dense"]["val_losses"] == [5.0, 5.2]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,6 +29,7 @@ def test_a_tiny_run_writes_config_metrics_and_checkpoints(tmp_path, data_root):
                       "train.batch_tokens=256", "train.micro_batch=4"], data_root=data_root, root=tmp_path)
     run_dir = tmp_path / "runs" / "tiny"
     assert f"run dir: {run_dir}" in proc.stdout
+    assert "gpt2_tiny (1L x 64d x 2h) + sfa-q8k8" in proc.stdout  # the real shape, not only the preset
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert config["attention"]["topk_q"] == 8 and config["train"]["max_steps"] == 6
     assert (run_dir / ".hydra" / "config.yaml").is_file()  # Hydra's own output lands in the run dir too
@@ -46,6 +48,7 @@ def test_a_tiny_run_writes_config_metrics_and_checkpoints(tmp_path, data_root):
 
     info = json.loads((run_dir / "run_info.json").read_text())
     assert info["grad_accum"] == 256 // (4 * 32)
+    assert (info["n_layer"], info["d_model"], info["n_head"], info["seed"]) == (1, 64, 2, 1337)
     from models import build_model
 
     model = build_model("gpt2_tiny", {"kind": "sfa", "topk_q": 8}, n_layer=1, d_model=64, n_head=2)
@@ -81,6 +84,11 @@ def test_resume_refuses_another_config(tmp_path, data_root):
     assert proc.returncode != 0
     assert "was trained with another config" in proc.stdout
     assert "attention.topk_q: checkpoint 8 vs now 4" in proc.stdout
+    assert "Traceback" not in proc.stdout and proc.returncode == 2
+    # The fix the message suggests works: without run_name the run gets a directory named after its config.
+    assert "leave out run_name=/out_dir=" in proc.stdout
+    proc = run_train([*common[1:], "attention.k=4", "train.max_steps=3"], data_root=data_root, root=tmp_path)
+    assert "run dir: " + str(tmp_path / "runs" / "gpt2_tiny-L1-d64-h2-sfa-q4k4-") in proc.stdout
     # train.resume=none will not mix a fresh run's checkpoints with the old ones
     import train
 
@@ -88,6 +96,26 @@ def test_resume_refuses_another_config(tmp_path, data_root):
     with pytest.raises(ValueError, match=r"train.resume=none but .* holds checkpoints of an earlier run \(newest step_00000002.pt\)"):
         train.resume_from(cfg, tmp_path / "runs" / "r")
     assert train.resume_from(cfg, tmp_path / "runs" / "elsewhere") is None
+
+
+@pytest.mark.slow
+def test_the_same_command_with_more_steps_extends_the_run_on_the_new_schedule(tmp_path, data_root):
+    common = ["train.batch_tokens=128", "train.micro_batch=4", "train.eval_every=0"]  # default run name
+    first = run_train([*common, "train.max_steps=4", "optim.decay_steps=4"], data_root=data_root, root=tmp_path)
+    # docs/training.md's way to extend: raise max_steps and move the decay horizon with it
+    second = run_train([*common, "train.max_steps=8", "optim.decay_steps=8"], data_root=data_root, root=tmp_path)
+    run_dir = first.stdout.split("run dir: ")[1].split()[0]
+    assert f"run dir: {run_dir}" in second.stdout and "at step 4" in second.stdout
+    assert "optim.decay_steps 4 -> 8" in second.stdout
+    records = read_metrics(Path(run_dir))
+    assert [r["step"] for r in records] == list(range(1, 9))
+    from training.optim import WarmupCosine
+
+    lr, schedule = 1.5e-3, WarmupCosine(2, 8, 0.1)  # train.yaml's lr and min_lr; TINY's 2 warm-up steps
+    assert [r["lr"] for r in records[4:]] == pytest.approx([lr * schedule(s) for s in range(4, 8)])
+    assert records[3]["lr"] == pytest.approx(lr * WarmupCosine(2, 4, 0.1)(3))  # the first part kept its own
+    elapsed = [r["elapsed_s"] for r in records]
+    assert elapsed == sorted(elapsed)  # the wall clock continues from the checkpoint
 
 
 @pytest.mark.slow

@@ -26,10 +26,16 @@ _NAME = re.compile(r"^step_(\d{8})\.pt$")
 
 # Config sections that define what is being trained. A checkpoint whose values differ here belongs to
 # another run and is refused. Everything else (max_steps, intervals, logging, backend, paths) may change.
+# The default run name hashes the same keys (training/run_names.py), so one directory holds one run.
 IDENTITY_KEYS = ("model", "attention", "data.source", "data.tokenizer", "data.dir", "convert", "optim", "train.seq_len",
                  "train.batch_tokens", "train.seed")
-# Implementation choices inside those sections that do not change the maths.
-IGNORED_KEYS = ("attention.backend", "attention.tag")
+# Leaves inside those sections that may change on resume: implementation choices that do not change the
+# maths, and the schedule's horizon (extending a run moves it; the schedule is rebuilt from the new config).
+MAY_CHANGE_KEYS = ("attention.backend", "attention.tag", "optim.decay_steps")
+
+
+class ResumeError(ValueError):
+    """A checkpoint that this run cannot resume from; the message says why and what to do instead."""
 
 
 def checkpoint_path(out_dir: str | Path, step: int) -> Path:
@@ -126,19 +132,19 @@ def prune_checkpoints(out_dir: str | Path, keep: int) -> None:
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"train.resume: checkpoint {path} does not exist")
+        raise ResumeError(f"train.resume: checkpoint {path} does not exist")
     # weights_only: a checkpoint is data, never code; every field we write is a tensor or plain Python.
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except (RuntimeError, EOFError, pickle.UnpicklingError) as e:
-        raise ValueError(
+        raise ResumeError(
             f"train.resume: {path} is unreadable (truncated or corrupt: {str(e).splitlines()[0]}); "
             "move it away to resume from the previous checkpoint"
         ) from e
     if not isinstance(payload, dict) or "format_version" not in payload:
-        raise ValueError(f"train.resume: {path} is not a training checkpoint of this project (no format_version)")
+        raise ResumeError(f"train.resume: {path} is not a training checkpoint of this project (no format_version)")
     if payload["format_version"] > FORMAT_VERSION:
-        raise ValueError(
+        raise ResumeError(
             f"train.resume: {path} has checkpoint format version {payload['format_version']}, newer than this "
             f"code reads (up to {FORMAT_VERSION}); update the code or start a new run"
         )
@@ -163,30 +169,35 @@ def _flatten(value: Any, prefix: str) -> dict[str, Any]:
     return {prefix: value}
 
 
+def identity_leaves(cfg: dict, keys: tuple[str, ...] = IDENTITY_KEYS) -> dict[str, Any]:
+    """The flattened leaves of `keys` that define a run ({"optim.lr": 6e-4, ...}), MAY_CHANGE_KEYS left out."""
+    leaves: dict[str, Any] = {}
+    for key in keys:
+        leaves.update(_flatten(_select(cfg, key), key))
+    return {k: v for k, v in sorted(leaves.items()) if k not in MAY_CHANGE_KEYS}
+
+
 def config_differences(saved: dict, current: dict) -> list[str]:
     """Identity keys whose values differ between a checkpoint's config and the current one."""
-    diffs = []
-    for key in IDENTITY_KEYS:
-        old, new = _flatten(_select(saved, key), key), _flatten(_select(current, key), key)
-        for leaf in sorted(set(old) | set(new)):
-            if leaf in IGNORED_KEYS:
-                continue
-            if old.get(leaf) != new.get(leaf):
-                diffs.append(f"{leaf}: checkpoint {old.get(leaf)!r} vs now {new.get(leaf)!r}")
-    return diffs
+    old, new = identity_leaves(saved), identity_leaves(current)
+    return [f"{leaf}: checkpoint {old.get(leaf)!r} vs now {new.get(leaf)!r}"
+            for leaf in sorted(set(old) | set(new)) if old.get(leaf) != new.get(leaf)]
 
 
 def check_compatible(payload: dict[str, Any], config: dict, world_size: int, path: str | Path) -> None:
     """Refuse a checkpoint of another model/config, or one written by a different number of processes."""
     diffs = config_differences(payload["config"], config)
     if diffs:
-        raise ValueError(
+        # Only an explicit run_name/out_dir (or train.resume) can get here: the default run name hashes
+        # these keys, so without them this config gets a directory of its own.
+        raise ResumeError(
             f"train.resume: checkpoint {path} was trained with another config; differing keys:\n  "
             + "\n  ".join(diffs)
-            + "\nUse a fresh out_dir (or train.resume=none) to start a new run."
+            + "\nGive this run its own directory: leave out run_name=/out_dir= (the default name follows the config) "
+            "or pick a new run_name=...; or leave out train.resume= if it points at another run"
         )
     if payload["world_size"] != world_size:
-        raise ValueError(
+        raise ResumeError(
             f"train.resume: checkpoint {path} was written by {payload['world_size']} processes but this run has "
             f"{world_size}; data-loader positions are per process, so resume with the same number of processes"
         )

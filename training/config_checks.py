@@ -28,6 +28,9 @@ class Plan:
     grad_accum: int
     tokens_per_micro_batch: int  # all processes together
     match_loss: object  # training.conversion.MatchLoss: the Eq. 8 output-matching term (weight 0 = off)
+    warmup_steps: int  # optim.warmup_steps, clamped to the decay horizon
+    decay_steps: int  # optim.decay_steps, or train.max_steps when that is null
+    warnings: tuple[str, ...] = ()  # what the checks adjusted, for the log
 
 
 def model_overrides(model_cfg: dict) -> dict:
@@ -94,7 +97,7 @@ def check_config(cfg: dict, world_size: int) -> Plan:
             model_config.head_dim, uses_rope=model_class(model_config).uses_rope
         )
     except (ValueError, TypeError) as e:
-        raise ConfigError(str(e)) from e
+        raise ConfigError(_as_typed(str(e), att)) from e
 
     seq_len = _positive_int(train["seq_len"], "train.seq_len")
     if seq_len > model_config.max_seq_len:
@@ -129,16 +132,20 @@ def check_config(cfg: dict, world_size: int) -> Plan:
     if isinstance(min_free, bool) or not (isinstance(min_free, (int, float)) and min_free >= 0):
         raise ConfigError(f"train.min_free_gb must be a number of GB >= 0, got {min_free!r}")
     resume = train["resume"]
-    if resume not in ("auto", "none") and not Path(str(resume)).is_file():
-        raise ConfigError(f"train.resume must be auto, none or an existing checkpoint file; {resume!r} does not exist")
+    if resume not in ("auto", "none") and not Path(str(resume)).exists():
+        raise ConfigError(f"train.resume must be auto, none, a checkpoint file or a run directory; {resume!r} does not exist")
 
     if not optim["lr"] > 0 or not 0 <= optim["min_lr"] <= optim["lr"]:
         raise ConfigError(f"optim.lr must be > 0 and 0 <= optim.min_lr <= optim.lr; got lr={optim['lr']}, min_lr={optim['min_lr']}")
     decay_steps = optim["decay_steps"] if optim["decay_steps"] is not None else max_steps
     _positive_int(decay_steps, "optim.decay_steps")
     warmup = _non_negative_int(optim["warmup_steps"], "optim.warmup_steps")
-    if warmup > decay_steps:
-        raise ConfigError(f"optim.warmup_steps={warmup} exceeds the decay horizon ({decay_steps} steps)")
+    warnings = []
+    if warmup > decay_steps:  # e.g. a 5-step smoke test under the default 10 warm-up steps
+        horizon = "optim.decay_steps" if optim["decay_steps"] is not None else "train.max_steps"
+        warnings.append(f"optim.warmup_steps={warmup} is longer than the schedule ({horizon}={decay_steps}); "
+                        f"warming up over {decay_steps} steps instead")
+        warmup = decay_steps
     if optim["grad_clip"] < 0:
         raise ConfigError(f"optim.grad_clip must be >= 0 (0 = off), got {optim['grad_clip']}")
 
@@ -159,5 +166,18 @@ def check_config(cfg: dict, world_size: int) -> Plan:
         grad_accum=batch_tokens // per_micro_step,
         tokens_per_micro_batch=per_micro_step,
         match_loss=parse_match_loss(cfg.get("convert"), model_config.n_layer, attention.kind),
+        warmup_steps=warmup,
+        decay_steps=decay_steps,
+        warnings=tuple(warnings),
     )
+
+
+def _as_typed(message: str, att_cfg: dict) -> str:
+    """Name `attention.k`, the key people type, in an error about the topk_q/topk_k it sets (the attention
+    group derives both from k), unless topk_q/topk_k were set to another value on their own."""
+    k = att_cfg.get("k")
+    for name in ("topk_q", "topk_k"):
+        if k is not None and att_cfg.get(name) == k and f"attention.{name}=" in message:
+            return message.replace(f"attention.{name}=", "attention.k=", 1)
+    return message
 

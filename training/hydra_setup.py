@@ -6,6 +6,18 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
+# The sections the default run name reads (training/run_names.py); resolving only these keeps the
+# resolver away from run_name/out_dir themselves.
+RUN_NAME_SECTIONS = ("model", "attention", "data", "convert", "optim", "train", "init")
+
+
+def _run_name(*, _root_) -> str:
+    from omegaconf import OmegaConf
+
+    from training.run_names import default_run_name
+
+    sections = {key: OmegaConf.to_container(_root_[key], resolve=True) for key in RUN_NAME_SECTIONS if key in _root_}
+    return default_run_name(sections)
 
 
 def register_resolvers() -> None:
@@ -20,10 +32,12 @@ def register_resolvers() -> None:
     # ... and in the attention variants (configs/attention/*.yaml `tag`): "" for the paper's layout.
     if not OmegaConf.has_resolver("sfa_variant"):
         OmegaConf.register_new_resolver("sfa_variant", attention_variant_tag)
+    # run_name: ${sfa_run_name:} names the run after its config (readable part + hash).
+    if not OmegaConf.has_resolver("sfa_run_name"):
+        OmegaConf.register_new_resolver("sfa_run_name", _run_name)
 
 
 def attention_variant_tag(rope: str, rope_dims, scale: str) -> str:
     """Run-name suffix for the rope and scale axes: e.g. "-rope32" (decoupled), "-nope", "-sqrtk"."""
     parts = {"full": "", "none": "-nope", "decoupled": f"-rope{rope_dims}"}.get(rope, f"-rope_{rope}")
     return parts + {"sqrt_d": "", "sqrt_k": "-sqrtk", "learned": "-tlearn"}.get(scale, f"-{scale}")
-

@@ -11,9 +11,11 @@ from torch import nn
 def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.AdamW:
     """Weight decay on matrices (>= 2 dims: linears, embeddings), none on biases and norm gains."""
     params = [p for p in model.parameters() if p.requires_grad]
+    # initial_lr is the schedule's base (LambdaLR sets it too); present from the start, the fresh groups
+    # have the same keys as a checkpoint's, which torch.distributed.checkpoint requires to load into them.
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": optim_cfg.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for p in params if p.dim() >= 2], "weight_decay": optim_cfg.weight_decay, "initial_lr": optim_cfg.lr},
+        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "initial_lr": optim_cfg.lr},
     ]
     return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps)
 
@@ -34,7 +36,15 @@ class WarmupCosine:
         return self.min_ratio + 0.5 * (1.0 + math.cos(math.pi * progress)) * (1.0 - self.min_ratio)
 
 
-def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    decay_steps = optim_cfg.decay_steps if optim_cfg.decay_steps is not None else max_steps
-    schedule = WarmupCosine(optim_cfg.warmup_steps, decay_steps, optim_cfg.min_lr / optim_cfg.lr)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+def build_scheduler(optimizer: torch.optim.Optimizer, optim_cfg, warmup: int, decay_steps: int,
+                    step: int = 0) -> torch.optim.lr_scheduler.LambdaLR:
+    """The schedule of the current config, positioned at `step` (optimizer steps done).
+
+    A resumed run builds its scheduler this way, after loading the optimizer state, instead of loading
+    the saved scheduler: LambdaLR's saved state would bring back the old horizon, and extending a run
+    (train.max_steps, optim.decay_steps) must change it."""
+    schedule = WarmupCosine(warmup, decay_steps, optim_cfg.min_lr / optim_cfg.lr)
+    if step == 0:
+        return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule)
+    # last_epoch = step - 1: the constructor takes one step itself, landing on `step`.
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, schedule, last_epoch=step - 1)

@@ -3,6 +3,8 @@ and the console (a tqdm bar on a terminal, a quiet line every `log_every` steps 
 
 from __future__ import annotations
 
+import contextlib
+import gzip
 import json
 import logging
 import math
@@ -56,12 +58,37 @@ class JsonlSink:
         self._file.close()
 
 
+def metrics_file(run_dir: str | Path) -> Path | None:
+    """<run_dir>/metrics.jsonl, or the gzipped copy kept in docs/results (metrics.jsonl.gz); None if neither."""
+    for name in ("metrics.jsonl", "metrics.jsonl.gz"):
+        if (Path(run_dir) / name).is_file():
+            return Path(run_dir) / name
+    return None
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records JsonlSink wrote (plain or gzipped), skipping a line torn by a crash."""
+    path = metrics_file(run_dir)
+    if path is None:
+        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl (or metrics.jsonl.gz)")
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding="utf-8") as f:
+        lines = [line for line in f if line.strip()]
+    records = []
+    for line in lines:
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return records
+
+
 class WandbSink:
     """wandb, imported lazily. Absence (ImportError), init failures and log failures warn once and turn
     the sink off; the run goes on. mode=disabled never imports wandb."""
 
     def __init__(self, logging_cfg, config: dict, out_dir: Path, run_name: str):
-        self.run = None
+        self.run, self.mode, self.out_dir = None, logging_cfg.mode, Path(out_dir)
         if logging_cfg.mode == "disabled":
             return
         try:
@@ -100,12 +127,17 @@ class WandbSink:
             self.run.finish()
         except Exception as e:  # noqa: BLE001
             log.warning("wandb.finish failed (%s: %s)", type(e).__name__, e)
+            return
+        if self.mode == "offline":  # nothing reached wandb's servers yet: say how to upload
+            log.info("wandb ran offline; upload this run with: wandb sync %s", self.out_dir / "wandb" / "offline-run-*")
 
 
 def format_record(record: dict[str, Any]) -> str:
     """A short console line: step, losses, lr, throughput, MFU."""
     parts = [f"step {record['step']}"]
-    for key, fmt in (("loss", "{:.4f}"), ("val_loss", "{:.4f}"), ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"),
+    # lm_loss / match_loss: the two terms of a conversion run's loss (convert=eq8), absent otherwise.
+    for key, fmt in (("loss", "{:.4f}"), ("lm_loss", "{:.4f}"), ("match_loss", "{:.4g}"), ("val_loss", "{:.4f}"),
+                     ("lr", "{:.2e}"), ("grad_norm", "{:.3f}"),
                      ("tokens_per_s", "{:,.0f}"), ("step_time_s", "{:.3f}"), ("mfu", "{:.1%}")):
         value = record.get(key)
         if value is not None:
@@ -114,14 +146,20 @@ def format_record(record: dict[str, Any]) -> str:
 
 
 class Progress:
-    """tqdm bar on a terminal; otherwise a log line every `every` steps (and for every eval)."""
+    """A tqdm bar on a terminal, a log line every `every` steps (and for every eval) in any case.
+
+    With the bar, log records go through tqdm (logging_redirect_tqdm), so the lines land above the bar
+    on the console and in train.log as they would without one."""
 
     def __init__(self, enabled: bool, total: int, initial: int, every: int):
         self.enabled, self.every, self.bar = enabled, every, None
+        self._redirect = contextlib.ExitStack()
         if enabled and sys.stderr.isatty():
             from tqdm import tqdm
+            from tqdm.contrib.logging import logging_redirect_tqdm
 
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
+            self._redirect.enter_context(logging_redirect_tqdm())
 
     def update(self, record: dict[str, Any]) -> None:
         if not self.enabled:
@@ -129,11 +167,10 @@ class Progress:
         if self.bar is not None:
             self.bar.update(1)
             self.bar.set_postfix_str(format_record(record).split(" | ", 1)[-1], refresh=False)
-            if "val_loss" in record:
-                self.bar.write(format_record(record))
-        elif "val_loss" in record or (self.every and record["step"] % self.every == 0):
+        if "val_loss" in record or (self.every and record["step"] % self.every == 0):
             log.info(format_record(record))
 
     def close(self) -> None:
+        self._redirect.close()
         if self.bar is not None:
             self.bar.close()
