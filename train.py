@@ -269,7 +269,8 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
         "kv_cache_bytes_per_token": kv_bytes, "device": device_name, "world_size": info.world_size,
         "dist": info.mode, "grad_accum": plan.grad_accum, "attention": plan.attention.kind,
         "topk_q": plan.attention.topk_q, "topk_k": plan.attention.topk_k, "d_short": plan.attention.d_short,
-        "feature_map": plan.attention.feature_map,
+        "feature_map": plan.attention.feature_map, "rope": plan.attention.rope, "rope_dims": plan.attention.rope_dims,
+        "scale": plan.attention.scale,
         "head_dim": plan.model_config.head_dim, "peak_flops_per_device": peak,
     }
     sinks = [JsonlSink(out_dir, step), WandbSink(cfg.logging, config, out_dir, cfg.run_name)] if info.is_main else []

@@ -92,7 +92,9 @@ def label(info: dict) -> str:
         detail = f"short d={info['d_short']}"
     else:
         detail = "dense"
-    return f"{model_name(info)}, {detail} (head dim {info['head_dim']})"
+    rope = {"decoupled": f", RoPE on {info.get('rope_dims')} dims", "none": ", no RoPE"}.get(info.get("rope"), "")
+    scale = {"sqrt_k": ", 1/sqrt(k)", "learned": ", learned temperature"}.get(info.get("scale"), "")
+    return f"{model_name(info)}, {detail}{rope}{scale} (head dim {info['head_dim']})"
 
 
 def group_arms(runs: list[dict]) -> list[dict]:
