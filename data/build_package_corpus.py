@@ -45,6 +45,7 @@ from tqdm import tqdm
 from data.deb_archive import iter_deb_files
 from data.sword import sword_documents
 from data.text_extract import extract
+from data.tokenizers import sha256_of_file
 
 MANIFEST = Path(__file__).resolve().parent / "corpus" / "package_corpus.json"
 INDEX_FILE = "index.json"
@@ -55,14 +56,6 @@ _WS = re.compile(r"\s+")
 
 class CorpusBuildError(RuntimeError):
     pass
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def load_manifest(path: Path = MANIFEST) -> dict:
@@ -78,7 +71,7 @@ def load_manifest(path: Path = MANIFEST) -> dict:
 
 
 def manifest_sha256(path: Path = MANIFEST) -> str:
-    return sha256_file(Path(path))
+    return sha256_of_file(Path(path))
 
 
 # --- 1. download ------------------------------------------------------------------------------------------
@@ -107,11 +100,11 @@ def download(pkg: dict, downloads: Path, fetch: Callable[[dict, Path], Path] = a
     """The package file in `downloads`, fetched once and checked against the manifest's sha256."""
     downloads.mkdir(parents=True, exist_ok=True)
     final = downloads / f"{pkg['name']}_{pkg['version'].replace(':', '%3a')}.deb"
-    if final.exists() and sha256_file(final) == pkg["sha256"]:
+    if final.exists() and sha256_of_file(final) == pkg["sha256"]:
         return final
     with tempfile.TemporaryDirectory(dir=downloads, prefix=".fetch-") as tmp:
         got = fetch(pkg, Path(tmp))
-        digest = sha256_file(got)
+        digest = sha256_of_file(got)
         if digest != pkg["sha256"]:
             raise CorpusBuildError(
                 f"{pkg['name']}={pkg['version']}: downloaded sha256 {digest} but the manifest pins {pkg['sha256']}; "
@@ -262,7 +255,7 @@ def _write_part(args) -> dict:
         d["characters"] += len(doc["text"])
         d["gpt2_tokens"] += 1 + len(ids)  # + the eot that starts each document
     return {"file": part["file"], "split": part["split"], "domain": part["domain"], "bytes": path.stat().st_size,
-            "sha256": sha256_file(path), "documents": len(part["docs"]),
+            "sha256": sha256_of_file(path), "documents": len(part["docs"]),
             "characters": sum(d["characters"] for d in by_domain.values()),
             "gpt2_tokens": sum(d["gpt2_tokens"] for d in by_domain.values()), "by_domain": by_domain}  # fmt: skip
 

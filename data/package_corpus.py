@@ -25,7 +25,8 @@ from typing import Iterator
 
 import numpy as np
 
-from data.build_package_corpus import INDEX_FILE, MANIFEST, build, order_key, sha256_file
+from data.build_package_corpus import INDEX_FILE, MANIFEST, build, order_key
+from data.tokenizers import sha256_of_file
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The package corpora by source name: the manifest that defines each one.
@@ -69,7 +70,7 @@ def select_parts(name: str, corpus_dir: str | Path | None, train_parts: int | No
         build(corpus_dir, PACKAGE_CORPORA[name], progress=progress)
         index_file = corpus_dir / INDEX_FILE
     index = json.loads(index_file.read_text())
-    wanted_manifest = sha256_file(PACKAGE_CORPORA[name])
+    wanted_manifest = sha256_of_file(PACKAGE_CORPORA[name])
     if index.get("manifest_sha256") != wanted_manifest:
         raise CorpusPartsError(
             f"{index_file} was built from another manifest (sha256 {index.get('manifest_sha256')}) than this "
@@ -94,7 +95,7 @@ def select_parts(name: str, corpus_dir: str | Path | None, train_parts: int | No
             f"{', ...' if len(missing) > 4 else ''}): carry them (python -m data.build_package_corpus pack){hint}"
         )
     for part, path in found:
-        if path.stat().st_size != part["bytes"] or sha256_file(path) != part["sha256"]:
+        if path.stat().st_size != part["bytes"] or sha256_of_file(path) != part["sha256"]:
             raise CorpusPartsError(f"{path} is not the part index.json describes (size or sha256 differ); copy it again")
     return index, found
 
