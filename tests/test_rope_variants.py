@@ -221,11 +221,14 @@ def test_learned_scale_starts_at_the_paper_scale_and_learns():
     loss.backward()
     gains = [mod.log_gain for mod in learned.modules() if isinstance(mod, LogitScale)]
     assert len(gains) == 2 and all(g.grad is not None and g.grad.abs().sum() > 0 for g in gains)
-    # A head's temperature scales its scores: doubling it equals attention with twice the scale.
-    with torch.no_grad():
-        gains[0].fill_(math.log(2.0))
+    # A head's temperature multiplies its q, so every score of that head, and no other head's.
     q = torch.randn(1, 4, 6, 16)
-    assert torch.allclose(LogitScale(4).forward(q), q)
+    scale = LogitScale(4)
+    assert torch.equal(scale(q), q)
+    with torch.no_grad():
+        scale.log_gain[1] = math.log(2.0)
+    scaled = scale(q)
+    assert torch.allclose(scaled[:, 1], 2 * q[:, 1]) and torch.equal(scaled[:, [0, 2, 3]], q[:, [0, 2, 3]])
     gpt = build_model("gpt2_tiny", {"kind": "dense", "scale": "learned"}, **GPT2)
     assert any(isinstance(mod, LogitScale) for mod in gpt.modules())
 
