@@ -54,3 +54,12 @@ def test_train_logs_diagnostics_when_asked(tmp_path, tmp_path_factory):
     r = records[1]
     assert {"attn/q_energy_kept_L0", "attn/k_energy_kept_L0", "attn/max_logit_L0", "attn/entropy_L0"} <= set(r)
     assert 0 < r["attn/q_energy_kept"] < 1  # the default job is SFA k=8 of 32
+
+
+def test_unwrap_reaches_the_model_under_torch_compile():
+    from training.distributed import unwrap
+
+    m = build_model("gpt2_tiny", "dense", n_layer=1, vocab_size=97, max_seq_len=16)
+    compiled = torch.compile(m)
+    assert unwrap(compiled) is m and unwrap(m) is m
+    assert [n for n, _ in unwrap(compiled).named_parameters()] == [n for n, _ in m.named_parameters()]

@@ -8,22 +8,18 @@ from __future__ import annotations
 import torch
 
 from models.attention import collect_attention_stats
+from training.distributed import unwrap
 
 STATS = ("q_energy_kept", "k_energy_kept", "max_logit", "entropy")
-
-
-def unwrap_all(model: torch.nn.Module) -> torch.nn.Module:
-    """The plain model under DDP and torch.compile: diagnostics run eagerly, so the compiled graph never
-    sees the statistics path, and without DDP's gradient hooks (they run under no_grad)."""
-    model = getattr(model, "module", model)  # DDP
-    return getattr(model, "_orig_mod", model)  # torch.compile
 
 
 @torch.no_grad()
 def attention_diagnostics(model: torch.nn.Module, input_ids: torch.Tensor, autocast) -> dict[str, float]:
     """Metrics `attn/<stat>_L<i>` per layer and `attn/<stat>` (their mean over layers) for one forward of
     `input_ids` (only its first sequence is scored). `autocast` is the loop's autocast context factory."""
-    inner = unwrap_all(model)
+    # Eagerly on the plain model: the compiled graph never sees the statistics path, and DDP's gradient
+    # hooks stay out of it (it runs under no_grad).
+    inner = unwrap(model)
     was_training = inner.training
     inner.eval()
     try:

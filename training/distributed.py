@@ -143,10 +143,17 @@ def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The user's model inside a DDP wrapper (FSDP2 modifies the module in place, nothing to unwrap)."""
+    """The user's model inside DDP and torch.compile wrappers, in either order (FSDP2 modifies the module in
+    place, nothing to unwrap there). Parameter names then read as the model's own, without `_orig_mod.`."""
     from torch.nn.parallel import DistributedDataParallel
 
-    return model.module if isinstance(model, DistributedDataParallel) else model
+    while True:
+        if isinstance(model, DistributedDataParallel):
+            model = model.module
+        elif hasattr(model, "_orig_mod"):  # torch.compile's OptimizedModule
+            model = model._orig_mod
+        else:
+            return model
 
 
 @contextlib.contextmanager
