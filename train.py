@@ -112,6 +112,7 @@ def save_checkpoint(model, optimizer, scheduler, loader, step, tokens_seen, conf
     """Collective (every rank calls it): gather full states, rank 0 writes the file atomically."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
 
+    started = time.perf_counter()
     model_state, optim_state = get_state_dict(
         model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
@@ -140,6 +141,8 @@ def save_checkpoint(model, optimizer, scheduler, loader, step, tokens_seen, conf
         )
         ckpt.prune_checkpoints(out_dir, keep)
     dist.barrier(info)
+    if info.is_main:  # scripts/summarize_scaleup.py reads this line
+        log.info("checkpoint %s saved in %.1f s", path.name, time.perf_counter() - started)
     return path
 
 
@@ -242,6 +245,7 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
     if resume_path is not None:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
+        resume_started = time.perf_counter()
         payload = ckpt.load_checkpoint(resume_path)
         ckpt.check_compatible(payload, config, info.world_size, resume_path)
         set_state_dict(model, optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optimizer"],
@@ -251,7 +255,8 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
         step, tokens_seen = payload["step"], payload["tokens_seen"]
         elapsed_before = payload.get("elapsed_s", 0.0)  # wall-time curves continue across resumes
         guard.load_state_dict(payload.get("nonfinite", {}))
-        log.info("resumed from %s at step %d (%d tokens seen)", resume_path, step, tokens_seen)
+        log.info("resumed from %s at step %d (%d tokens seen) in %.1f s", resume_path, step, tokens_seen,
+                 time.perf_counter() - resume_started)
         old_steps, old_decay = payload["config"]["train"]["max_steps"], payload["config"]["optim"]["decay_steps"]
         if (old_steps, old_decay) != (cfg.train.max_steps, cfg.optim.decay_steps):
             log.info("extending the run: train.max_steps %s -> %s, optim.decay_steps %s -> %s; the learning rate "
