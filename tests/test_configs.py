@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from models import build_model
-from training.config_checks import ConfigError, check_config
+from training.run_config import ConfigError, check_config
 from training.distributed import resolve_mode, setup
 from training.hydra_setup import CONFIG_DIR, register_resolvers
 
