@@ -54,7 +54,7 @@ _flex_cache: dict = {}
 
 
 def _flex(q, k, v, causal, gqa):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # lazy: heavy (the compiler stack); only the flex baseline uses it
 
     n = q.shape[-2]
     key = (n, causal)

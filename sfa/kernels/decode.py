@@ -24,7 +24,10 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import interpreting, next_pow2, num_sms
+from ..topk import SparseCode
+from ._config import interpreting, kernel_can_run_on, next_pow2, num_sms
+from .masked import masked_features
+from .topk import fused_topk_sparsify
 
 MAX_QUERY_ROWS = 64  # (query heads per KV head) x (query tokens) handled in one program
 MAX_SPLITS = 1024  # bounds the partials buffer; the combine kernel streams them in COMBINE_BLOCK chunks
@@ -272,11 +275,6 @@ def decode_sfa_attention(q, k, v, *, topk_q: int, topk_k: int, causal: bool = Tr
     k is normally a SparseCode (the cache); a dense k is sparsified first (a full pass over the keys,
     so only worth it when the same keys serve many steps -- `auto` never picks decode for dense k).
     """
-    from ..topk import SparseCode
-    from ._config import kernel_can_run_on
-    from .masked import masked_features
-    from .topk import fused_topk_sparsify
-
     hq, n_q, d = q.shape[1], q.shape[2], q.shape[3]
     hkv = k.shape[1]
     if (hq // hkv) * n_q > MAX_QUERY_ROWS:
