@@ -1,5 +1,6 @@
 """Which backend `auto` picks, case by case. The expected picks were recorded from the rule as it stood
-before the backends declared their own capabilities; the registry must reproduce every one of them.
+before the backends declared their own capabilities; the registry (sfa/backends.py) must reproduce every
+one of them.
 
 CUDA inputs are stand-ins carrying only shape, dtype and device (the rule reads nothing else of a dense
 tensor), so the CUDA picks are checked on any machine; SparseCode keys are real codes, whose device the
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 import sfa
-from sfa import ops
+from sfa import backends, ops
 
 BF16, F16, F32, F64 = torch.bfloat16, torch.float16, torch.float32, torch.float64
 
@@ -62,10 +63,39 @@ CASES = [
 ]
 
 
-@pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("q, k, v, expected", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_auto_picks(q, k, v, expected, causal):
-    assert ops.choose_backend(q, k, v, topk_q=8, topk_k=8, causal=causal) == expected
+def test_auto_picks(q, k, v, expected):
+    dense_dims = k.dense_dims if isinstance(k, sfa.SparseCode) else 0  # what sfa_attention resolves and passes
+    assert ops.choose_backend(q, k, v, dense_dims=dense_dims) == expected
+
+
+def test_the_registry_decides(monkeypatch):
+    """auto walks the registry: a backend registered with a higher priority wins where its capabilities
+    fit and nowhere else; one registered without a priority is never picked."""
+    monkeypatch.setattr(backends, "BACKENDS", dict(backends.BACKENDS))
+    backends.register_backend("wide_only", lambda *a, **kw: None, backends.Capabilities(devices=("cuda",), head_dims=(512,)),
+                              priority=100)
+    backends.register_backend("unranked", lambda *a, **kw: None)
+    wide = on("cuda", (1, 4, 64, 512))
+    assert ops.choose_backend(wide, wide, wide) == "wide_only"
+    narrow = on("cuda", (1, 4, 64, 64))
+    assert ops.choose_backend(narrow, narrow, narrow) == "masked"
+    cpu = on("cpu", (1, 4, 64, 64))
+    assert ops.choose_backend(cpu, cpu, cpu) == "reference"
+    assert {"wide_only", "unranked"} <= set(sfa.available_backends())
+
+
+def test_a_backend_without_decoupled_rows_is_skipped_for_them(monkeypatch):
+    monkeypatch.setattr(backends, "BACKENDS", dict(backends.BACKENDS))
+    backends.register_backend("plain_rows", lambda *a, **kw: None, backends.Capabilities(dense_dims=False), priority=100)
+    q = on("cuda", (1, 4, 64, 64))
+    assert ops.choose_backend(q, q, q, dense_dims=0) == "plain_rows"
+    assert ops.choose_backend(q, q, q, dense_dims=16) == "masked"
+
+
+def test_auto_is_not_a_backend_name():
+    with pytest.raises(ValueError, match="'auto' is the rule"):
+        sfa.register_backend("auto", lambda *a, **kw: None)
 
 
 def test_every_pick_is_a_registered_backend():
@@ -85,6 +115,6 @@ def test_gpu_auto_picks_decode_for_a_cache_and_masked_for_prefill():
     q = torch.randn(1, 8, 1, 128, device="cuda", dtype=BF16)
     cache = sfa.topk_sparsify(torch.randn(1, 2, 300, 128, device="cuda", dtype=BF16), 16)
     v = torch.randn(1, 2, 300, 128, device="cuda", dtype=BF16)
-    assert ops.choose_backend(q, cache, v, topk_q=16, topk_k=16, causal=True) == "decode"
+    assert ops.choose_backend(q, cache, v) == "decode"
     q_long = torch.randn(1, 8, 300, 128, device="cuda", dtype=BF16)
-    assert ops.choose_backend(q_long, cache.to_dense(), v, topk_q=16, topk_k=16, causal=True) == "masked"
+    assert ops.choose_backend(q_long, cache.to_dense(), v) == "masked"

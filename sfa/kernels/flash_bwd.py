@@ -15,6 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._config import LOG2E
 from .flash_blocks import load_block_pair, scored_pairs
 
 
@@ -64,7 +65,7 @@ def _dkdv_block(
         delta = tl.load(delta_ptrs + start_m * stride_dm)
     # lse is natural-log; scores are taken in base 2 with qk_scale = scale * log2(e), so each score
     # costs one fused multiply-add and one exp2.
-    lse2 = lse * 1.4426950408889634
+    lse2 = lse * LOG2E
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
     p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
     if MASKED:
@@ -215,7 +216,7 @@ def flash_bwd_dq_kernel(
     do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dom
                  + offs_dv[None, :] * stride_dod, mask=row_ok[:, None] & (offs_dv[None, :] < VALUE_DIM), other=0.0)
     row_stats = batch * stride_lb + head * stride_lh + offs_m * stride_lm
-    lse2 = tl.load(LSE + row_stats, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + row_stats, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + row_stats, mask=row_ok, other=0.0)
     k_ptrs = K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd

@@ -1,4 +1,4 @@
-"""The `masked` backend: fused top-k to masked dense q~, k~, then the fastest dense SDPA kernel.
+"""The `masked` backend: fused top-k to masked dense q~, k~, then the fastest dense SDPA kernel (sfa/dense.py).
 
 Random top-k supports cover nearly all D within a tile (docs/design.md), so once q and k are masked the
 best a kernel can do is dense tensor-core attention on q~, k~ -- which cuDNN/FlashAttention already
@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import torch
 
+from ..backends import Capabilities, register_backend
 from ..dense import dense_sdpa
 from ..topk import SparseCode, masked_rows
-from .topk import fused_topk_masked
+from ._config import KERNEL_DTYPES
+from .topk import MAX_DIM, fused_topk_masked
 
 
 def _fused_masked(rows: torch.Tensor, topk: int) -> torch.Tensor:
@@ -32,3 +34,14 @@ def masked_sfa_attention(q, k, v, *, topk_q: int, topk_k: int, causal: bool = Tr
     q_masked = masked_features(q, topk_q, dense_dims)
     k_masked = masked_features(k, topk_k, dense_dims)
     return dense_sdpa(q_masked, k_masked, v, causal=causal, scale=scale)
+
+
+# auto's choice for training and prefill on CUDA: 0.97-1.10x dense cuDNN's time for the SFA attention step
+# (forward + backward, top-k included) at 8k-32k on the H200, while the reference's sort-based top-k alone costs
+# more than the whole attention (docs/benchmarks.md, docs/bench/topk_decode.md). Head dims up to the fused
+# top-k's MAX_DIM (its uint8 indices); beyond, auto takes the reference.
+register_backend(
+    "masked", masked_sfa_attention,
+    Capabilities(devices=("cuda",), dtypes=KERNEL_DTYPES, max_head_dim=MAX_DIM),
+    priority=10,
+)
