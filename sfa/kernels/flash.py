@@ -104,13 +104,7 @@ def flash_forward(q, k, v, *, causal: bool, scale: float, config: dict | None = 
     return out, lse
 
 
-# dQ inside the dK/dV kernel through fp32 atomics (one kernel, 5 matmuls per block pair) instead of a
-# separate dQ kernel (7 matmuls, no atomics). Chosen per head dim from the measurement (notes_flash.md).
-FUSE_DQ: dict[int, bool] = {}
-
-
-def flash_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, configs: dict | None = None,
-                   fuse_dq: bool | None = None):
+def flash_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, configs: dict | None = None):
     """Gradients (dq̃, dk̃, dv) with respect to the masked-dense q̃, k̃ and v; dk, dv summed over GQA groups."""
     b, hq, n_q, d = q.shape
     hkv, n_k, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
@@ -133,19 +127,17 @@ def flash_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, c
     common = dict(HEAD_DIM=d, VALUE_DIM=dv_dim, BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=causal,
                   DOT_PRECISION=precision)
 
-    if fuse_dq is None:
-        fuse_dq = FUSE_DQ.get(d, False)
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fuse_dq else dq
+    # dQ in a kernel of its own (7 matmuls per block pair, no atomics): folding it into the dK/dV kernel with
+    # fp32 atomics (5 matmuls) measured slower on the H200, e.g. 9.48 vs 7.28 ms for the backward at 8k, D=128
+    # (docs/bench/attention.md, "Why, with the measurements", point 2).
     cfg = launch_config("dkdv", d, configs.get("dkdv"))
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     flash_bwd_dkdv_kernel[(triton.cdiv(n_k, block_n), b * hkv)](
-        q, k, v, grad_out, lse, delta, dk, dv, dq_acc,
+        q, k, v, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(), *dk.stride(), *dv.stride(),
-        *dq_acc.stride(), hkv, group, n_q, n_k, n_k - n_q, scale, scale * LOG2E.value,
-        BLOCK_M=block_m, BLOCK_N=block_n, FUSE_DQ=fuse_dq, **common, **cfg,
+        hkv, group, n_q, n_k, n_k - n_q, scale, scale * LOG2E.value,
+        BLOCK_M=block_m, BLOCK_N=block_n, **common, **cfg,
     )
-    if fuse_dq:
-        return dq.copy_(dq_acc), dk, dv
 
     cfg = launch_config("dq", d, configs.get("dq"))
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
