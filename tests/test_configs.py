@@ -227,6 +227,20 @@ def test_cuda_requested_without_gpu(monkeypatch):
         resolve_device("tpu", 0)
 
 
+def test_evaluation_resolves_devices_by_the_same_rule_naming_its_own_key(monkeypatch):
+    import torch
+
+    from training.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", key="--device") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu"), key="--device") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"--device=cuda:1 but no CUDA device is available \(use --device=auto or cpu\)"):
+        resolve_device("cuda:1", key="--device")
+    with pytest.raises(ValueError, match=r"--device must be one of auto, cpu, cuda; got 'cuda:x'"):
+        resolve_device("cuda:x", key="--device")
+
+
 def test_run_names_tell_the_feature_map_apart():
     # Two runs that differ only in the Qwen3 feature map must not share (and resume) one run directory.
     plain = resolved(["model=qwen3_tiny", "attention.k=16"])

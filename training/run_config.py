@@ -122,8 +122,6 @@ def run_tokenizer(cfg: dict) -> str | None:
 
 
 # --- the checks ------------------------------------------------------------------------------------------
-
-
 def _positive_int(value, key: str) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ConfigError(f"{key} must be a positive integer, got {value!r}")
