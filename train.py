@@ -27,19 +27,25 @@ import numpy as np
 import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
 
-from data.format import DataFormatError
+from data.format import DataFormatError, check_vocab, read_meta
+from data.loader import TokenLoader
+from data.prepare import ensure_prepared
+from data.prepared_data import prepared_dir
 from data.sources import DatasetUnavailableError, DataSourceError
 from data.tokenizers import UnknownTokenizerError
+from models import build_model
 from training import checkpoint as ckpt
 from training import conversion
 from training import distributed as dist
 from training import faults
-from training.config_checks import ConfigError, check_config
 from training.device_peaks import detect_peak_flops
+from training.diagnostics import attention_diagnostics
 from training.hydra_setup import register_resolvers
 from training.metrics import flops_per_token, mfu, peak_memory_bytes, reset_peak_memory
 from training.optim import build_optimizer, build_scheduler
+from training.run_config import ConfigError, check_config
 from training.sinks import JsonlSink, Progress, WandbSink, format_record
 
 log = logging.getLogger("train")
@@ -62,12 +68,8 @@ def autocast_context(device: torch.device, dtype: str):
 
 def prepare_data(cfg: DictConfig, info: dist.DistInfo) -> Path:
     """Rank 0 prepares the token shards (once, cached under data.root); the others wait, then reuse them."""
-    from data.prepare import ensure_prepared
-
     d = cfg.data
     if d.get("dir"):  # already prepared (e.g. by scripts/niah.py make-data): validate, never re-prepare
-        from training.prepared_data import prepared_dir
-
         return prepared_dir(d.dir, d.tokenizer)
     source = OmegaConf.to_container(d.source) if OmegaConf.is_list(d.source) else d.source
     options = dict(max_tokens=d.max_tokens, val_fraction=d.val_fraction, hf_split=d.hf_split, text_field=d.text_field)
@@ -83,8 +85,6 @@ def prepare_data(cfg: DictConfig, info: dist.DistInfo) -> Path:
 @torch.no_grad()
 def evaluate(model, cfg: DictConfig, data_dir: Path, info: dist.DistInfo, micro_batch: int) -> float:
     """Mean loss over the same `eval_batches` val micro-batches every time (a fresh loader per call)."""
-    from data.loader import TokenLoader
-
     loader = TokenLoader(data_dir, "val", micro_batch, cfg.train.seq_len, info.rank, info.world_size, cfg.train.seed)
     model.eval()
     total, batches = torch.zeros((), device=info.device), 0
@@ -99,10 +99,6 @@ def evaluate(model, cfg: DictConfig, data_dir: Path, info: dist.DistInfo, micro_
 
 def diagnostics_batch(cfg: DictConfig, data_dir: Path, info: dist.DistInfo, model) -> dict:
     """training/diagnostics.py on the first validation sequence (the same one every time)."""
-    from data.loader import TokenLoader
-
-    from training.diagnostics import attention_diagnostics
-
     x, _ = next(iter(TokenLoader(data_dir, "val", 1, cfg.train.seq_len, 0, 1, cfg.train.seed).iter_eval_batches(1)))
     return attention_diagnostics(model, x.to(info.device), lambda: autocast_context(info.device, cfg.train.dtype))
 
@@ -110,8 +106,6 @@ def diagnostics_batch(cfg: DictConfig, data_dir: Path, info: dist.DistInfo, mode
 def save_checkpoint(model, optimizer, scheduler, loader, step, tokens_seen, config, out_dir, info, keep,
                     nonfinite_state=None, elapsed_s=0.0):
     """Collective (every rank calls it): gather full states, rank 0 writes the file atomically."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
-
     started = time.perf_counter()
     model_state, optim_state = get_state_dict(
         model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
@@ -195,10 +189,6 @@ def train(cfg: DictConfig, out_dir: Path) -> dict:
 
 
 def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
-    from data.format import check_vocab, read_meta
-    from data.loader import TokenLoader
-    from models import build_model
-
     config = OmegaConf.to_container(cfg, resolve=True)
     plan = check_config(config, info.world_size)
     if not info.is_main:
@@ -243,8 +233,6 @@ def _train(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> dict:
     guard = faults.NonFiniteGuard(cfg.train.nonfinite, cfg.train.nonfinite_max_consecutive)
     loss_parts = conversion.LossParts(info.device)  # lm_loss / match_loss when the Eq. 8 term is on
     if resume_path is not None:
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
-
         resume_started = time.perf_counter()
         payload = ckpt.load_checkpoint(resume_path)
         ckpt.check_compatible(payload, config, info.world_size, resume_path)

@@ -80,7 +80,7 @@ def _lazyload_object(rdb: bytes, offset: int, length: int) -> bytes:
 
 def read_austen(rdata_base: Path) -> list[dict]:
     """The six novels of janeaustenr's data base (`<base>.rdx` + `<base>.rdb`), in AUSTEN_NOVELS order."""
-    import rdata  # build-time only
+    import rdata  # lazy: optional, needed only to rebuild this corpus
 
     index = rdata.conversion.convert(rdata.parser.parse_data(gzip.decompress(rdata_base.with_suffix(".rdx").read_bytes())))
     rdb = rdata_base.with_suffix(".rdb").read_bytes()

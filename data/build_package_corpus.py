@@ -45,8 +45,9 @@ from tqdm import tqdm
 from data.deb_archive import iter_deb_files
 from data.sword import sword_documents
 from data.text_extract import extract
-from data.tokenizers import sha256_of_file
+from data.tokenizers import get_tokenizer, sha256_of_file
 
+REPO_ROOT = Path(__file__).resolve().parent.parent
 MANIFEST = Path(__file__).resolve().parent / "corpus" / "package_corpus.json"
 INDEX_FILE = "index.json"
 INDEX_VERSION = 1
@@ -238,8 +239,6 @@ def plan_parts(manifest: dict, steps: Path) -> tuple[list[dict], dict]:
 def _write_part(args) -> dict:
     """Write one part atomically (skipped when present) and count it: documents, characters, GPT-2 tokens."""
     path, part = args
-    from data.tokenizers import get_tokenizer
-
     if not path.exists():
         tmp = path.with_name(path.name + ".tmp")
         with lzma.open(tmp, "wt", encoding="utf-8", preset=6) as f:
@@ -350,9 +349,13 @@ def pack(corpus_dir: Path, out: Path, train_parts: int, chunk_mib: float) -> lis
     return folders
 
 
-def main(argv: list[str] | None = None) -> None:
-    from data.package_corpus import default_corpus_dir
+def default_corpus_dir(name: str) -> Path:
+    """Where a package corpus is built and read from: $SFA_CORPUS_DIR, else workspace/corpus/<name>."""
+    env = os.environ.get("SFA_CORPUS_DIR")
+    return Path(env) if env else REPO_ROOT / "workspace" / "corpus" / name
 
+
+def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m data.build_package_corpus", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     sub = parser.add_subparsers(dest="command", required=True)

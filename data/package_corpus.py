@@ -25,10 +25,9 @@ from typing import Iterator
 
 import numpy as np
 
-from data.build_package_corpus import INDEX_FILE, MANIFEST, build, order_key
-from data.tokenizers import sha256_of_file
+from data.build_package_corpus import INDEX_FILE, MANIFEST, build, default_corpus_dir, order_key
+from data.tokenizers import get_tokenizer, sha256_of_file
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 # The package corpora by source name: the manifest that defines each one.
 PACKAGE_CORPORA = {"pkg_corpus": MANIFEST}
 
@@ -39,11 +38,6 @@ class CorpusPartsError(FileNotFoundError):
 
 def is_package_corpus(source) -> bool:
     return isinstance(source, str) and source in PACKAGE_CORPORA
-
-
-def default_corpus_dir(name: str) -> Path:
-    env = os.environ.get("SFA_CORPUS_DIR")
-    return Path(env) if env else REPO_ROOT / "workspace" / "corpus" / name
 
 
 def find_index(corpus_dir: Path) -> Path | None:
@@ -108,8 +102,6 @@ def read_part(path: Path) -> list[dict]:
 def _tokenize_part(args) -> list[tuple[str, np.ndarray]]:
     """(order key, [eot] + ids) for every document of one part, in file order."""
     path, tokenizer = args
-    from data.tokenizers import get_tokenizer
-
     tok = get_tokenizer(tokenizer)
     dtype = np.uint16 if tok.vocab_size <= 65536 else np.uint32
     docs = read_part(path)

@@ -164,7 +164,7 @@ def is_val_index(index: int, val_fraction: float) -> bool:
 
 def load_hf_dataset(name: str, config: str | None, hf_split: str, streaming: bool, data_files=None):
     """A `datasets` split by hub name or builder ("json", "parquet" + data_files), or a save_to_disk folder."""
-    import datasets
+    import datasets  # lazy: heavy, and only the hf: sources need it
 
     try:
         if Path(name).is_dir() and (Path(name) / "dataset_dict.json").is_file():

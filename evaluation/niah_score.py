@@ -13,6 +13,8 @@ from pathlib import Path
 
 import torch
 
+from models import generate
+
 from .niah import NIAHSample
 
 GenerateFn = Callable[[torch.Tensor, int], torch.Tensor]
@@ -39,8 +41,6 @@ def answer_budget(samples: Sequence[NIAHSample]) -> int:
 
 def model_generate_fn(model) -> GenerateFn:
     """Greedy decoding with the model's KV cache (models.generate), returning only the new tokens."""
-    from models import generate
-
     def fn(prompts: torch.Tensor, n_new: int) -> torch.Tensor:
         return generate(model, prompts, n_new, temperature=0.0)[:, prompts.shape[1] :]
 
@@ -86,10 +86,10 @@ def score_samples(
 
 def plot_heatmap(cells: Sequence[dict], path: str | Path, title: str = "Needle in a haystack: exact match") -> Path:
     """Accuracy per (context length, needle depth) as a PNG: lengths across, depths down."""
-    import matplotlib
+    import matplotlib  # lazy: matplotlib is heavy and only the heatmap needs it
 
     matplotlib.use("Agg")  # files only; never needs a display
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # lazy: as above
 
     lengths = sorted({c["length"] for c in cells})
     depths = sorted({c["depth"] for c in cells})

@@ -15,6 +15,9 @@ import time
 
 import torch
 
+from data.format import check_vocab
+from data.loader import TokenLoader
+
 from .runtime import autocast
 
 
@@ -25,9 +28,6 @@ def evaluate_loss(
 ) -> dict:  # fmt: skip
     """Token-weighted mean cross-entropy over the split (or its first `max_batches` batches); on data with a
     loss mask, over the unmasked target tokens only (`tokens` counts those)."""
-    from data.format import check_vocab
-    from data.loader import TokenLoader
-
     if max_batches is not None and (isinstance(max_batches, bool) or not isinstance(max_batches, int) or max_batches < 1):
         raise ValueError(f"max_batches must be a positive int or None (all tokens), got {max_batches!r}")
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or not 1 <= seq_len <= model.config.max_seq_len:

@@ -1,5 +1,5 @@
-"""Device and precision for evaluation: `auto` means CUDA with bf16 autocast when there is a GPU, else
-CPU in fp32 (the same rule as train.py's `train.device=auto train.dtype=auto`)."""
+"""Precision for evaluation: `auto` means bf16 autocast on a GPU, else fp32 (the same rule as train.py's
+`train.dtype=auto`). The device is training.distributed.resolve_device's (`auto`: the GPU if there is one)."""
 
 from __future__ import annotations
 
@@ -7,20 +7,7 @@ import contextlib
 
 import torch
 
-DEVICES = ("auto", "cpu", "cuda")
 DTYPES = ("auto", "fp32", "bf16")
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    if isinstance(device, torch.device):
-        return device
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if not isinstance(device, str) or device.split(":")[0] not in DEVICES[1:]:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)} (or cuda:N), got {device!r}")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"device={device!r} but no CUDA device is available; use device=auto or cpu")
-    return torch.device(device)
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:

@@ -21,9 +21,8 @@ __all__ = [
 
 
 def __getattr__(name: str):
-    # HF interop imports transformers (~2 s), which training never needs: load models.hf on first use.
     if name in ("from_hf", "to_hf"):
-        from . import hf
+        from . import hf  # lazy: transformers is heavy (~2 s) and training never needs it
 
         return getattr(hf, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -24,9 +24,9 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 import sfa
+from sfa.dense import dense_sdpa
 from sfa.reference import causal_mask
 
 ATTENTION_KINDS = ("dense", "sfa", "short")
@@ -158,17 +158,6 @@ class LogitScale(nn.Module):
 
     def forward(self, q: torch.Tensor) -> torch.Tensor:  # q (B, H, T, D)
         return q * self.log_gain.exp().to(q.dtype)[None, :, None, None]
-
-
-def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """Causal SDPA with GQA; queries are the last q.shape[-2] positions of the keys."""
-    n_q, n_k = q.shape[-2], k.shape[-2]
-    gqa = q.shape[1] != k.shape[1]
-    if n_q == n_k:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
-    # SDPA's is_causal aligns top-left; with a cache the queries sit at the end (bottom-right).
-    mask = None if n_q == 1 else causal_mask(n_q, n_k, q.device)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=gqa)
 
 
 def _autocast_dtypes(q, k, v):

@@ -54,7 +54,7 @@ _flex_cache: dict = {}
 
 
 def _flex(q, k, v, causal, gqa):
-    from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+    from torch.nn.attention.flex_attention import create_block_mask, flex_attention  # lazy: heavy (the compiler stack); only the flex baseline uses it
 
     n = q.shape[-2]
     key = (n, causal)
@@ -163,8 +163,6 @@ SWEEP = {
             (128, 128, 8, 2), (64, 128, 4, 3)],
     "dkdv": [(32, 128, 4, 3), (64, 128, 8, 2), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 8, 3), (128, 128, 8, 2),
              (32, 128, 8, 3), (64, 64, 8, 3), (128, 64, 8, 3), (64, 128, 8, 4), (32, 64, 4, 4)],
-    # dK/dV with dQ fused in through atomics (flash.FUSE_DQ): same kernel, different tile trade-offs.
-    "fused_dq": [(64, 128, 8, 3), (32, 64, 4, 3), (64, 64, 4, 3), (32, 128, 8, 3), (128, 128, 8, 2)],
     "dq": [(128, 32, 4, 3), (128, 64, 8, 2), (64, 64, 4, 3), (128, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 3),
            (128, 64, 8, 3), (64, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
 }
@@ -182,7 +180,7 @@ def run_sweep(args):
         scale = 1.0 / math.sqrt(d)
         out, lse = flash.flash_forward(q, k, v, causal=args.causal, scale=scale)
         grad = torch.randn_like(out)
-        base_grads = flash.flash_backward(grad, q, k, v, out, lse, causal=args.causal, scale=scale, fuse_dq=False)
+        base_grads = flash.flash_backward(grad, q, k, v, out, lse, causal=args.causal, scale=scale)
         for kernel in args.sweep_kernels:
             configs = SWEEP[kernel]
             for bm, bn, warps, stages in configs:
@@ -191,13 +189,9 @@ def run_sweep(args):
                     if kernel == "fwd":
                         fn = lambda: flash.flash_forward(q, k, v, causal=args.causal, scale=scale, config=cfg)  # noqa: E731
                         check = [(fn()[0], out)]
-                    elif kernel == "fused_dq":
-                        fn = lambda: flash.flash_backward(grad, q, k, v, out, lse, causal=args.causal,  # noqa: E731
-                                                          scale=scale, configs={"dkdv": cfg}, fuse_dq=True)
-                        check = list(zip(fn(), base_grads))
                     else:
                         fn = lambda: flash.flash_backward(grad, q, k, v, out, lse, causal=args.causal,  # noqa: E731
-                                                          scale=scale, configs={kernel: cfg}, fuse_dq=False)
+                                                          scale=scale, configs={kernel: cfg})
                         check = list(zip(fn(), base_grads))
                     err = max(((a.float() - r.float()).norm() / r.float().norm()).item() for a, r in check)
                     ms = triton.testing.do_bench(fn, warmup=25, rep=args.rep, return_mode="median")
@@ -231,9 +225,6 @@ def parse_args(argv=None):
     p.add_argument("--rep", type=int, default=100, help="do_bench repetition time per measurement, ms")
     p.add_argument("--sweep", action="store_true", help="time FlashSFA launch configs at the first --n instead")
     p.add_argument("--sweep-kernels", nargs="+", choices=list(SWEEP), default=list(SWEEP), help="what --sweep tunes")
-    p.add_argument("--fuse-dq", choices=["table", "on", "off"], default="table",
-                   help="FlashSFA backward: dQ fused into the dK/dV kernel (atomics) or a separate dQ kernel; "
-                        "'table' keeps flash.FUSE_DQ")
     p.add_argument("--out", help="write the rows as JSON here")
     p.add_argument("--verbose", action="store_true", help="print tracebacks of failing backends")
     args = p.parse_args(argv)
@@ -254,9 +245,6 @@ def main(argv=None):
     env = dict(gpu=torch.cuda.get_device_name(), torch=torch.__version__, triton=triton.__version__,
                cuda=torch.version.cuda, cudnn=torch.backends.cudnn.version())
     print(env, flush=True)
-    if args.fuse_dq != "table":
-        flash.FUSE_DQ = {d: args.fuse_dq == "on" for d in flash.SUPPORTED_HEAD_DIMS}
-    env["fuse_dq"] = dict(flash.FUSE_DQ)
     rows = run_sweep(args) if args.sweep else run_benchmark(args)
     if not args.sweep:
         print_table(rows)

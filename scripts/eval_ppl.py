@@ -59,12 +59,18 @@ def print_table(rows: list[tuple[str, str]]) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = build_parser().parse_args(argv)
-    from data.format import read_meta
-    from evaluation.checkpoint import attention_override, load_model, read_checkpoint, run_data_dir, run_tokenizer
-    from evaluation.perplexity import evaluate_loss
-    from evaluation.runtime import resolve_device, resolve_dtype
+    # lazy: torch is heavy; --help and bad arguments answer without it
+    from tqdm import tqdm
 
-    device = resolve_device(args.device)
+    from data.format import read_meta
+    from evaluation.checkpoint import attention_override, load_model
+    from evaluation.perplexity import evaluate_loss
+    from evaluation.runtime import resolve_dtype
+    from training.checkpoint import read_checkpoint
+    from training.distributed import resolve_device
+    from training.run_config import run_data_dir, run_tokenizer
+
+    device = resolve_device(args.device, key="--device")
     dtype = resolve_dtype(args.dtype, device)
     override = attention_override(args.attention, args.k, args.backend)
     _, cfg, checkpoint_file = read_checkpoint(args.checkpoint)
@@ -82,9 +88,6 @@ def main(argv: list[str] | None = None) -> dict:
     if seq_len is None:
         raise SystemExit("eval_ppl: the checkpoint's config has no train.seq_len; pass --seq-len")
     model, _ = load_model(checkpoint_file, device, attention=override)
-
-    from tqdm import tqdm
-
     with tqdm(unit="tok", unit_scale=True, desc="eval", disable=None) as bar:
         result = evaluate_loss(
             model, data_dir, args.split, seq_len=seq_len, batch_size=args.batch_size, max_batches=args.batches,

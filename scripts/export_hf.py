@@ -22,8 +22,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main(argv: list[str] | None = None) -> Path:
-    from evaluation.checkpoint import attention_override, find_checkpoint, load_model
+    # lazy: torch and transformers are heavy; --help answers without them
+    from evaluation.checkpoint import attention_override, load_model
     from models.hf import to_hf
+    from training.checkpoint import find_checkpoint
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", help="a run directory (its newest checkpoint) or a step_*.pt file")

@@ -25,7 +25,11 @@ import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
+import yaml
+
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from training.sinks import read_metrics  # noqa: E402  (plain or gzipped metrics.jsonl; no torch)
 
 DEFAULT_DEPTHS = "0,0.25,0.5,0.75,1"
 
@@ -104,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def prompt_pieces(args, tokenizer, default_split: str):
-    from evaluation.niah import FillerHaystack, NeedleFormat, haystack_from_prepared
+    from evaluation.niah import FillerHaystack, NeedleFormat, haystack_from_prepared  # lazy: see make_data
 
     fmt = NeedleFormat(needle=args.needle, question=args.question, answer=args.answer, digits=args.digits)
     if args.haystack_data:
@@ -115,6 +119,7 @@ def prompt_pieces(args, tokenizer, default_split: str):
 
 
 def make_data(args) -> dict:
+    # lazy: the subcommands need different modules (make-data runs without torch) and --help none
     from data.tokenizers import get_tokenizer
     from evaluation.niah_data import max_answer_tokens, write_training_data
 
@@ -144,17 +149,21 @@ def default_out(checkpoint_file: Path, override: dict | None) -> Path:
 
 
 def evaluate(args) -> dict:
+    # lazy: torch is heavy; make-data, summarize and --help run without it
     import torch
     from tqdm import tqdm
 
     from data.tokenizers import get_tokenizer
-    from evaluation.checkpoint import attention_override, load_model, read_checkpoint, run_tokenizer
+    from evaluation.checkpoint import attention_override, load_model
     from evaluation.niah import eval_samples
     from evaluation.niah_data import max_answer_tokens
     from evaluation.niah_score import answer_budget, model_generate_fn, plot_heatmap, score_samples
-    from evaluation.runtime import autocast, resolve_device, resolve_dtype
+    from evaluation.runtime import autocast, resolve_dtype
+    from training.checkpoint import read_checkpoint
+    from training.distributed import resolve_device
+    from training.run_config import run_tokenizer
 
-    device = resolve_device(args.device)
+    device = resolve_device(args.device, key="--device")
     dtype = resolve_dtype(args.dtype, device)
     override = attention_override(args.attention, args.k, args.backend)
     _, cfg, checkpoint_file = read_checkpoint(args.checkpoint)
@@ -218,13 +227,9 @@ def print_summary(cells, lengths, depths) -> None:
 
 def run_record(niah_json: Path) -> dict:
     """One row of the study: what was trained (config.yaml, metrics.jsonl of the run) and its accuracy per length."""
-    import yaml
-
     report = json.loads(niah_json.read_text())
     run_dir = run_dir_of(Path(report["checkpoint"]))
     config = yaml.safe_load((run_dir / "config.yaml").read_text())
-    from training.sinks import read_metrics  # plain or gzipped (docs/results keeps .gz)
-
     metrics = read_metrics(run_dir)
     last = metrics[-1] if metrics else {}
     attention = report["attention"]

@@ -22,12 +22,16 @@ from pathlib import Path
 import matplotlib
 import matplotlib.ticker
 import numpy as np
+import yaml
 
 matplotlib.use("Agg")  # files only, no display
 import matplotlib.pyplot as plt  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO_ROOT))
+from training.checkpoint import identity_leaves  # noqa: E402
+from training.run_config import model_config  # noqa: E402
+from training.run_names import config_hash  # noqa: E402
 from training.sinks import metrics_file, read_metrics  # noqa: E402
 
 
@@ -45,16 +49,11 @@ def load_run(run_dir: Path) -> dict:
     config_file = run_dir / "config.yaml"
     config = {}
     if config_file.is_file():
-        import yaml
-
         config = yaml.safe_load(config_file.read_text()) or {}
     if "feature_map" not in info:  # run_info.json of runs before it recorded the switch
         info["feature_map"] = bool((config.get("attention") or {}).get("feature_map"))
     if "n_layer" not in info and isinstance(config.get("model"), dict):  # ... or the model's shape
-        from models.presets import resolve_config
-        from training.config_checks import model_overrides
-
-        shape = resolve_config(config["model"]["preset"], **model_overrides(config["model"]))
+        shape = model_config(config)
         info.update(n_layer=shape.n_layer, d_model=shape.d_model, n_head=shape.n_head)
     return {"dir": run_dir, "info": info, "config": config, "records": read_metrics(run_dir)}
 
@@ -100,9 +99,6 @@ def label(info: dict) -> str:
 def group_arms(runs: list[dict]) -> list[dict]:
     """Runs whose configs differ only in train.seed form one arm (their seeds), in first-seen order. Arms
     that would share a label get the config keys that tell them apart appended."""
-    from training.checkpoint import identity_leaves
-    from training.run_names import config_hash
-
     arms: dict[str, dict] = {}
     for run in runs:
         key = config_hash(run["config"], exclude=("train.seed",)) if run["config"] else str(run["dir"])

@@ -3,11 +3,13 @@
 Importable without Hydra or the models. See README "The SFA library" and ../docs/contract.md.
 """
 
-from .ops import available_backends, register_backend, sfa_attention
+from .backends import Capabilities, available_backends, register_backend
+from .ops import sfa_attention
 from .reference import dense_attention, sfa_attention_reference
 from .topk import SparseCode, topk_mask, topk_sparsify
 
 __all__ = [
+    "Capabilities",
     "SparseCode",
     "available_backends",
     "dense_attention",

@@ -1,39 +1,11 @@
-"""`sfa_attention`: argument checks, then dispatch to a backend.
-
-Backends are plain functions with the signature of `sfa_attention_reference` (arguments already
-checked, `topk_q`/`topk_k`/`dense_dims` resolved to ints). The Triton backends register themselves here from
-`sfa.kernels` when Triton is importable; "reference" is always there.
-"""
+"""`sfa_attention`: argument checks, then the backend (named, or picked by `auto`: sfa/backends.py)."""
 
 from __future__ import annotations
 
-from typing import Callable
-
 import torch
 
-from .reference import sfa_attention_reference
+from .backends import BACKENDS, available_backends, choose_backend
 from .topk import SparseCode
-
-Backend = Callable[..., torch.Tensor]
-BACKENDS: dict[str, Backend] = {"reference": sfa_attention_reference}
-
-
-def register_backend(name: str, fn: Backend) -> None:
-    """Make `fn` selectable as `sfa_attention(..., backend=name)`."""
-    BACKENDS[name] = fn
-
-
-def available_backends() -> list[str]:
-    return ["auto", *BACKENDS]
-
-
-def choose_backend(q, k, v, *, topk_q: int, topk_k: int, causal: bool) -> str:
-    """The `auto` rule: sfa.kernels.dispatch's measured table when the kernels import, else reference."""
-    try:
-        from .kernels.dispatch import choose_backend as measured_rule
-    except ImportError:  # no Triton: only the reference exists
-        return "reference"
-    return measured_rule(q, k, v, topk_q=topk_q, topk_k=topk_k, causal=causal)
 
 
 def _describe(x) -> str:
@@ -136,8 +108,8 @@ def sfa_attention(
         q, k, v, topk_q=topk_q, topk_k=topk_k, scale=scale, dense_dims=dense_dims
     )
     if backend == "auto":
-        backend = choose_backend(q, k, v, topk_q=topk_q, topk_k=topk_k, causal=causal)
-    fn = BACKENDS.get(backend)
-    if fn is None:
+        backend = choose_backend(q, k, v, dense_dims=dense_dims)
+    chosen = BACKENDS.get(backend)
+    if chosen is None:
         raise ValueError(f"sfa_attention: unknown backend {backend!r}; available: {', '.join(available_backends())}")
-    return fn(q, k, v, topk_q=topk_q, topk_k=topk_k, causal=causal, scale=scale, dense_dims=dense_dims)
+    return chosen.fn(q, k, v, topk_q=topk_q, topk_k=topk_k, causal=causal, scale=scale, dense_dims=dense_dims)

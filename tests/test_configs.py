@@ -11,7 +11,7 @@ from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
 from models import build_model
-from training.config_checks import ConfigError, check_config
+from training.run_config import ConfigError, check_config
 from training.distributed import resolve_mode, setup
 from training.hydra_setup import CONFIG_DIR, register_resolvers
 
@@ -225,6 +225,20 @@ def test_cuda_requested_without_gpu(monkeypatch):
         resolve_device("cuda", 0)
     with pytest.raises(ValueError, match=r"train.device must be one of auto, cpu, cuda; got 'tpu'"):
         resolve_device("tpu", 0)
+
+
+def test_evaluation_resolves_devices_by_the_same_rule_naming_its_own_key(monkeypatch):
+    import torch
+
+    from training.distributed import resolve_device
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto", key="--device") == torch.device("cpu")
+    assert resolve_device(torch.device("cpu"), key="--device") == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"--device=cuda:1 but no CUDA device is available \(use --device=auto or cpu\)"):
+        resolve_device("cuda:1", key="--device")
+    with pytest.raises(ValueError, match=r"--device must be one of auto, cpu, cuda; got 'cuda:x'"):
+        resolve_device("cuda:x", key="--device")
 
 
 def test_run_names_tell_the_feature_map_apart():

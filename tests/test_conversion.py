@@ -8,17 +8,10 @@ import torch
 import yaml
 
 from models import build_model, to_hf
-from training.config_checks import ConfigError
-from training.conversion import (
-    ConversionError,
-    MatchLoss,
-    check_init,
-    initialize_from,
-    load_weights,
-    match_loss,
-    parse_match_loss,
-    training_loss,
-)
+from training.checkpoint import CheckpointError, load_weights, save_weights
+from training.conversion import EXTRA_TARGET_SUFFIXES, ConversionError, initialize_from, match_loss, training_loss
+from training.hydra_setup import compose_run_config
+from training.run_config import ConfigError, MatchLoss, check_config, check_init, model_config, parse_match_loss, run_data_dir
 
 # Two 32-wide heads: k = 32 keeps every coordinate, so SFA must reproduce dense attention exactly.
 GPT2_DIMS = dict(n_layer=2, d_model=64, n_head=2)
@@ -40,9 +33,7 @@ def run_config(preset: str, dims: dict) -> dict:
 
 
 def save_ours(model, preset, dims, path):
-    from evaluation.checkpoint import save_model
-
-    return save_model(model, run_config(preset, dims), path)
+    return save_weights(model, run_config(preset, dims), path)
 
 
 # --- the loss ---------------------------------------------------------------------------------------
@@ -118,9 +109,6 @@ def test_match_loss_config_checks_name_the_key():
 
 
 def test_the_config_check_refuses_a_match_weight_with_dense_attention():
-    from evaluation.checkpoint import compose_run_config
-    from training.config_checks import check_config
-
     cfg = compose_run_config(["attention=dense", "convert=eq8"])
     with pytest.raises(ConfigError, match="convert.match_weight=1.0 .*needs attention=sfa"):
         check_config(cfg, 1)
@@ -176,14 +164,23 @@ def test_a_qwen3_feature_map_is_the_only_key_the_source_may_lack_and_starts_at_t
 def test_weights_that_do_not_fit_are_refused_naming_the_keys():
     model = build_model("gpt2_tiny", "dense", **GPT2_DIMS)
     state = dict(model.state_dict())
-    with pytest.raises(ConversionError, match=r"unexpected \['extra.weight'\]"):
-        load_weights(model, {**state, "extra.weight": torch.zeros(1)}, "src")
+    with pytest.raises(CheckpointError, match=r"unexpected \['extra.weight'\]"):
+        load_weights(model, {**state, "extra.weight": torch.zeros(1)}, "src", EXTRA_TARGET_SUFFIXES)
     lacking = {k: v for k, v in state.items() if k != "transformer.h.0.attn.c_attn.weight"}
-    with pytest.raises(ConversionError, match=r"src: the weights do not fit this model: missing \['transformer.h.0.attn.c_attn.weight'"):
-        load_weights(model, lacking, "src")
+    with pytest.raises(CheckpointError, match=r"src: the weights do not fit this model: missing \['transformer.h.0.attn.c_attn.weight'"):
+        load_weights(model, lacking, "src", EXTRA_TARGET_SUFFIXES)
     name = next(k for k in state if k.endswith("mlp.c_fc.weight"))
-    with pytest.raises(ConversionError, match=rf"src: shape mismatch:\n  {name}: source \(3, 3\)"):
-        load_weights(model, {**state, name: torch.zeros(3, 3)}, "src")
+    with pytest.raises(CheckpointError, match=rf"src: shape mismatch:\n  {name}: source \(3, 3\)"):
+        load_weights(model, {**state, name: torch.zeros(3, 3)}, "src", EXTRA_TARGET_SUFFIXES)
+
+
+def test_initial_weights_that_do_not_fit_are_a_conversion_error(tmp_path):
+    # Same model config, so the architecture check passes; the learned temperature adds parameters the
+    # dense target lacks. train.py reports a ConversionError without a traceback.
+    learned = build_model("gpt2_tiny", sfa(8, scale="learned"), **GPT2_DIMS)
+    save_ours(learned, "gpt2_tiny", GPT2_DIMS, tmp_path / "learned.pt")
+    with pytest.raises(ConversionError, match=r"init.from_checkpoint=.*learned.pt: the weights do not fit .*unexpected \['transformer"):
+        initialize_from(build_model("gpt2_tiny", "dense", **GPT2_DIMS), {"from_checkpoint": str(tmp_path / "learned.pt")})
 
 
 def test_a_source_of_another_architecture_is_refused_naming_the_fields(tmp_path):
@@ -209,7 +206,7 @@ def test_a_missing_hf_directory_is_named(tmp_path):
 def test_data_dir_must_be_a_prepared_directory_of_the_models_tokenizer(tmp_path):
     from data.format import DataFormatError
     from data.prepare import ensure_prepared
-    from training.prepared_data import prepared_dir
+    from data.prepared_data import prepared_dir
 
     with pytest.raises(FileNotFoundError, match=r"data.dir=.*missing is not a directory"):
         prepared_dir(tmp_path / "missing", "gpt2")
@@ -264,8 +261,6 @@ def test_a_data_dir_without_meta_json_fails_the_run_with_the_key_named(tmp_path)
 
 
 def test_eval_finds_the_data_dir_a_run_trained_on(tmp_path):
-    from evaluation.checkpoint import run_data_dir
-
     cfg = {"data": {"dir": str(tmp_path / "niah"), "root": "elsewhere", "source": "embedded", "tokenizer": "gpt2"}}
     assert run_data_dir(cfg) == tmp_path / "niah"
     assert run_data_dir({"data": {**cfg["data"], "dir": None}}).parent == __import__("pathlib").Path("elsewhere")
@@ -276,15 +271,13 @@ def test_the_hf_gpt2_experiment_builds_exactly_the_published_gpt2_architecture()
     experiment builds (checked offline against transformers' GPT2Config defaults, which are gpt2's)."""
     import transformers
 
-    from evaluation.checkpoint import compose_run_config
     from models.hf import config_from_hf
     from models.presets import resolve_config
-    from training.config_checks import model_overrides
     from training.conversion import check_same_architecture
 
     cfg = compose_run_config(["experiment=convert_gpt2_124m_hf"])
     assert cfg["init"]["from_hf"] == "gpt2" and cfg["convert"]["match_weight"] > 0
-    ours = resolve_config(cfg["model"]["preset"], **model_overrides(cfg["model"]))
+    ours = model_config(cfg)
     check_same_architecture(config_from_hf(transformers.GPT2Config()), ours, "init.from_hf=gpt2")
     with pytest.raises(ConversionError, match="model.vocab_size: source 50257 vs this run 50304"):
         check_same_architecture(config_from_hf(transformers.GPT2Config()), resolve_config("gpt2_small"), "init.from_hf=gpt2")

@@ -1,14 +1,12 @@
 """The kernels as torch.library custom ops: schema/fake/autograd checks (opcheck), torch.compile
-without graph breaks, and the `auto` dispatch rules."""
+without graph breaks (which backend `auto` picks: tests/test_backend_choice.py)."""
 
 import math
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import sfa
-from sfa.kernels import dispatch
 from sfa.kernels.decode import decode_attention_op
 from sfa.kernels.topk import fused_topk_masked, topk_code_masked_op, topk_code_op
 
@@ -60,48 +58,8 @@ def test_compile_fullgraph_through_the_ops_forward_and_backward():
     assert ((grads[0] != 0).sum(-1) <= 4).all() and ((grads[1] != 0).sum(-1) <= 4).all()  # straight-through
 
 
-def _cuda_like(shape, dtype=torch.bfloat16):
-    """Stand-in carrying only what the dispatch rule reads (so the CUDA rules are testable on CPU)."""
-    return SimpleNamespace(shape=torch.Size(shape), dtype=dtype, device=torch.device("cuda"))
-
-
-def test_auto_rules():
-    choose = dispatch.choose_backend
-    cpu = torch.randn(1, 2, 8, 32)
-    assert choose(cpu, cpu, cpu, topk_q=4, topk_k=4, causal=True) == "reference"
-    q_train, kv_train = _cuda_like((2, 8, 4096, 128)), _cuda_like((2, 2, 4096, 128))
-    assert choose(q_train, kv_train, kv_train, topk_q=16, topk_k=16, causal=True) == "masked"
-    code = sfa.topk_sparsify(torch.randn(1, 2, 50, 128), 16)  # a SparseCode cache (device is not read)
-    q_step, v_cache = _cuda_like((1, 8, 1, 128)), _cuda_like((1, 2, 50, 128))
-    assert choose(q_step, code, v_cache, topk_q=16, topk_k=16, causal=True) == "decode"
-    too_many = _cuda_like((1, 8, 17, 128))  # 4 heads per KV head x 17 queries > 64 rows
-    assert choose(too_many, code, v_cache, topk_q=16, topk_k=16, causal=True) == "masked"
-    wide = _cuda_like((1, 8, 1, 512))
-    assert choose(wide, _cuda_like((1, 2, 50, 512)), v_cache, topk_q=16, topk_k=16, causal=True) == "reference"
-    f64 = _cuda_like((1, 8, 64, 64), torch.float64)
-    assert choose(f64, f64, f64, topk_q=8, topk_k=8, causal=True) == "reference"
-
-
-def test_auto_on_cpu_runs_the_reference():
-    q, k, v = torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16), torch.randn(1, 2, 7, 16)
-    assert torch.equal(
-        sfa.sfa_attention(q, k, v, topk_q=4),
-        sfa.sfa_attention_reference(q, k, v, topk_q=4, topk_k=4, causal=True),
-    )
-
-
 def test_kernel_backends_are_registered():
     assert {"masked", "decode"} <= set(sfa.available_backends())
-
-
-@pytest.mark.gpu
-def test_gpu_auto_picks_decode_for_a_cache_and_masked_for_prefill():
-    q = torch.randn(1, 8, 1, 128, device="cuda", dtype=torch.bfloat16)
-    code = sfa.topk_sparsify(torch.randn(1, 2, 300, 128, device="cuda", dtype=torch.bfloat16), 16)
-    v = torch.randn(1, 2, 300, 128, device="cuda", dtype=torch.bfloat16)
-    assert dispatch.choose_backend(q, code, v, topk_q=16, topk_k=16, causal=True) == "decode"
-    q_long = torch.randn(1, 8, 300, 128, device="cuda", dtype=torch.bfloat16)
-    assert dispatch.choose_backend(q_long, code.to_dense(), v, topk_q=16, topk_k=16, causal=True) == "masked"
 
 
 @pytest.mark.gpu

@@ -13,7 +13,10 @@ import torch.nn.functional as F
 
 from data.format import open_shards
 from data.prepare import prepare
-from evaluation.checkpoint import build_from_config, compose_run_config, load_model, save_model
+from evaluation.checkpoint import load_model
+from training.checkpoint import save_weights
+from training.hydra_setup import compose_run_config
+from training.run_config import model_from_config
 
 REPO = Path(__file__).resolve().parent.parent
 SEQ_LEN = 32
@@ -43,11 +46,11 @@ def workdir(tmp_path_factory):
         "attention=dense", f"train.seq_len={SEQ_LEN}", f"root={root}",
     ])  # fmt: skip
     torch.manual_seed(0)
-    model = build_from_config(cfg)
+    model = model_from_config(cfg)
     with torch.no_grad():  # larger random weights than GPT-2's init, so the attention pattern moves the loss
         for p in model.parameters():
             p.normal_(0.0, 0.3) if p.dim() == 2 else None
-    ckpt = save_model(model, cfg, root / "run" / "checkpoints" / "step_00000001.pt")
+    ckpt = save_weights(model, cfg, root / "run" / "checkpoints" / "step_00000001.pt")
     return root, data_dir, ckpt, cfg
 
 
@@ -158,7 +161,7 @@ def test_errors_name_the_problem(workdir, tmp_path, capsys):
     with pytest.raises(ValueError, match=r"seq_len=128 must be an int in \[1, the model's max_seq_len=64\]"):
         run(workdir, "--seq-len", "128")
     qwen_cfg = {**cfg, "data": {**cfg["data"], "tokenizer": "qwen"}}
-    other = save_model(load_model(ckpt)[0], qwen_cfg, tmp_path / "qwen" / "step_00000001.pt")
+    other = save_weights(load_model(ckpt)[0], qwen_cfg, tmp_path / "qwen" / "step_00000001.pt")
     with pytest.raises(SystemExit, match="tokenized with 'gpt2' but the model was trained with 'qwen'"):
         eval_ppl.main(["--checkpoint", str(other), "--data", str(data_dir)])
     (tmp_path / "empty_run").mkdir()

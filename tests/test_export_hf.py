@@ -15,12 +15,14 @@ import export_hf  # noqa: E402
 
 
 def tiny_run(root, attention):
-    from evaluation.checkpoint import build_from_config, compose_run_config, save_model
+    from training.checkpoint import save_weights
+    from training.hydra_setup import compose_run_config
+    from training.run_config import model_from_config
 
     cfg = compose_run_config(["model.n_layer=1", "model.n_head=2", "model.d_model=64", "model.max_seq_len=32",
                               "model.vocab_size=128", *attention, f"root={root}"])
-    model = build_from_config(cfg).eval()
-    save_model(model, cfg, root / "run" / "checkpoints" / "step_00000003.pt")
+    model = model_from_config(cfg).eval()
+    save_weights(model, cfg, root / "run" / "checkpoints" / "step_00000003.pt")
     return root / "run", model
 
 

@@ -23,7 +23,9 @@ def doc_command() -> list[str]:
 
 @pytest.mark.slow
 def test_editable_install_runs_the_documented_lm_eval_example_from_any_folder(tmp_path):
-    from evaluation.checkpoint import build_from_config, compose_run_config, save_model
+    from training.checkpoint import save_weights
+    from training.hydra_setup import compose_run_config
+    from training.run_config import model_from_config
 
     prefix = tmp_path / "prefix"
     subprocess.run([sys.executable, "-m", "pip", "install", "--quiet", "--no-deps", "--no-build-isolation",
@@ -31,7 +33,7 @@ def test_editable_install_runs_the_documented_lm_eval_example_from_any_folder(tm
     [site_packages] = prefix.glob("lib/python*/site-packages")
     cfg = compose_run_config(["model.n_layer=1", "model.n_head=2", "model.d_model=64", "model.max_seq_len=64",
                               "attention=dense", f"root={tmp_path}"])
-    save_model(build_from_config(cfg), cfg, tmp_path / "quick" / "checkpoints" / "step_00000001.pt")
+    save_weights(model_from_config(cfg), cfg, tmp_path / "quick" / "checkpoints" / "step_00000001.pt")
 
     args = doc_command()[3:]  # what follows "python -m evaluation.harness"
     args = [a.replace("../../../workspace/runs/quick", str(tmp_path / "quick")) for a in args]

@@ -160,14 +160,16 @@ def test_bad_arguments_have_clear_messages():
 
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from evaluation.checkpoint import build_from_config, compose_run_config, save_model
+    from training.checkpoint import save_weights
+    from training.hydra_setup import compose_run_config
+    from training.run_config import model_from_config
 
     root = tmp_path_factory.mktemp("lm_eval_ckpt")
     cfg = compose_run_config([
         "model=gpt2_tiny", "model.n_layer=2", "model.n_head=2", "model.d_model=64", "model.max_seq_len=64",
         "attention=dense", f"root={root}",
     ])  # fmt: skip
-    return save_model(build_from_config(cfg), cfg, root / "run" / "checkpoints" / "step_00000001.pt")
+    return save_weights(model_from_config(cfg), cfg, root / "run" / "checkpoints" / "step_00000001.pt")
 
 
 def test_from_checkpoint_with_its_tokenizer_and_an_sfa_override(tiny_checkpoint):

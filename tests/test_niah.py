@@ -15,10 +15,13 @@ import torch
 from data.loader import TokenLoader
 from data.prepare import prepare
 from data.tokenizers import get_tokenizer
-from evaluation.checkpoint import build_from_config, compose_run_config, load_model, save_model
+from evaluation.checkpoint import load_model
 from evaluation.niah import FillerHaystack, NeedleFormat, TokenHaystack, eval_samples, haystack_from_prepared, train_samples
 from evaluation.niah_score import extract_number, is_exact_match, score_samples
 from models import generate
+from training.checkpoint import save_weights
+from training.hydra_setup import compose_run_config
+from training.run_config import model_from_config
 
 REPO = Path(__file__).resolve().parent.parent
 spec = importlib.util.spec_from_file_location("niah_script", REPO / "scripts" / "niah.py")
@@ -159,8 +162,8 @@ def tiny_checkpoint(tmp_path_factory):
         "model=gpt2_tiny", "model.n_layer=2", "model.n_head=2", "model.d_model=64", "model.max_seq_len=128",
         "attention=dense", f"root={root}",
     ])  # fmt: skip
-    model = build_from_config(cfg)
-    return save_model(model, cfg, root / "run" / "checkpoints" / "step_00000002.pt")
+    model = model_from_config(cfg)
+    return save_weights(model, cfg, root / "run" / "checkpoints" / "step_00000002.pt")
 
 
 def test_eval_end_to_end_on_a_tiny_checkpoint(tiny_checkpoint, tmp_path):

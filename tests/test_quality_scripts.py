@@ -31,7 +31,7 @@ def test_the_arm_list_is_the_studys_arms():
 def test_every_arm_passes_the_config_checks_with_its_study():
     from test_configs import resolved
 
-    from training.config_checks import check_config
+    from training.run_config import check_config
 
     for line in run("quality_study.sh", "--list-arms").stdout.splitlines():
         family, arm, *overrides = line.split("#")[0].split()

@@ -15,7 +15,7 @@ import torch
 from train_helpers import read_metrics, run_train
 from training import checkpoint as ckpt
 from training import faults
-from training.config_checks import ConfigError, check_config
+from training.run_config import ConfigError, check_config
 
 # ---------------------------------------------------------------------------------------- unit level
 

@@ -270,7 +270,7 @@ def test_hf_refuses_layouts_it_cannot_express(tmp_path):
 def test_hydra_config_names_the_variant_and_passes_the_checks():
     from test_configs import resolved
 
-    from training.config_checks import ConfigError, check_config
+    from training.run_config import ConfigError, check_config
 
     cfg = resolved(["model=qwen3_tiny", "attention=sfa", "attention.k=16", "attention.rope=decoupled",
                     "attention.rope_dims=16", "attention.scale=sqrt_k"])

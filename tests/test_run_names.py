@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from test_configs import resolved
 from train_helpers import REPO
 from training import checkpoint as ckpt
-from training.config_checks import ConfigError, check_config
+from training.run_config import ConfigError, check_config
 from training.optim import WarmupCosine, build_optimizer, build_scheduler
 
 

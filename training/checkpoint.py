@@ -1,9 +1,12 @@
-"""Atomic, complete training checkpoints: one file per save, written by rank 0.
+"""The checkpoint format: this module is its only reader and writer.
 
-A checkpoint holds the model, optimizer and scheduler states, every rank's data-loader and RNG states,
-the step and tokens seen, the config it was trained with and FORMAT_VERSION. Files are written to a
-temporary name in the same directory, fsynced, then os.replace'd, so a crash leaves either the old set
-of checkpoints or the new one, never a torn file. Layout: <out_dir>/checkpoints/step_00000010.pt.
+A training checkpoint holds the model, optimizer and scheduler states, every rank's data-loader and RNG
+states, the step and tokens seen, the config it was trained with and FORMAT_VERSION; train.py resumes from
+it. A weights checkpoint (`save_weights`: a model converted from HF weights or built in a test) holds only
+"model" and "config", which is all that evaluation and `init.from_checkpoint` read (`read_checkpoint`,
+then `load_weights`, the one strict loader). Files are written to a temporary name in the same directory,
+fsynced, then os.replace'd, so a crash leaves either the old set of checkpoints or the new one, never a torn
+file. Layout: <out_dir>/checkpoints/step_00000010.pt.
 """
 
 from __future__ import annotations
@@ -34,8 +37,17 @@ IDENTITY_KEYS = ("model", "attention", "data.source", "data.tokenizer", "data.di
 MAY_CHANGE_KEYS = ("attention.backend", "attention.tag", "optim.decay_steps")
 
 
+# Wrappers whose prefixes may appear in a saved state dict (torch.compile, DDP).
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
 class ResumeError(ValueError):
     """A checkpoint that this run cannot resume from; the message says why and what to do instead."""
+
+
+class CheckpointError(ValueError):
+    """A file that is not a checkpoint of this project, or weights that do not fit the model; the message
+    names the file and the keys."""
 
 
 def checkpoint_path(out_dir: str | Path, step: int) -> Path:
@@ -149,6 +161,76 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"code reads (up to {FORMAT_VERSION}); update the code or start a new run"
         )
     return payload
+
+
+def find_checkpoint(path: str | Path) -> Path:
+    """A .pt file as given, or the newest checkpoint of a run directory."""
+    path = Path(path)
+    if path.is_dir():
+        found = latest_checkpoint(path)
+        if found is None:
+            raise FileNotFoundError(f"checkpoint: run directory {path} has no {CHECKPOINT_DIR}/step_*.pt")
+        return found
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: {path} does not exist (give a step_*.pt file or a run directory)")
+    return path
+
+
+def strip_wrapper_prefixes(state: dict) -> dict:
+    """Parameter names as the plain model has them (without torch.compile's or DDP's prefixes)."""
+    out = {}
+    for name, tensor in state.items():
+        for prefix in _WRAPPER_PREFIXES:
+            while name.startswith(prefix):
+                name = name[len(prefix) :]
+        out[name] = tensor
+    return out
+
+
+def read_checkpoint(path: str | Path) -> tuple[dict, dict, Path]:
+    """(model state dict with plain parameter names, run config, resolved file) of a checkpoint file or of a
+    run directory's newest checkpoint, training or weights-only."""
+    path = find_checkpoint(path)
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)  # data only, never code
+    except Exception as err:  # torch raises several types for truncated/foreign files
+        raise CheckpointError(f"checkpoint: cannot read {path} as a torch checkpoint ({type(err).__name__}: {err})") from err
+    if not isinstance(payload, dict) or not isinstance(payload.get("model"), dict) or not isinstance(payload.get("config"), dict):
+        raise CheckpointError(f"checkpoint: {path} is not a checkpoint of this project (needs 'model' and 'config' entries)")
+    return strip_wrapper_prefixes(payload["model"]), payload["config"], path
+
+
+def save_weights(model: torch.nn.Module, config: dict, path: str | Path) -> Path:
+    """A weights checkpoint: the fields `read_checkpoint` reads ("model", "config"), written atomically in the
+    layout train.py uses. Optimizer, loader and RNG states are absent, so train.py cannot resume from it."""
+    state = {name: tensor.detach().cpu() for name, tensor in model.state_dict().items()}
+    return save_atomic({"format_version": FORMAT_VERSION, "config": config, "model": state}, path)
+
+
+def _few(names: list[str], shown: int = 5) -> str:
+    return f"{names[:shown]}" + (f" (+{len(names) - shown} more)" if len(names) > shown else "")
+
+
+def load_weights(model: torch.nn.Module, state: dict, where: str, may_lack: tuple[str, ...] = ()) -> list[str]:
+    """Copy `state` into `model`, strictly: every parameter and buffer present with its shape, nothing extra.
+    Names ending in one of `may_lack` may be absent from `state`; they keep their initial value and are
+    returned. `where` (e.g. the file) starts every error message."""
+    target = model.state_dict()
+    missing = sorted(set(target) - set(state))
+    kept = [n for n in missing if may_lack and n.endswith(may_lack)]
+    missing = [n for n in missing if n not in kept]
+    unexpected = sorted(set(state) - set(target))
+    if missing or unexpected:
+        allowed = f" (only names ending in {list(may_lack)} may be absent; they keep their initial value)" if may_lack else ""
+        raise CheckpointError(
+            f"{where}: the weights do not fit this model: missing {_few(missing)} and unexpected {_few(unexpected)}{allowed}"
+        )
+    mismatched = [f"{n}: source {tuple(state[n].shape)} vs model {tuple(target[n].shape)}"
+                  for n in sorted(state) if state[n].shape != target[n].shape]
+    if mismatched:
+        raise CheckpointError(f"{where}: shape mismatch:\n  " + "\n  ".join(mismatched))
+    model.load_state_dict({**{n: target[n] for n in kept}, **state}, strict=True)
+    return kept
 
 
 def _select(cfg: dict, dotted: str) -> Any:

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -41,16 +42,22 @@ def _env_int(name: str, default: int) -> int:
     return default if value is None else int(value)
 
 
-def resolve_device(requested: str, local_rank: int) -> torch.device:
+def resolve_device(requested: str | torch.device, local_rank: int = 0, *, key: str = "train.device") -> torch.device:
+    """The device for `requested`: auto (this process's GPU if there is one, else the CPU), cpu, cuda (this
+    process's GPU: local_rank modulo the GPUs), cuda:N, or a torch.device as is. `key` names the setting in
+    errors (train.device for train.py, --device for the scripts)."""
+    if isinstance(requested, torch.device):
+        return requested
     if requested == "auto":
         requested = "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError("train.device=cuda but no CUDA device is available (use train.device=auto or cpu)")
-        return torch.device("cuda", local_rank % torch.cuda.device_count())
     if requested == "cpu":
         return torch.device("cpu")
-    raise ValueError(f"train.device must be one of auto, cpu, cuda; got {requested!r}")
+    kind, _, index = requested.partition(":") if isinstance(requested, str) else ("", "", "")
+    if kind != "cuda" or not (index == "" or index.isdigit()):
+        raise ValueError(f"{key} must be one of auto, cpu, cuda; got {requested!r} (cuda:N picks GPU N)")
+    if not torch.cuda.is_available():
+        raise ValueError(f"{key}={requested} but no CUDA device is available (use {key}=auto or cpu)")
+    return torch.device("cuda", int(index) if index else local_rank % torch.cuda.device_count())
 
 
 def resolve_mode(requested: str, world_size: int) -> str:
@@ -128,11 +135,9 @@ def _transformer_blocks(model: nn.Module) -> nn.ModuleList:
 def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
     """DDP or FSDP2 around `model` (already on info.device); unchanged for mode none."""
     if info.mode == "ddp":
-        from torch.nn.parallel import DistributedDataParallel
-
         return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     if info.mode == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import fully_shard  # lazy: heavy, and only dist=fsdp2 needs it
 
         # Shard block by block (each all-gathered just before use), then the root for embeddings/head.
         for block in _transformer_blocks(model):
@@ -145,8 +150,6 @@ def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
 def unwrap(model: nn.Module) -> nn.Module:
     """The user's model inside DDP and torch.compile wrappers, in either order (FSDP2 modifies the module in
     place, nothing to unwrap there). Parameter names then read as the model's own, without `_orig_mod.`."""
-    from torch.nn.parallel import DistributedDataParallel
-
     while True:
         if isinstance(model, DistributedDataParallel):
             model = model.module

@@ -22,9 +22,12 @@ import os
 import shutil
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
+
+import torch
 
 log = logging.getLogger("train")
 
@@ -110,8 +113,6 @@ class StopSignals:
                     signal.Signals(signum).name)
 
     def install(self) -> "StopSignals":
-        import threading
-
         if threading.current_thread() is threading.main_thread():
             for sig in self.SIGNALS:
                 self._previous[sig] = signal.signal(sig, self._handle)
@@ -206,8 +207,6 @@ class NonFiniteGuard:
 
 def nonfinite_grads(parameters) -> list[str]:
     """Names of parameters whose gradient holds a NaN or Inf (only called after a bad step, so not hot)."""
-    import torch
-
     bad = []
     for name, p in parameters:
         if p.grad is None:

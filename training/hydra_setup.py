@@ -1,8 +1,15 @@
-"""OmegaConf resolvers the configs use. Call `register_resolvers()` before composing configs."""
+"""Hydra for the run config: the OmegaConf resolvers configs/ uses (call `register_resolvers()` before
+composing) and `compose_run_config`, the config train.py would run with, outside a Hydra run. The one
+module of training/ that imports Hydra."""
 
 from __future__ import annotations
 
 from pathlib import Path
+
+from hydra import compose, initialize_config_dir
+from omegaconf import OmegaConf
+
+from training.run_names import default_run_name
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CONFIG_DIR = REPO_ROOT / "configs"
@@ -12,17 +19,11 @@ RUN_NAME_SECTIONS = ("model", "attention", "data", "convert", "optim", "train", 
 
 
 def _run_name(*, _root_) -> str:
-    from omegaconf import OmegaConf
-
-    from training.run_names import default_run_name
-
     sections = {key: OmegaConf.to_container(_root_[key], resolve=True) for key in RUN_NAME_SECTIONS if key in _root_}
     return default_run_name(sections)
 
 
 def register_resolvers() -> None:
-    from omegaconf import OmegaConf
-
     # The workspace root defaults to <repo>/workspace wherever train.py is launched from.
     if not OmegaConf.has_resolver("sfa_repo_root"):
         OmegaConf.register_new_resolver("sfa_repo_root", lambda: str(REPO_ROOT))
@@ -41,3 +42,12 @@ def attention_variant_tag(rope: str, rope_dims, scale: str) -> str:
     """Run-name suffix for the rope and scale axes: e.g. "-rope32" (decoupled), "-nope", "-sqrtk"."""
     parts = {"full": "", "none": "-nope", "decoupled": f"-rope{rope_dims}"}.get(rope, f"-rope_{rope}")
     return parts + {"sqrt_d": "", "sqrt_k": "-sqrtk", "learned": "-tlearn"}.get(scale, f"-{scale}")
+
+
+def compose_run_config(overrides: list[str] = ()) -> dict:
+    """The resolved config train.py would run with these Hydra overrides (e.g. ["model=gpt2_tiny",
+    "attention=dense"]), as a plain dict: what a checkpoint stores under "config"."""
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
+        cfg = compose("train", overrides=list(overrides))
+    return OmegaConf.to_container(cfg, resolve=True)

@@ -15,6 +15,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
+
 log = logging.getLogger("train")
 
 
@@ -92,7 +95,7 @@ class WandbSink:
         if logging_cfg.mode == "disabled":
             return
         try:
-            import wandb
+            import wandb  # lazy: optional and heavy; logging.mode=disabled never imports it
 
             id_file = Path(out_dir) / "wandb_run_id"  # the same wandb run continues after a resume
             run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:12]
@@ -155,9 +158,6 @@ class Progress:
         self.enabled, self.every, self.bar = enabled, every, None
         self._redirect = contextlib.ExitStack()
         if enabled and sys.stderr.isatty():
-            from tqdm import tqdm
-            from tqdm.contrib.logging import logging_redirect_tqdm
-
             self.bar = tqdm(total=total, initial=initial, unit="step", dynamic_ncols=True)
             self._redirect.enter_context(logging_redirect_tqdm())
 

@@ -1,14 +1,23 @@
-"""Shared helpers for the Triton kernels: where they may run and which launch config they use.
+"""What the Triton kernels share: where they may run, the dtypes they take, the precision of their dots,
+log2(e) for their base-2 softmax, and small launch helpers.
 
-`@triton.autotune` does not run under TRITON_INTERPRET=1 (the CPU test mode), so every kernel picks
-its config through `pick_config`: one small fixed config in the interpreter, the measured table on GPU.
+`@triton.autotune` does not run under TRITON_INTERPRET=1 (the CPU test mode), so each kernel's launcher
+picks one small fixed config in the interpreter and its measured table on the GPU.
 """
 
 from __future__ import annotations
 
+import math
 import os
 
 import torch
+import triton.language as tl
+
+KERNEL_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+# The kernels' softmax runs in base 2 (one exp2 per score): exp(x) = exp2(x * LOG2E). A constexpr, so the
+# kernels may read it; host code multiplies by LOG2E.value.
+LOG2E = tl.constexpr(math.log2(math.e))
 
 
 def interpreting() -> bool:
@@ -22,18 +31,14 @@ def kernel_can_run_on(t: torch.Tensor) -> bool:
 
 
 def dot_precision(dtype: torch.dtype) -> str:
-    """fp32 dots in the interpreter must be exact ("ieee"); on GPU, fp32 inputs also use ieee so the
-    fp32 path stays a reference-quality path (bf16/fp16 inputs use the tensor cores regardless)."""
+    """`input_precision` of the kernels' tl.dot: fp32 inputs get exact fp32 dots ("ieee"), so the fp32 path
+    stays a reference-quality path on the GPU and matches the fp32 reference in the interpreter; 16-bit
+    inputs use the tensor cores whatever this says."""
     return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def next_pow2(n: int) -> int:
     return 1 << max(0, (int(n) - 1).bit_length())
-
-
-def pick_config(gpu_config: dict, interpreter_config: dict) -> dict:
-    """The interpreter's small fixed config, or the GPU config (measured; see docs/bench/notes_topk_decode.md)."""
-    return dict(interpreter_config if interpreting() else gpu_config)
 
 
 def num_sms(device: torch.device) -> int:

@@ -17,23 +17,20 @@ reason. The kernels run on CUDA, or on CPU under TRITON_INTERPRET=1 (tests).
 from __future__ import annotations
 
 import math
-import os
 import warnings
 
 import torch
 import triton
 
+from ..backends import Capabilities, register_backend
 from ..reference import sfa_attention_reference
 from ..topk import SparseCode
+from ._config import KERNEL_DTYPES, LOG2E, dot_precision, interpreting
 from .flash_bwd import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_bwd_preprocess_kernel
-from .flash_fwd import LOG2E, flash_fwd_kernel
+from .flash_fwd import flash_fwd_kernel
 from .masked import masked_features  # fused top-k -> masked-dense rows, straight-through backward
 
 SUPPORTED_HEAD_DIMS = (16, 32, 64, 128)
-
-
-def interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET") == "1"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -69,11 +66,6 @@ def launch_config(kernel: str, head_dim: int, override: dict | None = None) -> d
     return dict(GPU_CONFIGS.get((kernel, head_dim), _GPU_DEFAULTS[kernel]))
 
 
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs get exact fp32 dots (tests compare to the fp32 reference); 16-bit inputs ignore this.
-    return "ieee" if dtype == torch.float32 else "tf32"
-
-
 def _head_dim_block(dim: int) -> int:
     return triton.next_power_of_2(dim)
 
@@ -105,20 +97,14 @@ def flash_forward(q, k, v, *, causal: bool, scale: float, config: dict | None = 
     flash_fwd_kernel[grid](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
-        hq, hq // hkv, n_q, n_k, n_k - n_q, scale * LOG2E,
+        hq, hq // hkv, n_q, n_k, n_k - n_q, scale * LOG2E.value,
         HEAD_DIM=d, VALUE_DIM=dv, BLOCK_D=_head_dim_block(d), BLOCK_DV=_head_dim_block(dv),
-        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DOT_PRECISION=_dot_precision(q.dtype), **cfg,
+        BLOCK_M=block_m, BLOCK_N=block_n, CAUSAL=causal, DOT_PRECISION=dot_precision(q.dtype), **cfg,
     )
     return out, lse
 
 
-# dQ inside the dK/dV kernel through fp32 atomics (one kernel, 5 matmuls per block pair) instead of a
-# separate dQ kernel (7 matmuls, no atomics). Chosen per head dim from the measurement (notes_flash.md).
-FUSE_DQ: dict[int, bool] = {}
-
-
-def flash_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, configs: dict | None = None,
-                   fuse_dq: bool | None = None):
+def flash_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, configs: dict | None = None):
     """Gradients (dq̃, dk̃, dv) with respect to the masked-dense q̃, k̃ and v; dk, dv summed over GQA groups."""
     b, hq, n_q, d = q.shape
     hkv, n_k, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
@@ -131,7 +117,7 @@ def flash_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, c
     lse = lse.contiguous()
     delta = _new_output(lse.shape, torch.float32, lse.device)
     configs = configs or {}
-    block_d, block_dv, precision = _head_dim_block(d), _head_dim_block(dv_dim), _dot_precision(q.dtype)
+    block_d, block_dv, precision = _head_dim_block(d), _head_dim_block(dv_dim), dot_precision(q.dtype)
 
     pre_block = 64 if not interpreting() else 16
     flash_bwd_preprocess_kernel[(triton.cdiv(n_q, pre_block), b * hq)](
@@ -141,26 +127,24 @@ def flash_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, c
     common = dict(HEAD_DIM=d, VALUE_DIM=dv_dim, BLOCK_D=block_d, BLOCK_DV=block_dv, CAUSAL=causal,
                   DOT_PRECISION=precision)
 
-    if fuse_dq is None:
-        fuse_dq = FUSE_DQ.get(d, False)
-    dq_acc = torch.zeros(q.shape, dtype=torch.float32, device=q.device) if fuse_dq else dq
+    # dQ in a kernel of its own (7 matmuls per block pair, no atomics): folding it into the dK/dV kernel with
+    # fp32 atomics (5 matmuls) measured slower on the H200, e.g. 9.48 vs 7.28 ms for the backward at 8k, D=128
+    # (docs/bench/attention.md, "Why, with the measurements", point 2).
     cfg = launch_config("dkdv", d, configs.get("dkdv"))
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     flash_bwd_dkdv_kernel[(triton.cdiv(n_k, block_n), b * hkv)](
-        q, k, v, grad_out, lse, delta, dk, dv, dq_acc,
+        q, k, v, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(), *dk.stride(), *dv.stride(),
-        *dq_acc.stride(), hkv, group, n_q, n_k, n_k - n_q, scale, scale * LOG2E,
-        BLOCK_M=block_m, BLOCK_N=block_n, FUSE_DQ=fuse_dq, **common, **cfg,
+        hkv, group, n_q, n_k, n_k - n_q, scale, scale * LOG2E.value,
+        BLOCK_M=block_m, BLOCK_N=block_n, **common, **cfg,
     )
-    if fuse_dq:
-        return dq.copy_(dq_acc), dk, dv
 
     cfg = launch_config("dq", d, configs.get("dq"))
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     flash_bwd_dq_kernel[(triton.cdiv(n_q, block_m), b * hq)](
         q, k, v, grad_out, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(), *dq.stride(),
-        hq, group, n_q, n_k, n_k - n_q, scale, scale * LOG2E,
+        hq, group, n_q, n_k, n_k - n_q, scale, scale * LOG2E.value,
         BLOCK_M=block_m, BLOCK_N=block_n, **common, **cfg,
     )
     return dq, dk, dv
@@ -253,3 +237,13 @@ def flash_sfa_attention(
     k_masked = masked_features(k, topk_k, dense_dims)
     out, _ = torch.ops.sfa.flash_fwd(q_masked, k_masked, v, bool(causal), float(scale))
     return out
+
+
+# Chosen only by name, never by auto: on the H200 `masked` (cuDNN on the same masked-dense tiles) was faster at
+# 71 of the 72 measured points (N 1k-32k, D 64/128, three k, forward and forward+backward) and within noise at
+# the last (docs/bench/attention.md, "Where flash beats masked"; docs/benchmarks.md).
+register_backend(
+    "flash", flash_sfa_attention,
+    Capabilities(devices=("cuda",), dtypes=KERNEL_DTYPES, head_dims=SUPPORTED_HEAD_DIMS),
+    priority=None,
+)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._config import LOG2E
 from .flash_blocks import load_block_pair, scored_pairs
 
 
@@ -43,16 +44,13 @@ def flash_bwd_preprocess_kernel(
 
 @triton.jit
 def _dkdv_block(
-    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dq_ptrs, stride_qm, stride_dom, stride_lm, stride_dm,
-    stride_dqm, start_m, offs_m_base, offs_n, n_q, causal_offset, scale, qk_scale,
+    dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qm, stride_dom, stride_lm, stride_dm,
+    start_m, offs_m_base, offs_n, n_q, causal_offset, qk_scale,
     MASKED: tl.constexpr, CAUSAL: tl.constexpr, HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr,
-    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr, FUSE_DQ: tl.constexpr,
+    BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr, DOT_PRECISION: tl.constexpr,
 ):
-    """One query block's contribution to a key block's dK and dV (all transposed: keys on rows).
-    FUSE_DQ also adds this key block's share of dQ into an fp32 buffer with atomics (FA2's original
-    scheme: 5 matmuls per block pair instead of 7, paid for in atomic traffic)."""
+    """One query block's contribution to a key block's dK and dV (all transposed: keys on rows)."""
     offs_m = start_m + offs_m_base
-    offs_d = tl.arange(0, BLOCK_D)
     q, do = load_block_pair(q_ptrs, do_ptrs, stride_qm, stride_dom, start_m, offs_m, n_q,
                             MASKED, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV)
     if MASKED:
@@ -64,7 +62,7 @@ def _dkdv_block(
         delta = tl.load(delta_ptrs + start_m * stride_dm)
     # lse is natural-log; scores are taken in base 2 with qk_scale = scale * log2(e), so each score
     # costs one fused multiply-add and one exp2.
-    lse2 = lse * 1.4426950408889634
+    lse2 = lse * LOG2E
     s_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION)
     p_t = tl.math.exp2(s_t * qk_scale - lse2[None, :])
     if MASKED:
@@ -76,16 +74,12 @@ def _dkdv_block(
     dp_t = tl.dot(v, tl.trans(do), input_precision=DOT_PRECISION)
     ds_t = p_t * (dp_t - delta[None, :])
     dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-    if FUSE_DQ:
-        dq_part = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=DOT_PRECISION) * scale
-        dq_mask = (offs_m[:, None] < n_q) & (offs_d[None, :] < HEAD_DIM)
-        tl.atomic_add(dq_ptrs + start_m * stride_dqm, dq_part, mask=dq_mask, sem="relaxed")
     return dk, dv
 
 
 @triton.jit
 def flash_bwd_dkdv_kernel(
-    Q, K, V, DO, LSE, DELTA, DK, DV, DQ_ACC,
+    Q, K, V, DO, LSE, DELTA, DK, DV,
     stride_qb, stride_qh, stride_qm, stride_qd,
     stride_kb, stride_kh, stride_kn, stride_kd,
     stride_vb, stride_vh, stride_vn, stride_vd,
@@ -93,11 +87,9 @@ def flash_bwd_dkdv_kernel(
     stride_lb, stride_lh, stride_lm,
     stride_dkb, stride_dkh, stride_dkn, stride_dkd,
     stride_dvb, stride_dvh, stride_dvn, stride_dvd,
-    stride_dqb, stride_dqh, stride_dqm, stride_dqd,
     n_kv_heads, group, n_q, n_k, causal_offset, scale, qk_scale,
     HEAD_DIM: tl.constexpr, VALUE_DIM: tl.constexpr, BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FUSE_DQ: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -135,24 +127,23 @@ def flash_bwd_dkdv_kernel(
         do_ptrs = DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dom + offs_dv[None, :] * stride_dod
         lse_ptrs = LSE + batch * stride_lb + head * stride_lh + offs_m * stride_lm
         delta_ptrs = DELTA + batch * stride_lb + head * stride_lh + offs_m * stride_lm
-        dq_ptrs = DQ_ACC + batch * stride_dqb + head * stride_dqh + offs_m[:, None] * stride_dqm + offs_d[None, :] * stride_dqd
         for start_m in range(lo, unmasked_lo, BLOCK_M):  # blocks crossing the diagonal
             dk, dv = _dkdv_block(
-                dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dq_ptrs, stride_qm, stride_dom, stride_lm,
-                stride_lm, stride_dqm, start_m, offs_m, offs_n, n_q, causal_offset, scale, qk_scale,
-                True, CAUSAL, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV, DOT_PRECISION, FUSE_DQ,
+                dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qm, stride_dom, stride_lm,
+                stride_lm, start_m, offs_m, offs_n, n_q, causal_offset, qk_scale,
+                True, CAUSAL, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV, DOT_PRECISION,
             )
         for start_m in range(unmasked_lo, n_q_floor, BLOCK_M):  # wholly visible, whole blocks
             dk, dv = _dkdv_block(
-                dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dq_ptrs, stride_qm, stride_dom, stride_lm,
-                stride_lm, stride_dqm, start_m, offs_m, offs_n, n_q, causal_offset, scale, qk_scale,
-                False, CAUSAL, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV, DOT_PRECISION, FUSE_DQ,
+                dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qm, stride_dom, stride_lm,
+                stride_lm, start_m, offs_m, offs_n, n_q, causal_offset, qk_scale,
+                False, CAUSAL, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV, DOT_PRECISION,
             )
         for start_m in range(tail_lo, n_q, BLOCK_M):  # the partial last query block
             dk, dv = _dkdv_block(
-                dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, dq_ptrs, stride_qm, stride_dom, stride_lm,
-                stride_lm, stride_dqm, start_m, offs_m, offs_n, n_q, causal_offset, scale, qk_scale,
-                True, CAUSAL, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV, DOT_PRECISION, FUSE_DQ,
+                dk, dv, k, v, q_ptrs, do_ptrs, lse_ptrs, delta_ptrs, stride_qm, stride_dom, stride_lm,
+                stride_lm, start_m, offs_m, offs_n, n_q, causal_offset, qk_scale,
+                True, CAUSAL, HEAD_DIM, VALUE_DIM, BLOCK_D, BLOCK_DV, DOT_PRECISION,
             )
 
     dk = dk * scale
@@ -215,7 +206,7 @@ def flash_bwd_dq_kernel(
     do = tl.load(DO + batch * stride_dob + head * stride_doh + offs_m[:, None] * stride_dom
                  + offs_dv[None, :] * stride_dod, mask=row_ok[:, None] & (offs_dv[None, :] < VALUE_DIM), other=0.0)
     row_stats = batch * stride_lb + head * stride_lh + offs_m * stride_lm
-    lse2 = tl.load(LSE + row_stats, mask=row_ok, other=0.0) * 1.4426950408889634
+    lse2 = tl.load(LSE + row_stats, mask=row_ok, other=0.0) * LOG2E
     delta = tl.load(DELTA + row_stats, mask=row_ok, other=0.0)
     k_ptrs = K + batch * stride_kb + kv_head * stride_kh + offs_n[:, None] * stride_kn + offs_d[None, :] * stride_kd
     v_ptrs = V + batch * stride_vb + kv_head * stride_vh + offs_n[:, None] * stride_vn + offs_dv[None, :] * stride_vd

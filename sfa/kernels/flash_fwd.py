@@ -20,9 +20,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from ._config import LOG2E
 from .flash_blocks import load_block_pair, scored_pairs
-
-LOG2E = 1.4426950408889634
 
 
 @triton.jit
@@ -106,7 +105,7 @@ def flash_fwd_kernel(
 
     acc = acc / l_i[:, None]
     # Natural-log LSE of the *scaled* scores: m_i and log2(l_i) are in base 2.
-    lse = (m_i + tl.math.log2(l_i)) / 1.4426950408889634
+    lse = (m_i + tl.math.log2(l_i)) / LOG2E
     row_ok = offs_m < n_q
     o_ptrs = O + batch * stride_ob + head * stride_oh + offs_m[:, None] * stride_om + offs_dv[None, :] * stride_od
     tl.store(o_ptrs, acc.to(O.dtype.element_ty), mask=row_ok[:, None] & (offs_dv[None, :] < VALUE_DIM))

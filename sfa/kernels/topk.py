@@ -20,9 +20,8 @@ import triton
 import triton.language as tl
 
 from ..topk import SparseCode, check_dense_dims, index_dtype_for, topk_sparsify, with_dense_prefix
-from ._config import interpreting, kernel_can_run_on, next_pow2
+from ._config import KERNEL_DTYPES, interpreting, kernel_can_run_on, next_pow2
 
-SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_DIM = 256  # column numbers must fit the 8 low bits of the key and a uint8 index
 
 
@@ -91,7 +90,7 @@ def _gpu_kernel():
 
 def kernel_supports(x: torch.Tensor, k: int) -> bool:
     """Whether the fused kernel handles this input (else callers get the PyTorch fallback)."""
-    return x.dtype in SUPPORTED_DTYPES and 1 <= x.shape[-1] <= MAX_DIM and kernel_can_run_on(x) and x.numel() > 0
+    return x.dtype in KERNEL_DTYPES and 1 <= x.shape[-1] <= MAX_DIM and kernel_can_run_on(x) and x.numel() > 0
 
 
 def topk_rows_into(x: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor, masked: torch.Tensor | None):

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from data.format import DataFormatError, read_meta
+
 
 def prepared_dir(path: str | Path, tokenizer: str) -> Path:
     """`data.dir` checked: a directory with a valid meta.json, tokenized with `tokenizer` (the model's);
     errors name data.dir."""
-    from data.format import DataFormatError, read_meta
-
     path = Path(path).expanduser()
     if not path.is_dir():
         raise FileNotFoundError(f"data.dir={path} is not a directory (give a prepared token directory with meta.json)")
