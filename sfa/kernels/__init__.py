@@ -12,7 +12,7 @@ from .masked import masked_sfa_attention
 from .topk import fused_topk_masked, fused_topk_sparsify
 
 register_backend("masked", masked_sfa_attention)
-register_backend("decode", decode_sfa_attention)
+register_backend("decode", decode_sfa_attention, takes_kv_length=True)
 
 try:  # FlashSFA; the other backends work without it
     from .flash import flash_sfa_attention
