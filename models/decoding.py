@@ -157,17 +157,22 @@ class Decoder:
             eos_check_every: int = 16) -> torch.Tensor:
         """Prompts (B, T) -> (B, T + n) with n <= max_new_tokens new tokens (fewer only when every sequence
         produced eos; a finished sequence keeps emitting eos)."""
-        t = input_ids.shape[1]
-        if t + max_new_tokens > self.capacity:
-            raise ValueError(f"Decoder: {t} prompt + {max_new_tokens} new positions exceed the cache's {self.capacity}")
+        if input_ids.shape[1] + max_new_tokens > self.capacity:
+            raise ValueError(f"Decoder: {input_ids.shape[1]} prompt + {max_new_tokens} new positions exceed the "
+                             f"cache's {self.capacity}")
         self.prefill(input_ids, prefill_chunk)
+        return self.decode(max_new_tokens, eos_check_every=eos_check_every)
+
+    def decode(self, max_new_tokens: int, *, eos_check_every: int = 16) -> torch.Tensor:
+        """After prefill: step until max_new_tokens tokens exist (the first came from prefill) or every
+        sequence has produced eos; returns the prompt and the new tokens."""
         produced = 1
         while produced < max_new_tokens:
             if self.eos_token_id is not None and produced % eos_check_every == 0 and bool(self.finished.all()):
                 break
             self.step()
             produced += 1
-        return self._trim_after_eos(self.tokens[:, : t + produced])
+        return self._trim_after_eos(self.tokens[:, : self.prompt_length + produced])
 
     # --- internals --------------------------------------------------------------------------------
     def _choose(self, logits: torch.Tensor) -> torch.Tensor:
