@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.nn.attention.bias import causal_lower_right
 
 import sfa
@@ -197,6 +198,12 @@ class StaticStep:
         return cls(index=index, kv_length=index[-1:] + 1, mask=mask)
 
 
+# SDPA kernels for a masked decode step, most preferred first; torch skips any that rejects the inputs
+# (FlashAttention takes no mask). cuDNN leads as in sfa/kernels/masked.py (fastest dense kernel on Hopper).
+MASKED_SDPA_PREFERENCE = [SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION,
+                          SDPBackend.MATH]
+
+
 def static_dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Dense attention of T new queries over a whole preallocated cache, `mask` (T, capacity) selecting the
     keys each may see. The G query heads sharing a KV head become G*T rows of one head, so every SDPA kernel
@@ -206,7 +213,8 @@ def static_dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     group = hq // hkv
     rows = q.reshape(b, hkv, group * t, d)
     row_mask = mask if t == 1 else mask.repeat(group, 1)  # rows are (head in group, token): token = row % t
-    out = F.scaled_dot_product_attention(rows, k, v, attn_mask=row_mask)
+    with sdpa_kernel(MASKED_SDPA_PREFERENCE, set_priority=True) if q.is_cuda else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(rows, k, v, attn_mask=row_mask)
     return out.reshape(b, hq, t, v.shape[-1])
 
 

@@ -48,6 +48,27 @@ def test_graph_decoding_equals_the_uncached_recompute(family, kind):
     assert torch.equal(cached, generate(m, prompt, 24, use_cache=False))
 
 
+@pytest.mark.parametrize("family, kind", [(f, k) for f, k in CASES if not k.startswith("sfa")])
+def test_bf16_static_steps_match_the_full_forward(family, kind):
+    """The masked SDPA of a static dense step (cuDNN when it takes the mask) against the full bf16 forward.
+    A kernel that dropped the mask would let the ~400 empty slots (score 0, value 0) into every softmax and
+    shrink the outputs by tens of percent; bf16 rounding moves the logits by well under 1%. The exact mask is
+    checked on CPU (tests/test_decoding.py)."""
+    m = model(family, kind, torch.bfloat16)
+    x = torch.randint(0, 512, (2, 700), device="cuda")
+    with torch.no_grad():
+        full, _ = m(x)
+        cache = m.new_cache(2, 1024)
+        m(x[:, :600], cache=cache)
+        position = torch.tensor([600], device="cuda")
+        rows = []
+        for t in range(600, 700):
+            rows.append(m(x[:, t : t + 1], cache=cache, position=position)[0])
+            position += 1
+    steps = torch.cat(rows, dim=1)
+    assert ((steps - full[:, 600:]).norm() / full[:, 600:].norm()).item() < 1e-2
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("kind", ["dense", "sfa", "sfa-decoupled"])
 def test_compiled_decoding_equals_eager(kind):
