@@ -12,6 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from ..reference import dense_attention
 from ..topk import SparseCode, masked_rows
@@ -44,13 +45,17 @@ def masked_features(x: torch.Tensor | SparseCode, topk: int, dense_dims: int = 0
 def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool, scale: float | None) -> torch.Tensor:
     """Dense attention with the fastest SDPA kernel on CUDA; the reference's SDPA call elsewhere."""
     n_q, n_k = q.shape[-2], k.shape[-2]
-    if not q.is_cuda or (causal and n_q != n_k):
-        # Bottom-right causal alignment needs an explicit mask, which the fused kernels reject.
+    if not q.is_cuda:
         return dense_attention(q, k, v, causal=causal, scale=scale)
     group = q.shape[1] // k.shape[1]
     if group > 1 and EXPAND_KV_HEADS_FOR_GQA:
         k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         group = 1
+    if causal and n_q != n_k:
+        # Queries at the end (a prefill chunk over a cache): bottom-right causal through FlashAttention's own
+        # alignment, never an (Nq, Nk) mask in memory (gigabytes for a chunk of a long prompt).
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=causal_lower_right(n_q, n_k), scale=scale,
+                                              enable_gqa=group > 1)
     with sdpa_kernel(SDPA_PREFERENCE, set_priority=True):
         return F.scaled_dot_product_attention(q, k, v, is_causal=causal, scale=scale, enable_gqa=group > 1)
 
