@@ -291,9 +291,10 @@ def attend(
     q (B, Hq, T, Dqk), k (B, Hkv, T, Dqk), v (B, Hkv, T, Dv) -> (B, Hq, T, Dv).
     With `layer_cache` (an sfa.cache.LayerCache) the new k/v are appended first and q attends to
     everything cached; with `step` as well they are written at step.index instead and q attends over the
-    whole cache, masked to step.kv_length (a shape-static step). With `return_pair` (SFA only, no cache) also returns the dense attention output
-    of the same inputs computed without gradients, for the conversion loss (paper Eq. 8); `dense_qk`
-    overrides the q/k that dense output uses (Qwen3 passes them from before its feature map).
+    whole cache, masked to step.kv_length (a shape-static step). With `return_pair` (SFA only, no cache)
+    also returns the dense attention output of the same inputs computed without gradients, for the
+    conversion loss (paper Eq. 8); `dense_qk` overrides the q/k that dense output uses (Qwen3 passes them
+    from before its feature map).
     """
     if _stats_sink is not None and layer_cache is None:
         _stats_sink.append(_attention_stats(q, k, config))
