@@ -120,6 +120,7 @@ class Decoder:
         return self.tokens.shape[1]
 
     # --- the two phases ---------------------------------------------------------------------------
+    @torch.no_grad()
     def prefill(self, input_ids: torch.Tensor, chunk: int | None = None) -> None:
         """Encode the prompts (B, T) into the cache, `chunk` positions per forward (default: about
         PREFILL_TOKENS tokens per forward), and sample the first new token."""
@@ -138,6 +139,7 @@ class Decoder:
         self.position.fill_(t)
         self.prompt_length = t
 
+    @torch.no_grad()
     def step(self) -> None:
         """One decode step: the next token of every sequence, written into `tokens`."""
         if self.mode == "eager":
@@ -153,6 +155,7 @@ class Decoder:
                 self._graph = self._capture()
             self._graph.replay()
 
+    @torch.no_grad()
     def run(self, input_ids: torch.Tensor, max_new_tokens: int, *, prefill_chunk: int | None = None,
             eos_check_every: int = 16) -> torch.Tensor:
         """Prompts (B, T) -> (B, T + n) with n <= max_new_tokens new tokens (fewer only when every sequence
@@ -163,6 +166,7 @@ class Decoder:
         self.prefill(input_ids, prefill_chunk)
         return self.decode(max_new_tokens, eos_check_every=eos_check_every)
 
+    @torch.no_grad()
     def decode(self, max_new_tokens: int, *, eos_check_every: int = 16) -> torch.Tensor:
         """After prefill: step until max_new_tokens tokens exist (the first came from prefill) or every
         sequence has produced eos; returns the prompt and the new tokens."""

@@ -269,10 +269,13 @@ def main(argv=None) -> dict:
     batches, contexts = args.batches.split(","), int_list(args.contexts)
     compile_at, hf_at = points(args.compile_at), points(args.hf_at)
     max_len = max([*contexts, *(c for _, c in compile_at + hf_at)]) + TIMED_WARMUP + args.steps + 1
-    import transformers
-
+    try:  # only the HF peer rows need it; without it they say so
+        import transformers
+    except ImportError:
+        transformers = None
     env = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-               torch=torch.__version__, transformers=transformers.__version__, dtype=str(dtype), python=platform.python_version())
+               torch=torch.__version__, transformers=transformers and transformers.__version__, dtype=str(dtype),
+               python=platform.python_version())
     if device.type == "cuda":
         import triton
 
