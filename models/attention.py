@@ -24,9 +24,10 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import sfa
-from sfa.dense import dense_sdpa
+from sfa.dense import SDPA_PREFERENCE, dense_sdpa
 from sfa.reference import causal_mask
 
 ATTENTION_KINDS = ("dense", "sfa", "short")
@@ -160,6 +161,38 @@ class LogitScale(nn.Module):
         return q * self.log_gain.exp().to(q.dtype)[None, :, None, None]
 
 
+@dataclass
+class StaticStep:
+    """Where a shape-static cache step writes and what it may see, read on the device (so the step can be
+    captured in a CUDA graph and replayed at every position): `index` (T,) the new tokens' positions,
+    `kv_length` (1,) the keys that exist once they are written, and for dense kinds `mask` (T, capacity),
+    True where a new token may attend. Built once per forward and shared by the layers."""
+
+    index: torch.Tensor
+    kv_length: torch.Tensor
+    mask: torch.Tensor | None
+
+    @classmethod
+    def at(cls, position: torch.Tensor, n_new: int, capacity: int, needs_mask: bool) -> "StaticStep":
+        index = position if n_new == 1 else position + torch.arange(n_new, device=position.device)
+        mask = torch.arange(capacity, device=position.device) <= index[:, None] if needs_mask else None
+        return cls(index=index, kv_length=index[-1:] + 1, mask=mask)
+
+
+def static_dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Dense attention of T new queries over a whole preallocated cache, `mask` (T, capacity) selecting the
+    keys each may see. The G query heads sharing a KV head become G*T rows of one head, so every SDPA kernel
+    that takes a mask serves GQA without repeating the cache (each cached byte is read once)."""
+    b, hq, t, d = q.shape
+    hkv = k.shape[1]
+    group = hq // hkv
+    rows = q.reshape(b, hkv, group * t, d)
+    row_mask = mask if t == 1 else mask.repeat(group, 1)  # rows are (head in group, token): token = row % t
+    with sdpa_kernel(SDPA_PREFERENCE, set_priority=True) if q.is_cuda else contextlib.nullcontext():
+        out = F.scaled_dot_product_attention(rows, k, v, attn_mask=row_mask)
+    return out.reshape(b, hq, t, v.shape[-1])
+
+
 def _autocast_dtypes(q, k, v):
     """Under autocast, norms and RoPE leave q and k in fp32 while the v projection is bf16. SDPA casts
     its inputs itself; sfa_attention refuses mixed dtypes, so cast them to the autocast dtype here."""
@@ -224,6 +257,7 @@ def attend(
     config: AttentionConfig,
     *,
     layer_cache=None,
+    step: StaticStep | None = None,
     return_pair: bool = False,
     dense_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
 ):
@@ -231,16 +265,18 @@ def attend(
 
     q (B, Hq, T, Dqk), k (B, Hkv, T, Dqk), v (B, Hkv, T, Dv) -> (B, Hq, T, Dv).
     With `layer_cache` (an sfa.cache.LayerCache) the new k/v are appended first and q attends to
-    everything cached. With `return_pair` (SFA only, no cache) also returns the dense attention output
-    of the same inputs computed without gradients, for the conversion loss (paper Eq. 8); `dense_qk`
-    overrides the q/k that dense output uses (Qwen3 passes them from before its feature map).
+    everything cached; with `step` as well they are written at step.index instead and q attends over the
+    whole cache, masked to step.kv_length (a shape-static step). With `return_pair` (SFA only, no cache)
+    also returns the dense attention output of the same inputs computed without gradients, for the
+    conversion loss (paper Eq. 8); `dense_qk` overrides the q/k that dense output uses (Qwen3 passes them
+    from before its feature map).
     """
     if _stats_sink is not None and layer_cache is None:
         _stats_sink.append(_attention_stats(q, k, config))
     if layer_cache is not None:
         if return_pair:
             raise ValueError("return_attention_pairs cannot be combined with a KV cache")
-        k, v = layer_cache.append(k, v)
+        k, v = layer_cache.append(k, v) if step is None else layer_cache.write(k, v, step.index)
         # The cache may hold another dtype than the activations (e.g. bf16 cache, fp32 model).
         out_dtype, q = q.dtype, q.to(v.dtype)
     else:
@@ -251,7 +287,10 @@ def attend(
         out = sfa.sfa_attention(
             q, k, v, topk_q=config.topk_q, topk_k=None if isinstance(k, sfa.SparseCode) else config.topk_k,
             causal=True, backend=config.backend, scale=config.score_scale(), dense_dims=config.dense_dims,
+            kv_length=None if step is None else step.kv_length,
         )
+    elif step is not None:
+        out = static_dense_sdpa(q, k, v, step.mask)
     else:
         out = dense_sdpa(q, k, v)
     if out_dtype is not None:

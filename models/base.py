@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from sfa.cache import KVCache, kv_cache_bytes_per_token
 
-from .attention import AttentionConfig
+from .attention import AttentionConfig, StaticStep
 
 
 def check_model_dims(name: str, config) -> None:
@@ -39,7 +39,11 @@ class CausalLM(nn.Module):
     embed_tokens: nn.Embedding
     lm_head: nn.Linear
 
-    def trunk(self, input_ids: torch.Tensor, start: int, cache: KVCache | None, pairs: list | None) -> torch.Tensor:
+    def trunk(
+        self, input_ids: torch.Tensor, start: int, cache: KVCache | None, pairs: list | None, step: StaticStep | None
+    ) -> torch.Tensor:
+        """Hidden states after the final norm. Positions start at `start`, or are step.index for a
+        shape-static cache step."""
         raise NotImplementedError
 
     # --- forward ----------------------------------------------------------------------------------
@@ -49,14 +53,30 @@ class CausalLM(nn.Module):
         targets: torch.Tensor | None = None,
         cache: KVCache | None = None,
         return_attention_pairs: bool = False,
+        *,
+        logits_to_keep: int = 0,
+        position: torch.Tensor | None = None,
     ):
         """Logits (float) for every position and the mean cross-entropy against `targets`
         (-1 = ignore). With `cache`, input_ids continue the cached sequence. With
         `return_attention_pairs` (SFA only) also returns, per layer, (sfa_out, dense_out), each
-        (B, H, T, Dv), where dense_out is dense attention on the same layer input without gradients."""
+        (B, H, T, Dv), where dense_out is dense attention on the same layer input without gradients.
+
+        logits_to_keep=n > 0 returns logits for the last n positions only (as HF's argument; 0 = all):
+        generation needs one row, and B x T x vocab fp32 logits of a long prompt would not fit.
+        position (a (1,) int64 tensor on the model's device, with `cache`): input_ids sit at positions
+        position, position+1, ..., read on the device. The step then writes the cache at those positions
+        and attends over its whole capacity, so it has one shape at every position (CUDA graphs). The
+        caller keeps position + T within the cache (not checked: a device sync); cache.length does not move."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.is_floating_point():
             got = f"{tuple(input_ids.shape)} {input_ids.dtype}" if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
             raise ValueError(f"input_ids must be an integer tensor of shape (B, T), got {got}")
+        if isinstance(logits_to_keep, bool) or not isinstance(logits_to_keep, int) or logits_to_keep < 0:
+            raise ValueError(f"logits_to_keep must be an int >= 0 (0 = every position), got {logits_to_keep!r}")
+        if logits_to_keep and targets is not None:
+            raise ValueError("logits_to_keep cannot be combined with targets (the loss needs every position's logits)")
+        if position is not None:
+            self._check_position(position, cache)
         start = 0 if cache is None else cache.length
         if cache is not None and len(cache) != self.config.n_layer:
             raise ValueError(f"cache has {len(cache)} layers but the model has n_layer={self.config.n_layer}")
@@ -67,7 +87,7 @@ class CausalLM(nn.Module):
                 f"this model's attention (topk={want[0]}, key dim {want[1]}, dense_dims={want[2]}); make it with "
                 "model.new_cache()"
             )
-        if start + input_ids.shape[1] > self.config.max_seq_len:
+        if position is None and start + input_ids.shape[1] > self.config.max_seq_len:
             raise ValueError(
                 f"sequence of {start + input_ids.shape[1]} positions ({start} cached + {input_ids.shape[1]} new) "
                 f"exceeds max_seq_len={self.config.max_seq_len}"
@@ -75,7 +95,12 @@ class CausalLM(nn.Module):
         if return_attention_pairs and self.attention.kind != "sfa":
             raise ValueError(f"return_attention_pairs needs attention.kind='sfa', not {self.attention.kind!r}")
         pairs = [] if return_attention_pairs else None
-        hidden = self.trunk(input_ids, start, cache, pairs)
+        step = None
+        if position is not None:
+            step = StaticStep.at(position, input_ids.shape[1], cache.capacity, needs_mask=self.attention.kind != "sfa")
+        hidden = self.trunk(input_ids, start, cache, pairs, step)
+        if logits_to_keep:
+            hidden = hidden[:, -logits_to_keep:]
         logits = self.lm_head(hidden).float()
         loss = None
         if targets is not None:
@@ -85,6 +110,16 @@ class CausalLM(nn.Module):
         if return_attention_pairs:
             return logits, loss, pairs
         return logits, loss
+
+    @staticmethod
+    def _check_position(position, cache) -> None:
+        if cache is None:
+            raise ValueError("position is the write position in a KV cache: pass cache= as well")
+        if not isinstance(position, torch.Tensor) or position.shape != (1,) or position.dtype != torch.int64:
+            got = f"{tuple(position.shape)} {position.dtype}" if isinstance(position, torch.Tensor) else type(position).__name__
+            raise ValueError(f"position must be an int64 tensor of shape (1,), got {got}")
+        if position.device != cache[0].values.device:
+            raise ValueError(f"position is on {position.device}, the cache on {cache[0].values.device}")
 
     # --- accounting -------------------------------------------------------------------------------
     @property

@@ -62,7 +62,7 @@ class GPT2Attention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.logit_scale = LogitScale(self.n_head) if attention.scale == "learned" else None
 
-    def forward(self, x, layer_cache=None, pairs=None):
+    def forward(self, x, layer_cache=None, pairs=None, step=None):
         b, t, _ = x.shape
         q, k, v = self.c_attn(x).split(self.split_sizes, dim=-1)
         q = q.view(b, t, self.n_head, self.qk_dim).transpose(1, 2)
@@ -74,7 +74,7 @@ class GPT2Attention(nn.Module):
             out, dense_out = attend(q, k, v, self.attention, return_pair=True)
             pairs.append((out, dense_out))
         else:
-            out = attend(q, k, v, self.attention, layer_cache=layer_cache)
+            out = attend(q, k, v, self.attention, layer_cache=layer_cache, step=step)
         out = out.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim)
         return self.resid_dropout(self.c_proj(out))
 
@@ -99,8 +99,8 @@ class GPT2Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.d_model, eps=config.layer_norm_eps)
         self.mlp = GPT2MLP(config)
 
-    def forward(self, x, layer_cache=None, pairs=None):
-        x = x + self.attn(self.ln_1(x), layer_cache=layer_cache, pairs=pairs)
+    def forward(self, x, layer_cache=None, pairs=None, step=None):
+        x = x + self.attn(self.ln_1(x), layer_cache=layer_cache, pairs=pairs, step=step)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -143,9 +143,12 @@ class GPT2(CausalLM):
     def embedding_parameters(self):
         return [*super().embedding_parameters(), self.transformer.wpe.weight]
 
-    def trunk(self, input_ids, start, cache, pairs):
-        positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+    def trunk(self, input_ids, start, cache, pairs, step=None):
+        if step is None:
+            positions = torch.arange(start, start + input_ids.shape[1], device=input_ids.device)
+        else:
+            positions = step.index
         x = self.transformer.drop(self.transformer.wte(input_ids) + self.transformer.wpe(positions))
         for i, block in enumerate(self.transformer.h):
-            x = block(x, layer_cache=None if cache is None else cache[i], pairs=pairs)
+            x = block(x, layer_cache=None if cache is None else cache[i], pairs=pairs, step=step)
         return self.transformer.ln_f(x)

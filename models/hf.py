@@ -5,7 +5,8 @@ AttentionMaskInterface. Both are needed in transformers 5.x: for an implementati
 the mask interface the model builds no causal mask at all (it passes None), silently. With the mask
 registered as SDPA's, HF hands us None exactly when the mask is plain causal; we then call
 sfa.sfa_attention(causal=True) (any backend); any other mask (padding) goes through the reference
-identity SFA(q, k, v) = SDPA(topk_mask(q), topk_mask(k), v) with that mask.
+identity SFA(q, k, v) = SDPA(topk_mask(q), topk_mask(k), v) with that mask. None means SDPA's top-left
+causal alignment (HF relies on it for a StaticCache's prefill), which sfa_hf_attention reproduces.
 
 An HF model runs SFA with `config._attn_implementation = "sfa"` (or `attn_implementation="sfa"` in
 from_pretrained) and `config.sfa_topk` (+ optional `sfa_topk_k`, `sfa_backend`). HF applies the
@@ -47,6 +48,12 @@ def sfa_hf_attention(module, query, key, value, attention_mask, dropout: float =
     if dropout:
         raise ValueError(f'attn_implementation "sfa" does not support attention dropout (got {dropout}); use eval() or 0')
     if attention_mask is None:
+        # HF passes None for "SDPA's is_causal", which aligns top-left: with more keys than queries (a
+        # StaticCache's prefill, whose keys past the prompt are still empty) query i sees keys <= i only.
+        # sfa_attention aligns bottom-right, so hand it just the keys the queries can see.
+        n_q = query.shape[2]
+        if 1 < n_q < key.shape[2]:
+            key, value = key[:, :, :n_q], value[:, :, :n_q]
         out = sfa.sfa_attention(
             query, key, value, topk_q=topk_q, topk_k=topk_k, causal=True, scale=scaling,
             backend=getattr(config, "sfa_backend", "auto"),

@@ -88,6 +88,11 @@ class RotaryEmbedding(nn.Module):
         cos, sin = self._cos_sin(end)
         return cos[start:end].to(dtype), sin[start:end].to(dtype)
 
+    def at(self, positions: torch.Tensor, limit: int, dtype: torch.dtype):
+        """cos, sin (T, dim) at `positions` (T,), a device tensor (a shape-static step) below `limit`."""
+        cos, sin = self._cos_sin(limit)
+        return cos.index_select(0, positions).to(dtype), sin.index_select(0, positions).to(dtype)
+
 
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
@@ -119,7 +124,7 @@ class Qwen3Attention(nn.Module):
         self.feature_map = nn.Linear(self.qk_dim, self.qk_dim, bias=False) if attention.feature_map else None
         self.logit_scale = LogitScale(self.n_head) if attention.scale == "learned" else None
 
-    def forward(self, x, cos, sin, layer_cache=None, pairs=None):
+    def forward(self, x, cos, sin, layer_cache=None, pairs=None, step=None):
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, t, self.n_head, self.qk_dim)).transpose(1, 2)
         k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv_head, self.qk_dim)).transpose(1, 2)
@@ -136,7 +141,7 @@ class Qwen3Attention(nn.Module):
             out, dense_out = attend(q, k, v, self.attention, return_pair=True, dense_qk=dense_qk)
             pairs.append((out, dense_out))
         else:
-            out = attend(q, k, v, self.attention, layer_cache=layer_cache)
+            out = attend(q, k, v, self.attention, layer_cache=layer_cache, step=step)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
 
 
@@ -159,8 +164,8 @@ class Qwen3DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.d_model, config.rms_norm_eps)
         self.mlp = Qwen3MLP(config)
 
-    def forward(self, x, cos, sin, layer_cache=None, pairs=None):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer_cache=layer_cache, pairs=pairs)
+    def forward(self, x, cos, sin, layer_cache=None, pairs=None, step=None):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, layer_cache=layer_cache, pairs=pairs, step=step)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -197,11 +202,13 @@ class Qwen3(CausalLM):
     def embed_tokens(self) -> nn.Embedding:
         return self.model.embed_tokens
 
-    def trunk(self, input_ids, start, cache, pairs):
+    def trunk(self, input_ids, start, cache, pairs, step=None):
         x = self.model.embed_tokens(input_ids)
         cos = sin = None
-        if self.rotary is not None:
+        if self.rotary is not None and step is not None:
+            cos, sin = self.rotary.at(step.index, cache.capacity, x.dtype)
+        elif self.rotary is not None:
             cos, sin = self.rotary(start, start + input_ids.shape[1], x.dtype)
         for i, layer in enumerate(self.model.layers):
-            x = layer(x, cos, sin, layer_cache=None if cache is None else cache[i], pairs=pairs)
+            x = layer(x, cos, sin, layer_cache=None if cache is None else cache[i], pairs=pairs, step=step)
         return self.model.norm(x)

@@ -33,8 +33,9 @@ class Capabilities:
     max_query_rows: int | None = None  # query rows per KV head: (Hq / Hkv) x Nq
     key_code_only: bool = False  # only over keys given as a SparseCode (a compressed KV cache)
     dense_dims: bool = True  # takes decoupled rows (dense_dims > 0)
+    kv_length: bool = False  # takes kv_length= (a static cache's valid length, read on the device)
 
-    def fit(self, q, k, v, dense_dims: int = 0) -> bool:
+    def fit(self, q, k, v, dense_dims: int = 0, kv_length: bool = False) -> bool:
         d, dv = q.shape[-1], v.shape[-1]
         return (
             (self.devices is None or v.device.type in self.devices)
@@ -44,6 +45,7 @@ class Capabilities:
             and (self.max_query_rows is None or (q.shape[1] // k.shape[1]) * q.shape[2] <= self.max_query_rows)
             and (not self.key_code_only or isinstance(k, SparseCode))
             and (self.dense_dims or dense_dims == 0)
+            and (self.kv_length or not kv_length)
         )
 
 
@@ -71,12 +73,12 @@ def available_backends() -> list[str]:
     return ["auto", *BACKENDS]
 
 
-def choose_backend(q, k, v, *, dense_dims: int = 0) -> str:
+def choose_backend(q, k, v, *, dense_dims: int = 0, kv_length: bool = False) -> str:
     """The `auto` rule: the highest-priority registered backend whose capabilities fit these (already
-    checked) inputs. Never raises: the reference fits everything."""
+    checked) inputs; `kv_length`: the call passes one. Never raises: the reference fits everything."""
     candidates = sorted((b for b in BACKENDS.values() if b.priority is not None), key=lambda b: -b.priority)
-    return next(b.name for b in candidates if b.capabilities.fit(q, k, v, dense_dims))
+    return next(b.name for b in candidates if b.capabilities.fit(q, k, v, dense_dims, kv_length))
 
 
 # The oracle: plain PyTorch, every device and dtype; auto's last resort.
-register_backend("reference", sfa_attention_reference, Capabilities(), priority=0)
+register_backend("reference", sfa_attention_reference, Capabilities(kv_length=True), priority=0)

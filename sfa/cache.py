@@ -1,7 +1,9 @@
 """KV caches for autoregressive decoding: dense, and SFA's compressed one.
 
 Per layer the cache preallocates `capacity` positions and is appended to one step (or one prompt)
-at a time. The SFA cache stores each key only as its top-k code (signed values in the cache dtype and
+at a time. `append` tracks the filled length on the host and returns views of the filled part;
+`write` is the shape-static alternative for CUDA graphs: it stores at positions given as a device tensor
+and returns the whole buffers, whose valid length the caller passes to attention (`kv_length`). The SFA cache stores each key only as its top-k code (signed values in the cache dtype and
 their column indices, uint8 for head dims up to 256) while values stay dense; attention over it goes
 through `sfa.sfa_attention(q, keys_code, values, ...)`, which accepts SparseCodes and fewer queries
 than keys (the queries are the last positions).
@@ -120,12 +122,7 @@ class LayerCache:
                 k = k.to_dense()
             self.keys[:, :, self.length : end] = k
         else:
-            code = k if isinstance(k, SparseCode) else topk_sparsify(k, self.topk, self.dense_dims)
-            if (code.k, code.dim, code.dense_dims) != (self.topk, self.head_dim, self.dense_dims):
-                raise ValueError(
-                    f"KV cache: key code has k={code.k}, dim={code.dim}, dense_dims={code.dense_dims}; the cache holds "
-                    f"k={self.topk}, dim={self.head_dim}, dense_dims={self.dense_dims}"
-                )
+            code = self._code_of(k)
             self.key_values[:, :, self.length : end] = code.values
             self.key_indices[:, :, self.length : end] = code.indices
             if self.key_dense is not None:
@@ -134,14 +131,44 @@ class LayerCache:
         self.length = end
         return self.cached_keys(), self.values[:, :, :end]
 
-    def cached_keys(self) -> torch.Tensor | SparseCode:
+    def write(self, k: torch.Tensor | SparseCode, v: torch.Tensor, index: torch.Tensor):
+        """Store new keys/values (B, Hkv, T, ·) at positions `index` ((T,) int64, on the cache's device) and
+        return the whole buffers: (keys (B, Hkv, capacity, D) or their SparseCode, values (B, Hkv, capacity, Dv)).
+
+        Nothing is read on the host and every shape is fixed, so a decode step built on it can be captured
+        in a CUDA graph. `length` is not advanced: the caller tracks the position on the device."""
+        dtype = self.values.dtype  # index_copy_ does not cast (slice assignment in `append` does)
         if self.topk is None:
-            return self.keys[:, :, : self.length]
+            self.keys.index_copy_(2, index, (k.to_dense() if isinstance(k, SparseCode) else k).to(dtype))
+        else:
+            code = self._code_of(k)
+            self.key_values.index_copy_(2, index, code.values.to(dtype))
+            self.key_indices.index_copy_(2, index, code.indices)
+            if self.key_dense is not None:
+                self.key_dense.index_copy_(2, index, code.dense.to(dtype))
+        self.values.index_copy_(2, index, v.to(dtype))
+        return self.cached_keys(self.capacity), self.values
+
+    def _code_of(self, k: torch.Tensor | SparseCode) -> SparseCode:
+        """The top-k code an SFA cache stores for keys k (dense keys are selected here)."""
+        code = k if isinstance(k, SparseCode) else topk_sparsify(k, self.topk, self.dense_dims)
+        if (code.k, code.dim, code.dense_dims) != (self.topk, self.head_dim, self.dense_dims):
+            raise ValueError(
+                f"KV cache: key code has k={code.k}, dim={code.dim}, dense_dims={code.dense_dims}; the cache holds "
+                f"k={self.topk}, dim={self.head_dim}, dense_dims={self.dense_dims}"
+            )
+        return code
+
+    def cached_keys(self, length: int | None = None) -> torch.Tensor | SparseCode:
+        """The first `length` (default: the filled length) cached keys, as views."""
+        end = self.length if length is None else length
+        if self.topk is None:
+            return self.keys[:, :, :end]
         return SparseCode(
-            values=self.key_values[:, :, : self.length],
-            indices=self.key_indices[:, :, : self.length],
+            values=self.key_values[:, :, :end],
+            indices=self.key_indices[:, :, :end],
             dim=self.head_dim,
-            dense=None if self.key_dense is None else self.key_dense[:, :, : self.length],
+            dense=None if self.key_dense is None else self.key_dense[:, :, :end],
         )
 
 

@@ -12,6 +12,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.bias import causal_lower_right
 
 from .reference import causal_mask
 
@@ -33,9 +34,16 @@ def dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: boo
     gqa = q.shape[1] != k.shape[1]
     n_q, n_k = q.shape[-2], k.shape[-2]
     if causal and n_q != n_k:
-        # SDPA's is_causal aligns top-left; with fewer queries than keys they sit at the end (bottom-right),
-        # which needs an explicit mask (none for a single query: it sees every key).
-        mask = None if n_q == 1 else causal_mask(n_q, n_k, q.device)
+        # SDPA's is_causal aligns top-left; with fewer queries than keys they sit at the end (bottom-right).
+        # A single query sees every key (no mask). On CUDA causal_lower_right runs the fused kernels' own
+        # bottom-right alignment without an (Nq, Nk) mask in memory (gigabytes for a chunk of a long prompt);
+        # elsewhere it would warn and build that mask anyway, so the mask is explicit there.
+        if n_q == 1:
+            mask = None
+        elif q.is_cuda:
+            mask = causal_lower_right(n_q, n_k)
+        else:
+            mask = causal_mask(n_q, n_k, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=gqa)
     kernels = sdpa_kernel(SDPA_PREFERENCE, set_priority=True) if q.is_cuda else contextlib.nullcontext()
     with kernels:

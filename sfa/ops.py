@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from .backends import BACKENDS, available_backends, choose_backend
+from . import backends
+from .backends import available_backends, choose_backend
 from .topk import SparseCode
 
 
@@ -43,7 +44,17 @@ def _resolve_dense_dims(q, k, dense_dims, dim: int) -> int:
     return dense_dims
 
 
-def check_attention_inputs(q, k, v, *, topk_q, topk_k, scale=None, dense_dims=None) -> tuple[int, int, int]:
+def _check_kv_length(kv_length, batch: int, device) -> None:
+    if not isinstance(kv_length, torch.Tensor) or kv_length.dim() != 1 or kv_length.shape[0] not in (1, batch):
+        got = f"shape {tuple(kv_length.shape)}" if isinstance(kv_length, torch.Tensor) else type(kv_length).__name__
+        raise ValueError(f"sfa_attention: kv_length must be a tensor of shape ({batch},) or (1,), got {got}")
+    if kv_length.is_floating_point() or kv_length.dtype == torch.bool or kv_length.is_complex():
+        raise TypeError(f"sfa_attention: kv_length must be an integer tensor, got {kv_length.dtype}")
+    if kv_length.device != device:
+        raise ValueError(f"sfa_attention: kv_length is on {kv_length.device}, q/k/v on {device}")
+
+
+def check_attention_inputs(q, k, v, *, topk_q, topk_k, scale=None, dense_dims=None, kv_length=None) -> tuple[int, int, int]:
     """Raise a clear error for any argument outside the contract; return the resolved
     (topk_q, topk_k, dense_dims)."""
     for name, x in (("q", q), ("k", k)):
@@ -73,6 +84,8 @@ def check_attention_inputs(q, k, v, *, topk_q, topk_k, scale=None, dense_dims=No
         raise ValueError(f"sfa_attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
     if scale is not None and not (isinstance(scale, (int, float)) and scale > 0):
         raise ValueError(f"sfa_attention: scale must be a positive number, got {scale!r}")
+    if kv_length is not None:
+        _check_kv_length(kv_length, b, v.device)
     dense_dims = _resolve_dense_dims(q, k, dense_dims, d)
     topk_q = _resolve_topk("topk_q", q, topk_q, d, dense_dims)
     topk_k = _resolve_topk(
@@ -92,6 +105,7 @@ def sfa_attention(
     scale: float | None = None,
     backend: str = "auto",
     dense_dims: int | None = None,
+    kv_length: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Sparse Feature Attention: softmax(mask(q)·mask(k)ᵀ·scale + causal)·v.
 
@@ -101,15 +115,27 @@ def sfa_attention(
     dense_dims (decoupled RoPE; default 0, or what the SparseCode inputs carry): the first dense_dims
     coordinates of every q and k row are always kept and topk_* are chosen among the other D - dense_dims,
     so a score is the dense dot of the leading part plus the SFA overlap of the rest.
+    kv_length (an integer tensor (B,) or (1,) on the inputs' device): only the first kv_length[b] positions
+    of k and v exist (a cache preallocated to Nk positions); the queries are the last Nq of those. It must
+    lie in [Nq, Nk], which is not checked (reading it would cost a device sync). Backends without it refuse it;
+    `auto` then falls back to the reference.
     Non-finite inputs are not checked (that would cost a device sync): NaN/Inf propagate in the
     reference and give unspecified selections in the kernels.
     """
     topk_q, topk_k, dense_dims = check_attention_inputs(
-        q, k, v, topk_q=topk_q, topk_k=topk_k, scale=scale, dense_dims=dense_dims
+        q, k, v, topk_q=topk_q, topk_k=topk_k, scale=scale, dense_dims=dense_dims, kv_length=kv_length
     )
+    extra = {}
     if backend == "auto":
-        backend = choose_backend(q, k, v, dense_dims=dense_dims)
-    chosen = BACKENDS.get(backend)
+        backend = choose_backend(q, k, v, dense_dims=dense_dims, kv_length=kv_length is not None)
+    chosen = backends.BACKENDS.get(backend)
     if chosen is None:
         raise ValueError(f"sfa_attention: unknown backend {backend!r}; available: {', '.join(available_backends())}")
-    return chosen.fn(q, k, v, topk_q=topk_q, topk_k=topk_k, causal=causal, scale=scale, dense_dims=dense_dims)
+    if kv_length is not None:
+        if not chosen.capabilities.kv_length:
+            takers = sorted(name for name, b in backends.BACKENDS.items() if b.capabilities.kv_length)
+            raise ValueError(
+                f"sfa_attention: backend {backend!r} does not take kv_length; use one of {', '.join(takers)}"
+            )
+        extra["kv_length"] = kv_length
+    return chosen.fn(q, k, v, topk_q=topk_q, topk_k=topk_k, causal=causal, scale=scale, dense_dims=dense_dims, **extra)

@@ -10,6 +10,10 @@ v gets a dense gradient. Called on fp32 inputs this is the fp32 reference the ke
 
 Causal alignment when there are fewer queries than keys (decode, chunked prefill): the queries are
 the *last* Nq positions, so query i sees keys j <= i + (Nk - Nq) (as in FlashAttention).
+
+`kv_length` (a device tensor, (B,) or (1,)): only the first kv_length[b] positions of k and v exist, the
+rest of a preallocated cache is ignored, and the queries are the last Nq of those positions. It lets a
+decode step over a static cache keep one shape at every step (for CUDA graphs).
 """
 
 from __future__ import annotations
@@ -30,6 +34,17 @@ def causal_mask(n_queries: int, n_keys: int, device) -> torch.Tensor:
     return k_pos <= q_pos
 
 
+def length_mask(kv_length: torch.Tensor, n_queries: int, n_keys: int, causal: bool) -> torch.Tensor:
+    """Boolean (B or 1, 1, Nq, Nk) mask, True where a query may attend when only the first kv_length[b]
+    keys exist and the queries are the last Nq of them."""
+    length = kv_length.reshape(-1, 1, 1, 1)
+    keys = torch.arange(n_keys, device=kv_length.device)
+    if not causal:
+        return keys < length
+    last_visible = length - n_queries + torch.arange(n_queries, device=kv_length.device)[:, None]
+    return keys <= last_visible
+
+
 def dense_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -37,6 +52,7 @@ def dense_attention(
     *,
     causal: bool = True,
     scale: float | None = None,
+    kv_length: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Dense attention through SDPA with GQA by head repetition. q (B,Hq,Nq,D), k/v (B,Hkv,Nk,·)."""
     group = q.shape[1] // k.shape[1]
@@ -46,6 +62,9 @@ def dense_attention(
     n_q, n_k = q.shape[-2], k.shape[-2]
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
+    if kv_length is not None:
+        mask = length_mask(kv_length, n_q, n_k, causal)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
     if causal and n_q != n_k:
         mask = causal_mask(n_q, n_k, q.device)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
@@ -77,8 +96,9 @@ def sfa_attention_reference(
     causal: bool = True,
     scale: float | None = None,
     dense_dims: int = 0,
+    kv_length: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Reference backend (arguments already validated by sfa.ops.sfa_attention)."""
     q_masked = masked_rows(q, topk_q, dense_dims)
     k_masked = masked_rows(k, topk_k, dense_dims)
-    return dense_attention(q_masked, k_masked, v, causal=causal, scale=scale)
+    return dense_attention(q_masked, k_masked, v, causal=causal, scale=scale, kv_length=kv_length)

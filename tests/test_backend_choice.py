@@ -93,6 +93,17 @@ def test_a_backend_without_decoupled_rows_is_skipped_for_them(monkeypatch):
     assert ops.choose_backend(q, q, q, dense_dims=16) == "masked"
 
 
+def test_a_call_with_kv_length_goes_only_to_backends_that_take_it(monkeypatch):
+    monkeypatch.setattr(backends, "BACKENDS", dict(backends.BACKENDS))
+    backends.register_backend("no_length", lambda *a, **kw: None, backends.Capabilities(), priority=100)
+    q = on("cpu", (1, 4, 8, 64))
+    assert ops.choose_backend(q, q, q) == "no_length"
+    assert ops.choose_backend(q, q, q, kv_length=True) == "reference"
+    real = torch.randn(1, 2, 3, 8)
+    with pytest.raises(ValueError, match="backend 'no_length' does not take kv_length; use one of"):
+        sfa.sfa_attention(real, real, real, topk_q=2, backend="no_length", kv_length=torch.tensor([3]))
+
+
 def test_auto_is_not_a_backend_name():
     with pytest.raises(ValueError, match="'auto' is the rule"):
         sfa.register_backend("auto", lambda *a, **kw: None)

@@ -6,7 +6,7 @@ import torch
 
 import sfa
 from models import build_model, generate
-from models.generate import filter_logits, next_token
+from models.sampling import filter_logits, next_token
 from sfa.cache import KVCache, kv_cache_bytes_per_token
 
 SMALL = {

@@ -124,6 +124,22 @@ def test_hf_generate_with_sfa_matches_ours():
     assert torch.equal(theirs, mine)
 
 
+@pytest.mark.parametrize("make", [hf_qwen3, hf_gpt2], ids=["qwen3", "gpt2"])
+def test_hf_generate_with_sfa_and_a_static_cache_matches_ours(make):
+    """A StaticCache's prefill gets mask None with more (empty) cache slots than queries: HF means SDPA's
+    top-left causal alignment there, not sfa_attention's bottom-right one."""
+    from transformers import StaticCache
+
+    ours = from_hf(make(), attention={"kind": "sfa", "topk_q": 6}).eval()
+    hf = to_hf(ours)
+    prompt = tokens(6, batch=2)
+    mine = generate(ours, prompt, 8)
+    cache = StaticCache(config=hf.config, max_cache_len=20)
+    theirs = hf.generate(prompt, max_new_tokens=8, do_sample=False, min_new_tokens=8, pad_token_id=0,
+                         attention_mask=torch.ones_like(prompt), past_key_values=cache)
+    assert torch.equal(theirs, mine)
+
+
 def test_hf_sfa_with_a_padding_mask_uses_the_masked_reference():
     hf = hf_qwen3()
     hf.config.sfa_topk = 4

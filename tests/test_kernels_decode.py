@@ -110,3 +110,30 @@ def test_gpu_decode_matches_reference(dtype, b, hq, hkv, n_q, n_keys, d, k, caus
     ref = sfa_attention_reference(q.float(), keys.float(), v.float(), topk_q=k, topk_k=k, causal=causal)
     assert not out.isnan().any()
     assert rel_err(out, ref) < TOL[dtype]
+
+
+@pytest.mark.parametrize("causal", [True, False])
+@pytest.mark.parametrize("dense_dims", [0, 6])
+@pytest.mark.parametrize("n_q", [1, 2])
+def test_n_valid_reads_only_each_sequences_valid_keys(n_q, dense_dims, causal):
+    """A static cache: the buffers hold capacity 70 (several splits), the sequences only 19 and 53 keys; the
+    rest is garbage and must not count, so the result equals the reference over each valid prefix."""
+    b, hq, hkv, cap, d, k = 2, 4, 2, 70, 32, 4
+    keys, v = torch.randn(b, hkv, cap, d), torch.randn(b, hkv, cap, d)
+    code = sfa.topk_sparsify(keys, k, dense_dims)
+    q = torch.randn(b, hq, n_q, d)
+    lengths = torch.tensor([19, 53])
+    out = sfa.sfa_attention(q, code, v, topk_q=k, backend="decode", kv_length=lengths, causal=causal)
+    for i, n in enumerate(lengths.tolist()):
+        ref = sfa_attention_reference(q[i : i + 1], keys[i : i + 1, :, :n], v[i : i + 1, :, :n], topk_q=k, topk_k=k,
+                                      dense_dims=dense_dims, causal=causal)
+        assert rel_err(out[i : i + 1], ref) < TOL[torch.float32]
+
+
+def test_kv_length_is_refused_by_a_backend_without_it_and_auto_falls_back():
+    q, keys, v = torch.randn(1, 2, 1, 16), torch.randn(1, 2, 9, 16), torch.randn(1, 2, 9, 16)
+    with pytest.raises(ValueError, match="backend 'masked' does not take kv_length; use one of decode, reference"):
+        sfa.sfa_attention(q, keys, v, topk_q=4, backend="masked", kv_length=torch.tensor([5]))
+    out = sfa.sfa_attention(q, keys, v, topk_q=4, kv_length=torch.tensor([5]))
+    ref = sfa_attention_reference(q, keys[:, :, :5], v[:, :, :5], topk_q=4, topk_k=4)
+    assert rel_err(out, ref) < TOL[torch.float32]

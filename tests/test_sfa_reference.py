@@ -132,3 +132,25 @@ def test_output_dtype_and_shape_with_dv_not_d():
     q, k, v = rand_qkv(dtype=torch.float32, d=16, dv=24, nq=3, nk=10)
     out = sfa_attention(q, k, v, topk_q=2)
     assert out.shape == (2, 4, 3, 24) and out.dtype == torch.float32
+
+
+@pytest.mark.parametrize("causal", [True, False])
+def test_kv_length_ignores_the_free_capacity_of_a_static_cache(causal):
+    """Keys past kv_length[b] (a preallocated cache's unwritten tail, here garbage) take no part; the result
+    equals attention over each sequence's valid prefix, queries being its last positions."""
+    q, k, v = rand_qkv(b=2, hq=4, hkv=2, nq=3, nk=20)
+    lengths = torch.tensor([9, 14])
+    out = sfa_attention(q, k, v, topk_q=5, causal=causal, kv_length=lengths)
+    for b, n in enumerate(lengths.tolist()):
+        expected = sfa_attention(q[b : b + 1], k[b : b + 1, :, :n], v[b : b + 1, :, :n], topk_q=5, causal=causal)
+        torch.testing.assert_close(out[b : b + 1], expected)
+    one = sfa_attention(q, k, v, topk_q=5, causal=causal, kv_length=torch.tensor([11]))  # (1,) applies to all
+    torch.testing.assert_close(one, sfa_attention(q, k[:, :, :11], v[:, :, :11], topk_q=5, causal=causal))
+
+
+def test_bad_kv_length_is_named():
+    q, k, v = rand_qkv(b=2, nq=1, nk=6)
+    with pytest.raises(ValueError, match=r"kv_length must be a tensor of shape \(2,\) or \(1,\), got shape \(3,\)"):
+        sfa_attention(q, k, v, topk_q=4, kv_length=torch.tensor([1, 2, 3]))
+    with pytest.raises(TypeError, match="kv_length must be an integer tensor, got torch.float32"):
+        sfa_attention(q, k, v, topk_q=4, kv_length=torch.tensor([3.0]))

@@ -12,6 +12,9 @@ Decode is bandwidth-bound: per key the kernel reads k values + k uint8 indices +
     score[r, j] += sum_{u < DENSE_DIMS} q[r, u] * k_dense[j, u] (2 * DENSE_DIMS more bytes per key).
   * P·V runs on the tensor cores (the query rows are padded to 16, the minimum dot size).
 Causal alignment: the T queries are the last T positions, so query t sees keys j <= L - T + t.
+With `n_valid` (a device tensor, one count per sequence) only the first n_valid[b] of the L cached keys
+exist: L is then a static cache's capacity, which fixes the grid, and splits past n_valid[b] exit at
+once, so a decode step keeps one shape (for CUDA graphs) yet reads only the valid keys.
 The cache tensors may be views with arbitrary batch/head/token strides (sfa/cache.py passes
 `[:, :, :L]` slices of preallocated buffers); only the last dim must be contiguous.
 """
@@ -46,7 +49,7 @@ def _replicate_rows(x, REP: tl.constexpr):
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K_VAL, K_IDX, K_DENSE, V, O_PART, LSE_PART,
+    Q, K_VAL, K_IDX, K_DENSE, V, O_PART, LSE_PART, N_VALID, stride_nb,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kl,
     stride_ib, stride_ih, stride_il,
@@ -56,7 +59,7 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, ROWS: tl.constexpr, KSEL: tl.constexpr, KSEL_PAD: tl.constexpr,
     DENSE_DIMS: tl.constexpr, DENSE_PAD: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_L: tl.constexpr,
-    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_N_VALID: tl.constexpr,
 ):
     # ROWS = real query rows (heads of this KV head x query tokens), padded to a power of two; the
     # score gather runs on these only. P·V runs on DOT_ROWS = max(16, ROWS) replicated rows.
@@ -66,6 +69,10 @@ def _decode_split_kernel(
     split = tl.program_id(1)
     b = bh // n_kv_heads
     h_kv = bh % n_kv_heads
+    if HAS_N_VALID:  # keys past this sequence's count are not there (a static cache's free capacity)
+        n_valid = tl.load(N_VALID + b * stride_nb).to(tl.int32)
+    else:
+        n_valid = n_keys
 
     rows = tl.arange(0, ROWS)
     row_ok = rows < GROUP * n_queries
@@ -73,7 +80,7 @@ def _decode_split_kernel(
     t = rows % n_queries
     q_base = Q + b.to(tl.int64) * stride_qb
     q_row_off = head * stride_qh + t * stride_qt
-    last_visible = n_keys - n_queries + t  # causal: query t sees keys <= this
+    last_visible = n_valid - n_queries + t  # causal: query t sees keys <= this
 
     sel = tl.arange(0, KSEL_PAD)
     sel_ok = sel < KSEL
@@ -94,7 +101,7 @@ def _decode_split_kernel(
     acc = tl.zeros([DOT_ROWS, DV_PAD], tl.float32)
 
     start = split * keys_per_split
-    end = tl.minimum(start + keys_per_split, n_keys)
+    end = tl.minimum(start + keys_per_split, n_valid)
     for l0 in range(start, end, BLOCK_L):
         keys = l0 + tl.arange(0, BLOCK_L)
         key_ok = keys < end
@@ -202,10 +209,12 @@ INTERPRETER_DECODE_CONFIG = dict(BLOCK_L=16, PROGRAMS_PER_SM=1, num_warps=4, num
 def decode_into(
     q_masked: torch.Tensor, k_values: torch.Tensor, k_indices: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, *, scale: float, causal: bool, config: dict | None = None, k_dense: torch.Tensor | None = None,
+    n_valid: torch.Tensor | None = None,
 ) -> None:
     """Launch both kernels. q_masked (B, Hq, T, D) dense top-k-masked queries; k_values/k_indices
     (B, Hkv, L, k); k_dense (B, Hkv, L, dense_dims) the keys' always-kept leading dims of a decoupled
-    code, or None; v (B, Hkv, L, Dv); out (B, Hq, T, Dv) contiguous, written in place."""
+    code, or None; v (B, Hkv, L, Dv); out (B, Hq, T, Dv) contiguous, written in place; n_valid (B,) or (1,)
+    integer tensor: only the first n_valid[b] keys exist (in [T, L], not checked), or None: all L."""
     b, hq, n_q, _ = q_masked.shape
     _, hkv, n_keys, ksel = k_values.shape
     dv = v.shape[-1]
@@ -229,8 +238,10 @@ def decode_into(
     dv_pad = max(16, next_pow2(dv))
     dense_dims = 0 if k_dense is None else k_dense.shape[-1]
     dense_arg = k_values if k_dense is None else k_dense  # never read when DENSE_DIMS == 0
+    n_valid_arg = lse_part if n_valid is None else n_valid  # never read without HAS_N_VALID
+    n_valid_stride = 0 if n_valid is None or n_valid.shape[0] == 1 else n_valid.stride(0)
     _decode_split_kernel[(b * hkv, n_splits)](
-        q_masked, k_values, k_indices, dense_arg, v, o_part, lse_part,
+        q_masked, k_values, k_indices, dense_arg, v, o_part, lse_part, n_valid_arg, n_valid_stride,
         q_masked.stride(0), q_masked.stride(1), q_masked.stride(2),
         k_values.stride(0), k_values.stride(1), k_values.stride(2),
         k_indices.stride(0), k_indices.stride(1), k_indices.stride(2),
@@ -240,7 +251,7 @@ def decode_into(
         GROUP=group, ROWS=rows, KSEL=ksel, KSEL_PAD=next_pow2(ksel),
         DENSE_DIMS=dense_dims, DENSE_PAD=max(2, next_pow2(dense_dims)),
         DV=dv, DV_PAD=dv_pad, BLOCK_L=block_l, CAUSAL=causal,
-        DOT_PRECISION=dot_precision(v.dtype),
+        DOT_PRECISION=dot_precision(v.dtype), HAS_N_VALID=n_valid is not None,
         **cfg,
     )
     _combine_kernel[(b * hq * n_q,)](
@@ -248,28 +259,29 @@ def decode_into(
     )
 
 
-def _decode_attention(q_masked, k_values, k_indices, v, scale: float, causal: bool, k_dense=None) -> torch.Tensor:
+def _decode_attention(q_masked, k_values, k_indices, v, scale: float, causal: bool, k_dense=None,
+                      n_valid=None) -> torch.Tensor:
     out = torch.empty((*q_masked.shape[:-1], v.shape[-1]), dtype=v.dtype, device=v.device)
-    decode_into(q_masked, k_values, k_indices, v, out, scale=scale, causal=causal, k_dense=k_dense)
+    decode_into(q_masked, k_values, k_indices, v, out, scale=scale, causal=causal, k_dense=k_dense, n_valid=n_valid)
     return out
 
 
 @torch.library.custom_op("sfa::decode_attention", mutates_args=())
 def decode_attention_op(
     q_masked: torch.Tensor, k_values: torch.Tensor, k_indices: torch.Tensor, v: torch.Tensor,
-    scale: float, causal: bool, k_dense: torch.Tensor | None = None,
+    scale: float, causal: bool, k_dense: torch.Tensor | None = None, n_valid: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Inference only (no autograd formula): decode never trains."""
-    return _decode_attention(q_masked, k_values, k_indices, v, scale, causal, k_dense)
+    return _decode_attention(q_masked, k_values, k_indices, v, scale, causal, k_dense, n_valid)
 
 
 @decode_attention_op.register_fake
-def _(q_masked, k_values, k_indices, v, scale, causal, k_dense=None):
+def _(q_masked, k_values, k_indices, v, scale, causal, k_dense=None, n_valid=None):
     return q_masked.new_empty((*q_masked.shape[:-1], v.shape[-1]), dtype=v.dtype)
 
 
 def decode_sfa_attention(q, k, v, *, topk_q: int, topk_k: int, causal: bool = True, scale: float | None = None,
-                         dense_dims: int = 0):
+                         dense_dims: int = 0, kv_length: torch.Tensor | None = None):
     """The `decode` backend: few queries (Hq/Hkv x Nq <= 64 rows per KV head) against a compressed cache.
 
     k is normally a SparseCode (the cache); a dense k is sparsified first (a full pass over the keys,
@@ -297,9 +309,9 @@ def decode_sfa_attention(q, k, v, *, topk_q: int, topk_k: int, causal: bool = Tr
     q_masked = masked_features(q, topk_q, dense_dims).to(v.dtype)
     scale = scale if scale is not None else 1.0 / math.sqrt(d)
     if torch.compiler.is_compiling():
-        return decode_attention_op(q_masked, values, indices, v, scale, causal, k_dense)
+        return decode_attention_op(q_masked, values, indices, v, scale, causal, k_dense, kv_length)
     # Eager: skip the custom-op dispatcher (tens of microseconds a call, a visible share of a decode step).
-    return _decode_attention(q_masked, values, indices, v, scale, causal, k_dense)
+    return _decode_attention(q_masked, values, indices, v, scale, causal, k_dense, kv_length)
 
 
 # First choice of auto over a compressed cache: the only backend that reads the codes without expanding them,
@@ -307,6 +319,6 @@ def decode_sfa_attention(q, k, v, *, topk_q: int, topk_k: int, causal: bool = Tr
 register_backend(
     "decode", decode_sfa_attention,
     Capabilities(devices=("cuda",), dtypes=KERNEL_DTYPES, max_head_dim=MAX_DIM, max_query_rows=MAX_QUERY_ROWS,
-                 key_code_only=True),
+                 key_code_only=True, kv_length=True),
     priority=20,
 )
