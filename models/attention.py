@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import sdpa_kernel
 
 import sfa
 from sfa.dense import SDPA_PREFERENCE, dense_sdpa
