@@ -15,10 +15,14 @@ import torch
 
 def filter_logits(logits: torch.Tensor, *, top_k: int | None = None, top_p: float = 1.0) -> torch.Tensor:
     """Set to -inf every logit outside the top_k largest and outside the nucleus: the smallest set of
-    most likely tokens whose probability sums to at least top_p (the most likely token always stays)."""
-    if top_k is not None:
-        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[..., -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
+    most likely tokens whose probability sums to at least top_p (the most likely token always stays).
+
+    top_k keeps exactly k tokens, ties going to the lower token id as in argmax, so top_k=1 is greedy even
+    where bf16 logits tie (a threshold at the k-th value would keep every tied token)."""
+    if top_k is not None and top_k < logits.size(-1):
+        order = torch.sort(logits, dim=-1, descending=True, stable=True).indices
+        drop = torch.ones_like(logits, dtype=torch.bool).scatter(-1, order[..., :top_k], False)
+        logits = logits.masked_fill(drop, float("-inf"))
     if top_p < 1.0:
         sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
         probs = sorted_logits.softmax(dim=-1)

@@ -250,6 +250,16 @@ def test_top_p_keeps_the_smallest_nucleus():
     assert kept.tolist() == [[False, True, False, True]]
 
 
+def test_top_k_keeps_exactly_k_tokens_with_ties_to_the_lower_id():
+    """bf16 logits tie often; top_k=1 must still be greedy (argmax takes the first of tied tokens)."""
+    logits = torch.tensor([[0.1, 2.0, 0.3, 2.0, 2.0]])
+    kept = torch.isfinite(filter_logits(logits, top_k=2))
+    assert kept.tolist() == [[False, True, False, True, False]]
+    gen = torch.Generator().manual_seed(0)
+    drawn = next_token(logits.expand(500, 5), temperature=1.0, top_k=1, generator=gen)
+    assert (drawn == logits.argmax(dim=-1)).all()
+
+
 def test_sampling_draws_only_from_the_nucleus_and_all_of_it():
     logits = torch.tensor([0.05, 0.5, 0.15, 0.3]).log().expand(4000, 4)
     gen = torch.Generator().manual_seed(0)
