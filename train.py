@@ -80,21 +80,17 @@ def prepare_data(cfg: DictConfig, info: dist.DistInfo) -> Path:
     return Path(ensure_prepared(source=source, tokenizer=d.tokenizer, root=d.root, **options))
 
 
-@torch.no_grad()
 def evaluate(model, cfg: DictConfig, data_dir: Path, info: dist.DistInfo, micro_batch: int) -> float:
-    """Mean loss over the same `eval_batches` val micro-batches every time (a fresh loader per call)."""
+    """Loss per target token over the same `eval_batches` val micro-batches every time (a fresh loader per
+    call), all processes together."""
     from data.loader import TokenLoader
 
+    from training.validation import token_weighted_loss
+
     loader = TokenLoader(data_dir, "val", micro_batch, cfg.train.seq_len, info.rank, info.world_size, cfg.train.seed)
-    model.eval()
-    total, batches = torch.zeros((), device=info.device), 0
-    for x, y in loader.iter_eval_batches(cfg.train.eval_batches):
-        with autocast_context(info.device, cfg.train.dtype):
-            _, loss = model(x.to(info.device), y.to(info.device))
-        total += loss.float()
-        batches += 1
-    model.train()
-    return dist.all_reduce_mean(total / batches, info).item()
+    return token_weighted_loss(model, loader.iter_eval_batches(cfg.train.eval_batches), info.device,
+                               autocast=lambda: autocast_context(info.device, cfg.train.dtype),
+                               all_reduce_sum=lambda t: dist.all_reduce_sum(t, info)).loss
 
 
 def diagnostics_batch(cfg: DictConfig, data_dir: Path, info: dist.DistInfo, model) -> dict:

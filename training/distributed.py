@@ -169,13 +169,17 @@ def gradient_sync(model: nn.Module, info: DistInfo, enabled: bool):
         yield
 
 
-def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Mean of `value` over all processes (a no-op with one)."""
+def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum of `value` over all processes (a no-op with one); `value` itself is left as it is."""
     if info.world_size > 1:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= info.world_size
     return value
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Mean of `value` over all processes (a no-op with one)."""
+    return all_reduce_sum(value, info) / info.world_size if info.world_size > 1 else value
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:
