@@ -1,6 +1,8 @@
 """The validation loss (training/validation.py): the mean per target token, the same number in the training
 loop's val_loss and in evaluation/perplexity.py, also on data with a loss mask."""
 
+import contextlib
+
 import numpy as np
 import pytest
 import torch
@@ -39,9 +41,11 @@ def by_hand(model, data_dir):
 
 
 def test_training_and_evaluation_report_the_mean_per_target_token_on_masked_data(tmp_path):
+    from types import SimpleNamespace
+
     from evaluation.perplexity import evaluate_loss
-    from train import evaluate  # the training loop's val_loss
     from training.distributed import DistInfo
+    from training.loop import evaluate  # the training loop's val_loss
 
     data = make_dir(tmp_path / "m", SHARDS)
     model = tiny_model()
@@ -50,7 +54,9 @@ def test_training_and_evaluation_report_the_mean_per_target_token_on_masked_data
 
     cfg = OmegaConf.create({"train": {"seq_len": SEQ_LEN, "seed": 0, "eval_batches": 4, "dtype": "fp32"}})
     info = DistInfo(mode="none", rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
-    val_loss = evaluate(model, cfg, data, info, BATCH)
+    run = SimpleNamespace(model=model, cfg=cfg, info=info, data_dir=data, plan=SimpleNamespace(micro_batch=BATCH),
+                          autocast=contextlib.nullcontext)
+    val_loss = evaluate(run)
     report = evaluate_loss(model, data, seq_len=SEQ_LEN, batch_size=BATCH, max_batches=4)
     assert val_loss == pytest.approx(per_token, rel=1e-6)
     assert report["loss"] == pytest.approx(per_token, rel=1e-6)

@@ -8,7 +8,8 @@ take the run's files, and the test hooks that let CI make those things happen on
 - `preflight_out_dir` / `preflight_disk_space`: fail before training if the run directory cannot be
   written or has no room for a checkpoint.
 - `test_hook`: SFA_TEST_HOOK=<name>[@<step>][:<rank>],... ; test-only behaviour (a pause at a known point
-  so a test can kill the process there, a NaN loss, a rank that dies). Never set it in real runs.
+  so a test can kill the process there, a NaN loss, a rank that dies). Never set it in real runs. The
+  training step reaches all of its hooks through one call, `inject`.
 
 Docs: docs/reliability.md.
 """
@@ -77,6 +78,30 @@ def pause_for_test(where: str, step: int | None, stop: "StopSignals | None" = No
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and not (stop is not None and stop.requested):
         time.sleep(0.02)
+
+
+def inject(step: int, rank: int, loss, parameters, stop: "StopSignals | None" = None):
+    """The test hooks of a training step, in one place: called once per step after the backward pass,
+    before the gradients are clipped. Returns the step's loss, NaN under `nan_loss`. Does nothing (and
+    reads nothing from the device) when SFA_TEST_HOOK is unset.
+
+    pause_in_step (wait for a test's signal), die (SIGKILL this rank, as an OOM kill would), nan_loss (the
+    loss and every gradient NaN, what a NaN loss's backward gives), nan_grad (one gradient NaN, the loss
+    finite)."""
+    if not os.environ.get(HOOK_ENV):
+        return loss
+    if test_hook("pause_in_step", step, rank):
+        pause_for_test("step", step, stop)
+    if test_hook("die", step, rank) and first_attempt():
+        os.kill(os.getpid(), signal.SIGKILL)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if test_hook("nan_loss", step, rank):
+        for g in grads:
+            g.fill_(float("nan"))
+        loss = loss * float("nan")
+    if test_hook("nan_grad", step, rank):
+        grads[0].fill_(float("nan"))
+    return loss
 
 
 # ------------------------------------------------------------------------------------------------- signals
