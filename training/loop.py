@@ -1,13 +1,14 @@
 """One training run: set up, resume, then train_step / log / evaluate / checkpoint until done.
 
-    run = setup(cfg, out_dir, info)       # checks, data, model, optimizer, resume from a checkpoint
+    run = setup(cfg, out_dir, info)          # checks, data, model, optimizer, resume from a checkpoint
     while run.step < max_steps:
-        stats = train_step(run)           # forward/backward over the micro-batches, clip, update
-        records = log_steps(run, [stats]) # the numbers the host reads, one record per step
-        evaluate / checkpoint / stop when due
+        pending.append(train_step(run))      # queued on the device; the host does not wait for it
+        if sync_due(step):                   # a log step, an evaluation, a checkpoint, the end
+            records = read_steps(run, pending)   # the one device-to-host read, the non-finite guard
+            evaluate / write records / checkpoint / stop
 
-train.py is the Hydra entry point around `train`. Docs: docs/training.md (the loop), docs/metrics.md (the
-records), docs/reliability.md (signals, non-finite steps, kills).
+train.py is the Hydra entry point around `train`. Docs: docs/training.md (the loop, when it syncs),
+docs/metrics.md (the records), docs/reliability.md (signals, non-finite steps, kills).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import random
 import signal
 import time
@@ -33,7 +35,7 @@ from training import faults
 from training.config_checks import Plan, check_config
 from training.device_peaks import detect_peak_flops
 from training.metrics import flops_per_token, mfu, peak_memory_bytes, reset_peak_memory
-from training.optim import build_optimizer, build_scheduler
+from training.optim import build_optimizer, build_scheduler, clip_gradients
 from training.sinks import JsonlSink, Progress, WandbSink
 from training.validation import token_weighted_loss
 
@@ -58,10 +60,12 @@ class Run:
     costs: dict  # flops_per_token and dense_equiv_flops_per_token
     kv_bytes: int
     peak_flops: float | None  # per device; None: no MFU
+    named_parameters: list  # (name, parameter) of the plain model, as the optimizer sees them
     step: int = 0
     tokens_seen: int = 0
     elapsed_before: float = 0.0  # loop time of the processes before the last resume
     signals: faults.StopSignals = field(default_factory=faults.StopSignals)
+    stopping: tuple[int, str] | None = None  # (step, cause) once the non-finite guard ends the run
 
     def autocast(self):
         return autocast_context(self.info.device, self.cfg.train.dtype)
@@ -69,7 +73,7 @@ class Run:
 
 @dataclass
 class StepStats:
-    """What one optimizer step measured, as tensors on the device."""
+    """What one optimizer step measured, as tensors on the device until the loop reads them."""
 
     step: int
     tokens: int  # tokens consumed up to this step, all processes
@@ -77,7 +81,8 @@ class StepStats:
     loss: torch.Tensor  # mean over the micro-batches and processes
     grad_norm: torch.Tensor  # global L2 norm before clipping
     parts: dict[str, torch.Tensor]  # lm_loss / match_loss of a conversion run (else empty)
-    nonfinite: str | None = None  # what was not finite, when the update was skipped
+    grad_norms: torch.Tensor  # each gradient's norm, to name the culprits of a non-finite step
+    grad_names: tuple[str, ...]  # the parameters of grad_norms, in order
 
 
 def train(cfg: DictConfig, out_dir: Path) -> dict:
@@ -203,7 +208,8 @@ def setup(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> Run:
     run = Run(cfg=cfg, config=config, plan=plan, info=info, out_dir=out_dir, data_dir=data_dir, model=model,
               optimizer=optimizer, scheduler=None, loader=loader,
               guard=faults.NonFiniteGuard(cfg.train.nonfinite, cfg.train.nonfinite_max_consecutive),
-              costs=costs, kv_bytes=kv_bytes, peak_flops=cfg.metrics.peak_flops or peak)
+              costs=costs, kv_bytes=kv_bytes, peak_flops=cfg.metrics.peak_flops or peak,
+              named_parameters=list(dist.unwrap(model).named_parameters()))
     if resume_path is not None:
         resume(run, resume_path)
     # Built after the resume, from the current config: a resumed run may move the horizon.
@@ -257,7 +263,7 @@ def resume(run: Run, path: Path) -> None:
 
 def train_step(run: Run) -> StepStats:
     """One optimizer step: gradient accumulation over the micro-batches, clipping, the update unless the
-    step is non-finite, the schedule."""
+    step is non-finite, the schedule. Nothing here waits for the device: the numbers stay tensors."""
     model, plan, info, step = run.model, run.plan, run.info, run.step + 1
     lr = run.scheduler.get_last_lr()[0]
     loss_sum = torch.zeros((), device=info.device)
@@ -273,24 +279,21 @@ def train_step(run: Run) -> StepStats:
         for name, value in (parts or {}).items():
             parts_sum[name] = parts_sum.get(name, 0.0) + value
     loss_sum = faults.inject(step, info.rank, loss_sum, model.parameters(), run.signals)  # test-only
+    with_grads = [(name, p) for name, p in run.named_parameters if p.grad is not None]
     clip = run.cfg.optim.grad_clip if run.cfg.optim.grad_clip > 0 else float("inf")
-    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
-    if hasattr(grad_norm, "full_tensor"):  # FSDP2 returns a DTensor
-        grad_norm = grad_norm.full_tensor()
-    # Both numbers are the same on every rank (loss averaged here, grad norm over all-reduced grads), so
-    # every rank takes the same decision without another collective.
+    grad_norm, grad_norms = clip_gradients([p for _, p in with_grads], clip)
+    # Loss (averaged here) and grad norm (over all-reduced gradients) are the same on every rank, so
+    # every rank takes the same skip decision without another collective.
     loss = dist.all_reduce_mean(loss_sum / plan.grad_accum, info)
-    bad_grads = [] if torch.isfinite(grad_norm) else faults.nonfinite_grads(dist.unwrap(model).named_parameters())
-    cause = run.guard.cause(loss.item(), grad_norm.item(), bad_grads)
-    if run.guard.decide(step, cause):
-        run.optimizer.step()
+    run.optimizer.found_inf = run.guard.skip_update(loss, grad_norm)
+    run.optimizer.step()
     run.scheduler.step()
     run.optimizer.zero_grad(set_to_none=True)
     run.step = step
     run.tokens_seen += run.cfg.train.batch_tokens
     parts = {k: dist.all_reduce_mean(v / plan.grad_accum, info) for k, v in sorted(parts_sum.items())}
     return StepStats(step=step, tokens=run.tokens_seen, lr=lr, loss=loss, grad_norm=grad_norm, parts=parts,
-                     nonfinite=cause)
+                     grad_norms=grad_norms, grad_names=tuple(name for name, _ in with_grads))
 
 
 # ----------------------------------------------------------------------------- evaluate, log, checkpoint
@@ -360,31 +363,63 @@ def write_rank_checksum(run: Run) -> None:
     path.write_text(json.dumps({"rank": run.info.rank, "step": run.step, "sha256": digest.hexdigest(), "sum": total}))
 
 
-def step_record(run: Run, stats: StepStats, step_time: float, elapsed_s: float) -> dict:
-    """The metrics.jsonl record of one step (docs/metrics.md)."""
-    tokens_per_s = run.cfg.train.batch_tokens / step_time
+FLOP_KEYS = ("flops_per_token", "dense_equiv_flops_per_token")
+# With train.log_every=0 (no console lines) the host still reads the device this often, so that stop
+# requests from other ranks and a growing backlog of step tensors are dealt with.
+SYNC_EVERY_WITHOUT_LOG = 100
+
+
+def read_steps(run: Run, pending: list[StepStats], window_s: float, window_start_s: float) -> list[dict]:
+    """The metrics.jsonl records of the steps since the last read (docs/metrics.md), with one device-to-
+    host copy for all of them. The steps share the window's wall time evenly: the host, running ahead,
+    never saw where one step ended on the device. Each step then goes through the non-finite guard, in
+    order; the steps after one that met its stop condition (whose updates the device already skipped)
+    say so in `update_skipped`."""
+    rows = [torch.cat([s.loss.view(1).float(), s.grad_norm.view(1).float(),
+                       *(v.view(1).float() for v in s.parts.values()), s.grad_norms.float()]) for s in pending]
+    values = torch.cat(rows).tolist()  # the one sync
+    batch_tokens, n = run.cfg.train.batch_tokens, len(pending)
+    tokens_per_s = batch_tokens * n / window_s
     peak_total = run.peak_flops * run.info.world_size if run.peak_flops else None
-    record = {
-        "step": stats.step, "tokens": stats.tokens, "loss": stats.loss.item(),
-        "lr": stats.lr, "grad_norm": stats.grad_norm.item(), "tokens_per_s": tokens_per_s,
-        "step_time_s": step_time, "elapsed_s": elapsed_s, **{k: run.costs[k] for k in FLOP_KEYS},
+    common = {
+        "tokens_per_s": tokens_per_s, "step_time_s": window_s / n, **{k: run.costs[k] for k in FLOP_KEYS},
         "mfu": mfu(run.costs["flops_per_token"], tokens_per_s, peak_total),
         "kv_cache_bytes_per_token": run.kv_bytes, "peak_memory_bytes": peak_memory_bytes(run.info.device),
-        "nonfinite_skipped": run.guard.skipped,
     }
-    # "loss" is then the total: lm_loss + convert.match_weight * match_loss
-    record.update({name: value.item() for name, value in stats.parts.items()})
-    if stats.nonfinite:
-        record["nonfinite"] = stats.nonfinite
-    return record
+    records, offset = [], 0
+    for i, stats in enumerate(pending):
+        width = 2 + len(stats.parts) + len(stats.grad_names)
+        row, offset = values[offset:offset + width], offset + width
+        loss, grad_norm = row[0], row[1]
+        record = {"step": stats.step, "tokens": stats.tokens, "loss": loss, "lr": stats.lr, "grad_norm": grad_norm,
+                  "elapsed_s": run.elapsed_before + window_start_s + (i + 1) * window_s / n, **common}
+        # "loss" is then the total: lm_loss + convert.match_weight * match_loss
+        record.update(zip(stats.parts, row[2:2 + len(stats.parts)]))
+        if run.stopping is not None:
+            record["update_skipped"] = f"stopping after non-finite step {run.stopping[0]}"
+        else:
+            bad = [] if math.isfinite(grad_norm) else faults.nonfinite_names(stats.grad_names, row[2 + len(stats.parts):])
+            cause = run.guard.cause(loss, grad_norm, bad)
+            run.guard.decide(stats.step, cause)
+            if cause:
+                record["nonfinite"] = cause
+            if run.guard.should_stop():
+                run.stopping = (stats.step, cause)
+        record["nonfinite_skipped"] = run.guard.skipped
+        records.append(record)
+    return records
 
 
-FLOP_KEYS = ("flops_per_token", "dense_equiv_flops_per_token")
+def sync_due(cfg, step: int) -> bool:
+    """Steps at which the host reads the device: log lines, evaluations, diagnostics, checkpoints, the end."""
+    every = [cfg.log_every or SYNC_EVERY_WITHOUT_LOG, cfg.eval_every, cfg.diagnostics_every, cfg.ckpt_every]
+    return step == cfg.max_steps or any(n and step % n == 0 for n in every)
 
 
 def loop(run: Run) -> dict:
     """Steps until train.max_steps, the time limit, a stop signal or the non-finite guard; evaluation,
-    diagnostics and checkpoints when due. Returns the summary train.py prints."""
+    diagnostics and checkpoints when due. Between sync points (sync_due) the host only queues work.
+    Returns the summary train.py prints."""
     cfg, info = run.cfg, run.info
     train_cfg = cfg.train
     sinks = [JsonlSink(run.out_dir, run.step), WandbSink(cfg.logging, run.config, run.out_dir, cfg.run_name)] \
@@ -398,18 +433,24 @@ def loop(run: Run) -> dict:
     stop_error: Exception | None = None
     signals = run.signals.install()  # SIGTERM/SIGINT: finish the step, checkpoint, exit 128+signal
     reset_peak_memory(info.device)
+    pending: list[StepStats] = []
+    window_start = started  # when the host last waited for the device
     while run.step < train_cfg.max_steps:
-        t0 = time.perf_counter()
-        stats = train_step(run)
+        pending.append(train_step(run))
         step = run.step
+        out_of_time = train_cfg.time_limit_s is not None and time.perf_counter() - started >= train_cfg.time_limit_s
+        # Alone, a stop request is known at once; across ranks, agreeing on it is a collective, left to sync points.
+        stop_here = info.world_size == 1 and (out_of_time or signals.requested)
+        if not (sync_due(train_cfg, step) or stop_here):
+            continue
+
         now = time.perf_counter()
-        record = step_record(run, stats, now - t0, run.elapsed_before + now - started)
+        records = read_steps(run, pending, now - window_start, window_start - started)
+        pending, record = [], records[-1]
         # Ranks' clocks differ slightly: stop when any rank is out of time, all at the same step.
-        out_of_time = train_cfg.time_limit_s is not None and dist.any_rank(
-            time.perf_counter() - started >= train_cfg.time_limit_s, info)
+        out_of_time = dist.any_rank(out_of_time, info)
         signalled = dist.any_rank(signals.requested, info)  # a signal may reach the ranks at different steps
-        stop_nonfinite = run.guard.should_stop()
-        done = step == train_cfg.max_steps or out_of_time or signalled or stop_nonfinite
+        done = step == train_cfg.max_steps or out_of_time or signalled or run.stopping is not None
         if step == train_cfg.max_steps or out_of_time or (train_cfg.eval_every and step % train_cfg.eval_every == 0):
             if faults.test_hook("pause_in_eval", step, info.rank):
                 faults.pause_for_test("eval", step)
@@ -417,13 +458,14 @@ def loop(run: Run) -> dict:
             record.update(val_loss=last_val, val_perplexity=float(np.exp(min(last_val, 50.0))))
         if train_cfg.diagnostics_every and (step % train_cfg.diagnostics_every == 0 or done):  # all ranks (FSDP2 gathers)
             record.update(diagnostics(run))
-        for sink in sinks:
-            sink.write(record)
-        progress.update(record)
+        for r in records:
+            for sink in sinks:
+                sink.write(r)
+            progress.update(r)
         if done or (train_cfg.ckpt_every and step % train_cfg.ckpt_every == 0):
             last_ckpt = save_checkpoint(run, record["elapsed_s"])
-        if stop_nonfinite:
-            stop_error = faults.NonFiniteError(run.guard.stop_message(step, stats.nonfinite, last_ckpt))
+        if run.stopping is not None:
+            stop_error = faults.NonFiniteError(run.guard.stop_message(*run.stopping, last_ckpt))
             break
         if signalled:
             stop_error = faults.StoppedBySignal(signals.received or signal.SIGTERM, step, last_ckpt)
@@ -431,6 +473,7 @@ def loop(run: Run) -> dict:
         if out_of_time:
             log.info("train.time_limit_s=%s reached at step %d", train_cfg.time_limit_s, step)
             break
+        window_start = time.perf_counter()
 
     signals.restore()
     if train_cfg.rank_checksums:
