@@ -32,6 +32,7 @@ from training import checkpoint as ckpt
 from training import conversion
 from training import distributed as dist
 from training import faults
+from training.batches import Prefetcher
 from training.config_checks import Plan, check_config
 from training.device_peaks import detect_peak_flops
 from training.metrics import flops_per_token, mfu, peak_memory_bytes, reset_peak_memory
@@ -55,7 +56,7 @@ class Run:
     model: torch.nn.Module  # wrapped (DDP / FSDP2) and compiled as configured
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
-    loader: object  # data.loader.TokenLoader of this rank's training windows
+    batches: Prefetcher  # this rank's training micro-batches, read one ahead, on the device
     guard: faults.NonFiniteGuard
     costs: dict  # flops_per_token and dense_equiv_flops_per_token
     kv_bytes: int
@@ -206,7 +207,7 @@ def setup(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> Run:
     loader = TokenLoader(data_dir, "train", plan.micro_batch, cfg.train.seq_len, info.rank, info.world_size, cfg.train.seed)
     device_name, peak = detect_peak_flops(info.device)
     run = Run(cfg=cfg, config=config, plan=plan, info=info, out_dir=out_dir, data_dir=data_dir, model=model,
-              optimizer=optimizer, scheduler=None, loader=loader,
+              optimizer=optimizer, scheduler=None, batches=Prefetcher(loader, info.device),
               guard=faults.NonFiniteGuard(cfg.train.nonfinite, cfg.train.nonfinite_max_consecutive),
               costs=costs, kv_bytes=kv_bytes, peak_flops=cfg.metrics.peak_flops or peak,
               named_parameters=list(dist.unwrap(model).named_parameters()))
@@ -245,7 +246,7 @@ def resume(run: Run, path: Path) -> None:
     ckpt.check_compatible(payload, run.config, run.info.world_size, path)
     set_state_dict(run.model, run.optimizer, model_state_dict=payload["model"], optim_state_dict=payload["optimizer"],
                    options=StateDictOptions(full_state_dict=True))
-    run.loader.load_state_dict(payload["loaders"][run.info.rank])
+    run.batches.load_state_dict(payload["loaders"][run.info.rank])
     ckpt.restore_rng_state(payload["rng"][run.info.rank])
     run.step, run.tokens_seen = payload["step"], payload["tokens_seen"]
     run.elapsed_before = payload.get("elapsed_s", 0.0)  # wall-time curves continue across resumes
@@ -269,7 +270,7 @@ def train_step(run: Run) -> StepStats:
     loss_sum = torch.zeros((), device=info.device)
     parts_sum: dict[str, torch.Tensor] = {}
     for micro in range(plan.grad_accum):
-        x, y = (t.to(info.device, non_blocking=True) for t in run.loader.next_batch())
+        x, y = run.batches.next_batch()
         # Gradients are all-reduced only on the last micro-batch of the step.
         with dist.gradient_sync(model, info, enabled=micro == plan.grad_accum - 1):
             with run.autocast():
@@ -330,7 +331,7 @@ def save_checkpoint(run: Run, elapsed_s: float) -> Path:
     model_state, optim_state = get_state_dict(
         run.model, run.optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True)
     )
-    loader_states = dist.gather_objects(run.loader.state_dict(), info)
+    loader_states = dist.gather_objects(run.batches.state_dict(), info)
     rng_states = dist.gather_objects(ckpt.capture_rng_state(), info)
     path = ckpt.checkpoint_path(run.out_dir, step)
     if info.is_main:
@@ -476,6 +477,7 @@ def loop(run: Run) -> dict:
         window_start = time.perf_counter()
 
     signals.restore()
+    run.batches.close()
     if train_cfg.rank_checksums:
         write_rank_checksum(run)
     progress.close()
