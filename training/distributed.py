@@ -117,7 +117,7 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def _transformer_blocks(model: nn.Module) -> nn.ModuleList:
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     """The model's stack of blocks: its largest nn.ModuleList (GPT-2's h, Qwen3's layers)."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     if not lists:
@@ -125,19 +125,27 @@ def _transformer_blocks(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=len)
 
 
-def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
-    """DDP or FSDP2 around `model` (already on info.device); unchanged for mode none."""
+def wrap_model(model: nn.Module, info: DistInfo, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """DDP or FSDP2 around `model` (already on info.device); unchanged for mode none.
+
+    FSDP2 in a bf16 run (compute_dtype) all-gathers bf16 copies of the fp32 sharded weights and
+    reduce-scatters gradients in fp32 (MixedPrecisionPolicy): half the gather traffic, while weights,
+    gradients and optimizer state stay fp32. DDP keeps fp32 weights; autocast casts them per op."""
     if info.mode == "ddp":
         from torch.nn.parallel import DistributedDataParallel
 
         return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     if info.mode == "fsdp2":
-        from torch.distributed.fsdp import fully_shard
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+        if compute_dtype == torch.float32:
+            policy = MixedPrecisionPolicy()
+        else:
+            policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         # Shard block by block (each all-gathered just before use), then the root for embeddings/head.
-        for block in _transformer_blocks(model):
-            fully_shard(block)
-        fully_shard(model)
+        for block in transformer_blocks(model):
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     return model
 

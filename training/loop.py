@@ -105,12 +105,16 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def compute_dtype(device: torch.device, dtype: str) -> torch.dtype:
+    """train.dtype resolved: bf16 on the GPU (auto or bf16); fp32 on the CPU unless bf16 is asked for."""
+    return torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and device.type == "cuda") else torch.float32
+
+
 def autocast_context(device: torch.device, dtype: str):
-    """bf16 autocast on the GPU (dtype=auto or bf16); fp32 on the CPU unless dtype=bf16."""
-    use_bf16 = dtype == "bf16" or (dtype == "auto" and device.type == "cuda")
-    if use_bf16:
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
+    """Autocast to the run's compute dtype (weights stay fp32); nothing in an fp32 run."""
+    if compute_dtype(device, dtype) == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=compute_dtype(device, dtype))
 
 
 def prepare_data(cfg: DictConfig, info: dist.DistInfo) -> Path:
@@ -200,7 +204,7 @@ def setup(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> Run:
 
     if cfg.train.compile and info.mode != "fsdp2":
         model = torch.compile(model)
-    model = dist.wrap_model(model, info)
+    model = dist.wrap_model(model, info, compute_dtype(info.device, cfg.train.dtype))
     if cfg.train.compile and info.mode == "fsdp2":
         model = torch.compile(model)
     optimizer = build_optimizer(model, cfg.optim)
