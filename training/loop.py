@@ -163,6 +163,15 @@ def model_shape(config) -> str:
     return f"{config.n_layer}L x {config.d_model}d x {config.n_head}h"
 
 
+def compile_model(model: torch.nn.Module, mode: str, backend: str) -> None:
+    """torch.compile in place (the module keeps its class and parameter names), fullgraph so that a graph
+    break is an error, not a silent slowdown. The whole model alone or under DDP (whose hooks run outside,
+    on the gradients); each transformer block under FSDP2, whose all-gather hooks run between the blocks."""
+    for module in dist.transformer_blocks(model) if mode == "fsdp2" else [model]:
+        module.compile(backend=backend, fullgraph=True)
+    log.info("torch.compile (%s, fullgraph) of %s", backend, "each block" if mode == "fsdp2" else "the model")
+
+
 def setup(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> Run:
     """Check the config, prepare the run directory and data, build the model (initial weights or a
     checkpoint's), wrap and compile it, and build the optimizer, schedule and data loader."""
@@ -202,11 +211,9 @@ def setup(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> Run:
         faults.preflight_disk_space(out_dir, n_params, cfg.train.min_free_gb)
     seed_everything(cfg.train.seed + info.rank)
 
-    if cfg.train.compile and info.mode != "fsdp2":
-        model = torch.compile(model)
+    if cfg.train.compile:
+        compile_model(model, info.mode, cfg.train.compile_backend)
     model = dist.wrap_model(model, info, compute_dtype(info.device, cfg.train.dtype))
-    if cfg.train.compile and info.mode == "fsdp2":
-        model = torch.compile(model)
     optimizer = build_optimizer(model, cfg.optim)
     loader = TokenLoader(data_dir, "train", plan.micro_batch, cfg.train.seq_len, info.rank, info.world_size, cfg.train.seed)
     device_name, peak = detect_peak_flops(info.device)
@@ -324,7 +331,8 @@ def diagnostics(run: Run) -> dict:
 
     val = TokenLoader(run.data_dir, "val", 1, run.cfg.train.seq_len, 0, 1, run.cfg.train.seed)
     x, _ = next(iter(val.iter_eval_batches(1)))
-    return attention_diagnostics(run.model, x.to(run.info.device), run.autocast)
+    with torch.compiler.set_stance("force_eager"):  # the statistics path is Python, not for the graph
+        return attention_diagnostics(run.model, x.to(run.info.device), run.autocast)
 
 
 def save_checkpoint(run: Run, elapsed_s: float) -> Path:
