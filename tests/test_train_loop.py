@@ -10,6 +10,7 @@ from hydra import compose, initialize_config_dir
 
 from train_helpers import TINY
 from training import loop
+from training.run_setup import setup
 from training.hydra_setup import CONFIG_DIR, register_resolvers
 
 
@@ -61,7 +62,7 @@ def test_a_gpu_step_does_not_synchronize(tmp_path):
     cfg = compose_run(tmp_path, "train.max_steps=5", "train.device=cuda", "train.dtype=bf16", "run_name=g")
     info = dist.setup(cfg.dist, cfg.train.device)
     try:
-        run = loop.setup(cfg, tmp_path / "g", info)
+        run = setup(cfg, tmp_path / "g", info)
         run.model.train()
         loop.train_step(run)
         torch.cuda.synchronize()
