@@ -72,6 +72,7 @@ def test_a_gpu_step_does_not_synchronize(tmp_path):
                 loop.train_step(run)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+            run.batches.close()
     finally:
         dist.teardown()
 
