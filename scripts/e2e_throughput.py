@@ -134,7 +134,7 @@ def main(argv=None) -> None:
     parser.add_argument("--attention", nargs="+", choices=ATTENTION, default=list(ATTENTION))
     parser.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off", "on"])
     parser.add_argument("--seconds", type=float, default=20.0, help="training seconds per arm after warm-up")
-    parser.add_argument("--compile-warmup", type=float, default=60.0,
+    parser.add_argument("--compile-warmup", type=float, default=40.0,
                         help="extra seconds for arms with compile (compilation happens inside the timed loop)")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="train.py overrides for every arm, after the arm's own (e.g. train.compile_backend=...)")
