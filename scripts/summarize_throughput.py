@@ -4,7 +4,8 @@
 
 For each run dir (written by train.py): the median tokens/s over the steps after the first fifth (compile,
 autotune and allocator warm-up excluded) and without evaluation steps, plus its device, attention, k and
-peak memory. The first run is the baseline for the ratio column, so list the dense run first.
+peak memory. train.py times windows of steps (between its reads of the device), so each record carries its
+window's tokens/s. The first run is the baseline for the ratio column, so list the dense run first.
 """
 
 from __future__ import annotations
@@ -19,9 +20,12 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from training.sinks import read_metrics  # noqa: E402  (plain or gzipped metrics.jsonl)
 
 
-def steady_state(run_dir: Path) -> dict:
+def steady_state(run_dir: Path, warmup_steps: int = 0) -> dict:
+    """Medians over the records after the first fifth and after the first `warmup_steps` steps (pass the
+    run's train.log_every to drop the first window of steps, which holds compilation)."""
     records = read_metrics(run_dir)
-    steps = [r for r in records[len(records) // 5:] if "val_loss" not in r and "tokens_per_s" in r]
+    skip = max(len(records) // 5, warmup_steps)
+    steps = [r for r in records[skip:] if "val_loss" not in r and "tokens_per_s" in r]
     if not steps:
         raise SystemExit(f"{run_dir}: no training steps in metrics.jsonl to measure")
     info = json.loads((run_dir / "run_info.json").read_text())

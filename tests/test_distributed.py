@@ -7,6 +7,7 @@ import json
 import shutil
 
 import pytest
+import torch
 
 from train_helpers import read_metrics, run_train
 
@@ -52,15 +53,16 @@ def torchrun(n):
 
 @pytest.fixture(scope="module")
 def two_process_runs(tmp_path_factory, data_root):
-    """run dir of a 2-process run per mode, each run once for the module."""
+    """run dir of a 2-process run per mode (and extra overrides), each run once for the module."""
     runs = {}
 
-    def get(mode):
-        if mode not in runs:
+    def get(mode, *extra):
+        if (mode, extra) not in runs:
             root = tmp_path_factory.mktemp(mode)
-            run_train([*COMMON, "run_name=two", f"dist={mode}"], data_root=data_root, root=root, launcher=torchrun(2))
-            runs[mode] = root / "runs" / "two"
-        return runs[mode]
+            run_train([*COMMON, "run_name=two", f"dist={mode}", *extra], data_root=data_root, root=root,
+                      launcher=torchrun(2))
+            runs[mode, extra] = root / "runs" / "two"
+        return runs[mode, extra]
 
     return get
 
@@ -97,3 +99,58 @@ def test_ddp_resume_continues_the_same_trajectory(tmp_path, data_root, two_proce
     run_train([*COMMON, "run_name=two", "dist=ddp"], data_root=data_root, root=tmp_path, launcher=torchrun(2))
     split = read_metrics(tmp_path / "runs" / "two")
     assert [r["loss"] for r in split] == [r["loss"] for r in straight]  # exact: same ops in the same order
+
+
+# FSDP2 in bf16 computes with bf16 copies of every weight (MixedPrecisionPolicy: norm gains, biases and
+# embeddings too); DDP under autocast keeps fp32 weights and casts only the matmul inputs. Both round to
+# bf16's 8-bit mantissa (2^-9 ~ 2e-3 relative per value), in different places. Measured over these 6 steps:
+# loss within 5e-5 and grad norm within 6e-4 (relative). Bounds with room: 1e-3 on the loss, 1e-2 on the
+# grad norm (a sum of squares of many rounded values). A data bug (both ranks reading rank 0's windows)
+# moved the loss by 1.3e-3 to 4.8e-3 from step 2 on and the grad norm by 10-33%.
+BF16_LOSS_RTOL = 1e-3
+BF16_GRAD_NORM_RTOL = 1e-2
+
+
+@pytest.mark.slow
+def test_fsdp2_with_bf16_mixed_precision_matches_ddp(two_process_runs):
+    """train.dtype=bf16 on CPU (gloo all-gathers bf16): FSDP2 with bf16 parameters and fp32 gradient
+    reduction against DDP with bf16 autocast over fp32 weights, same data, same steps."""
+    ddp = read_metrics(two_process_runs("ddp", "train.dtype=bf16"))
+    fsdp2 = read_metrics(two_process_runs("fsdp2", "train.dtype=bf16"))
+    assert [r["step"] for r in fsdp2] == [r["step"] for r in ddp] == list(range(1, 7))
+    for a, b in zip(fsdp2, ddp):
+        assert a["loss"] == pytest.approx(b["loss"], rel=BF16_LOSS_RTOL), a["step"]
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=BF16_GRAD_NORM_RTOL), a["step"]
+        if "val_loss" in b:
+            assert a["val_loss"] == pytest.approx(b["val_loss"], rel=BF16_LOSS_RTOL)
+
+
+@pytest.mark.parametrize("compute_dtype", [torch.bfloat16, torch.float32])
+def test_fsdp2_gathers_weights_in_the_compute_dtype_and_keeps_fp32_shards(compute_dtype, tmp_path):
+    """wrap_model in a one-process gloo group: inside a block's forward its weights are `compute_dtype`;
+    the sharded parameters and their gradients stay fp32 (what the optimizer updates)."""
+    import torch.distributed as torch_dist
+
+    from models import build_model
+    from training.distributed import DistInfo, transformer_blocks, wrap_model
+
+    torch_dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        model = build_model("gpt2_tiny", {"kind": "dense"}, n_layer=1, d_model=32, n_head=2, vocab_size=64,
+                            max_seq_len=8)
+        info = DistInfo(mode="fsdp2", rank=0, local_rank=0, world_size=1, device=torch.device("cpu"))
+        model = wrap_model(model, info, compute_dtype)
+        seen = []
+        block = transformer_blocks(model)[0]  # its layers run while the block's weights are gathered
+        for layer in block.modules():
+            if not list(layer.children()) and list(layer.parameters(recurse=False)):
+                layer.register_forward_hook(lambda m, args, out: seen.extend(p.dtype for p in m.parameters()))
+        x = torch.randint(0, 64, (2, 8))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=compute_dtype == torch.bfloat16):
+            _, loss = model(x, x)
+        loss.backward()
+        assert seen and set(seen) == {compute_dtype}
+        assert {p.dtype for p in model.parameters()} == {torch.float32}
+        assert {p.grad.dtype for p in model.parameters() if p.grad is not None} == {torch.float32}
+    finally:
+        torch_dist.destroy_process_group()

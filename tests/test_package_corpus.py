@@ -244,7 +244,7 @@ def test_train_py_passes_corpus_dir_and_train_parts(corpus_setup, tmp_path, monk
 
     from hydra import compose, initialize_config_dir
 
-    import train
+    from training import run_setup
     from training.hydra_setup import CONFIG_DIR, register_resolvers
 
     s = corpus_setup
@@ -252,9 +252,9 @@ def test_train_py_passes_corpus_dir_and_train_parts(corpus_setup, tmp_path, monk
     register_resolvers()
     with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
         cfg = compose("train", overrides=[f"root={tmp_path}", "data=pkg_corpus", f"data.corpus_dir={s['dir']}", "data.train_parts=2"])
-    monkeypatch.setattr(train.dist, "barrier", lambda info: None)
+    monkeypatch.setattr(run_setup.dist, "barrier", lambda info: None)
     monkeypatch.setattr(builder, "apt_fetch", lambda *a: pytest.fail("data.corpus_dir did not reach the preparer"))
-    out = train.prepare_data(cfg, SimpleNamespace(is_main=True))
+    out = run_setup.prepare_data(cfg, SimpleNamespace(is_main=True))
     assert out == tmp_path / "data" / "pkg_corpus-2parts-gpt2" and read_meta(out)["options"]["train_parts"] == 2
 
 

@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(TORCHRUN is None, reason="torchrun not on PATH")
 
 COMMON = ["train.batch_tokens=256", "train.micro_batch=2", "train.max_steps=8", "optim.decay_steps=8",
           "train.ckpt_every=2", "train.eval_every=4", "dist=ddp", "run_name=d"]
-HOOK = "die@5:1"  # rank 1 SIGKILLs itself at the start of step 5 (first attempt only); last checkpoint: 4
+HOOK = "die@5:1"  # rank 1 SIGKILLs itself in step 5 (first attempt only); last checkpoint: 4
 # torchrun shares its rendezvous store with the workers by default, and restarted gloo workers then read
 # the dead attempt's addresses (pytorch/pytorch#135712); one store per attempt avoids it.
 ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}

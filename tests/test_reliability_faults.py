@@ -93,12 +93,18 @@ def test_guard_rejects_bad_settings(kwargs, message):
         faults.NonFiniteGuard(**kwargs)
 
 
-def test_nonfinite_grads_names_the_parameters():
+def test_nonfinite_gradients_are_named_from_the_per_parameter_norms():
+    from training.optim import clip_gradients
+
     model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 1))
+    names = [name for name, _ in model.named_parameters()]
     model(torch.ones(1, 2)).sum().backward()
-    assert faults.nonfinite_grads(model.named_parameters()) == []
+    expected = torch.linalg.vector_norm(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    total, norms = clip_gradients(model.parameters(), float("inf"))
+    assert torch.allclose(total, expected) and faults.nonfinite_names(names, norms.tolist()) == []
     model[1].bias.grad.fill_(float("nan"))
-    assert faults.nonfinite_grads(model.named_parameters()) == ["1.bias"]
+    total, norms = clip_gradients(model.parameters(), 1.0)
+    assert total.isnan() and faults.nonfinite_names(names, norms.tolist()) == ["1.bias"]
 
 
 def test_preflight_out_dir_refuses_a_file_where_a_folder_is_expected(tmp_path):

@@ -76,18 +76,18 @@ def test_errors_name_the_key_the_user_typed():
 
 
 def test_resume_takes_a_run_directory(tmp_path):
-    import train
+    from training import run_setup
 
     run = tmp_path / "run"
     for step in (2, 4):
         ckpt.save_atomic({"step": step}, ckpt.checkpoint_path(run, step))
     check_config(resolved([f"train.resume={run}"]), world_size=1)  # accepted by the checks
     cfg = OmegaConf.create({"train": {"resume": str(run)}})
-    assert train.resume_from(cfg, tmp_path / "new") == ckpt.checkpoint_path(run, 4)
+    assert run_setup.resume_from(cfg, tmp_path / "new") == ckpt.checkpoint_path(run, 4)
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(ckpt.ResumeError, match=r"train.resume=.*empty: that run directory has no checkpoints/step_\*.pt"):
-        train.resume_from(OmegaConf.create({"train": {"resume": str(empty)}}), tmp_path / "new")
+        run_setup.resume_from(OmegaConf.create({"train": {"resume": str(empty)}}), tmp_path / "new")
 
 
 def test_a_resumed_scheduler_follows_the_new_horizon():

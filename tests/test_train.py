@@ -90,12 +90,12 @@ def test_resume_refuses_another_config(tmp_path, data_root):
     proc = run_train([*common[1:], "attention.k=4", "train.max_steps=3"], data_root=data_root, root=tmp_path)
     assert "run dir: " + str(tmp_path / "runs" / "gpt2_tiny-L1-d64-h2-sfa-q4k4-") in proc.stdout
     # train.resume=none will not mix a fresh run's checkpoints with the old ones
-    import train
+    from training import run_setup
 
     cfg = OmegaConf.create({"train": {"resume": "none"}})
     with pytest.raises(ValueError, match=r"train.resume=none but .* holds checkpoints of an earlier run \(newest step_00000002.pt\)"):
-        train.resume_from(cfg, tmp_path / "runs" / "r")
-    assert train.resume_from(cfg, tmp_path / "runs" / "elsewhere") is None
+        run_setup.resume_from(cfg, tmp_path / "runs" / "r")
+    assert run_setup.resume_from(cfg, tmp_path / "runs" / "elsewhere") is None
 
 
 @pytest.mark.slow

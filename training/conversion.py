@@ -19,7 +19,6 @@ import logging
 import torch
 
 from training import checkpoint as ckpt
-from training import distributed as dist
 from training.run_config import MatchLoss, model_config
 
 log = logging.getLogger(__name__)
@@ -59,31 +58,6 @@ def training_loss(model, x: torch.Tensor, y: torch.Tensor, match: MatchLoss):
     _, lm, pairs = model(x, y, return_attention_pairs=True)
     matching = match_loss(pairs, match.layers)
     return lm + match.weight * matching, {"lm_loss": lm.detach().float(), "match_loss": matching.detach()}
-
-
-class LossParts:
-    """Sums the micro-batches' lm/match losses of one optimizer step; `means` averages them over the
-    micro-batches and processes (one all-reduce per part, like the total loss)."""
-
-    def __init__(self, device: torch.device):
-        self.device = device
-        self.reset()
-
-    def reset(self) -> None:
-        self.sums: dict[str, torch.Tensor] = {}
-        self.count = 0
-
-    def add(self, parts: dict | None) -> None:
-        if parts is None:
-            return
-        for name, value in parts.items():
-            self.sums[name] = self.sums.get(name, torch.zeros((), device=self.device)) + value
-        self.count += 1
-
-    def means(self, info) -> dict[str, float]:
-        out = {name: dist.all_reduce_mean(total / self.count, info).item() for name, total in sorted(self.sums.items())}
-        self.reset()
-        return out
 
 
 # --- initial weights ------------------------------------------------------------------------------

@@ -124,7 +124,7 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
-def _transformer_blocks(model: nn.Module) -> nn.ModuleList:
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
     """The model's stack of blocks: its largest nn.ModuleList (GPT-2's h, Qwen3's layers)."""
     lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
     if not lists:
@@ -132,17 +132,25 @@ def _transformer_blocks(model: nn.Module) -> nn.ModuleList:
     return max(lists, key=len)
 
 
-def wrap_model(model: nn.Module, info: DistInfo) -> nn.Module:
-    """DDP or FSDP2 around `model` (already on info.device); unchanged for mode none."""
+def wrap_model(model: nn.Module, info: DistInfo, compute_dtype: torch.dtype = torch.float32) -> nn.Module:
+    """DDP or FSDP2 around `model` (already on info.device); unchanged for mode none.
+
+    FSDP2 in a bf16 run (compute_dtype) all-gathers bf16 copies of the fp32 sharded weights and
+    reduce-scatters gradients in fp32 (MixedPrecisionPolicy): half the gather traffic, while weights,
+    gradients and optimizer state stay fp32. DDP keeps fp32 weights; autocast casts them per op."""
     if info.mode == "ddp":
         return DistributedDataParallel(model, device_ids=[info.device.index] if info.device.type == "cuda" else None)
     if info.mode == "fsdp2":
-        from torch.distributed.fsdp import fully_shard  # lazy: heavy, and only dist=fsdp2 needs it
+        from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # lazy: heavy, and only dist=fsdp2 needs it
 
+        if compute_dtype == torch.float32:
+            policy = MixedPrecisionPolicy()
+        else:
+            policy = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32)
         # Shard block by block (each all-gathered just before use), then the root for embeddings/head.
-        for block in _transformer_blocks(model):
-            fully_shard(block)
-        fully_shard(model)
+        for block in transformer_blocks(model):
+            fully_shard(block, mp_policy=policy)
+        fully_shard(model, mp_policy=policy)
         return model
     return model
 
@@ -172,13 +180,17 @@ def gradient_sync(model: nn.Module, info: DistInfo, enabled: bool):
         yield
 
 
-def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
-    """Mean of `value` over all processes (a no-op with one)."""
+def all_reduce_sum(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Sum of `value` over all processes (a no-op with one); `value` itself is left as it is."""
     if info.world_size > 1:
         value = value.clone()
         dist.all_reduce(value, op=dist.ReduceOp.SUM)
-        value /= info.world_size
     return value
+
+
+def all_reduce_mean(value: torch.Tensor, info: DistInfo) -> torch.Tensor:
+    """Mean of `value` over all processes (a no-op with one)."""
+    return all_reduce_sum(value, info) / info.world_size if info.world_size > 1 else value
 
 
 def any_rank(flag: bool, info: DistInfo) -> bool:

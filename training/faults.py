@@ -3,12 +3,14 @@ take the run's files, and the test hooks that let CI make those things happen on
 
 - `StopSignals`: SIGTERM / SIGINT set a flag instead of killing the process; train.py checks it after each
   step, saves a checkpoint and exits with 128 + the signal number. A second signal kills as usual.
-- `NonFiniteGuard`: decides, from the already-synced loss and gradient norm, whether a step may update
-  the weights (train.nonfinite = skip | stop, train.nonfinite_max_consecutive).
+- `NonFiniteGuard`: a non-finite step never updates the weights, decided on the device (no host sync)
+  through the fused optimizer's `found_inf`; the host reviews the steps when it next reads them (a log
+  step), reports, and stops the run (train.nonfinite = skip | stop, train.nonfinite_max_consecutive).
 - `preflight_out_dir` / `preflight_disk_space`: fail before training if the run directory cannot be
   written or has no room for a checkpoint.
 - `test_hook`: SFA_TEST_HOOK=<name>[@<step>][:<rank>],... ; test-only behaviour (a pause at a known point
-  so a test can kill the process there, a NaN loss, a rank that dies). Never set it in real runs.
+  so a test can kill the process there, a NaN loss, a rank that dies). Never set it in real runs. The
+  training step reaches all of its hooks through one call, `inject`.
 
 Docs: docs/reliability.md.
 """
@@ -24,7 +26,7 @@ import signal
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -80,6 +82,30 @@ def pause_for_test(where: str, step: int | None, stop: "StopSignals | None" = No
     deadline = time.monotonic() + seconds
     while time.monotonic() < deadline and not (stop is not None and stop.requested):
         time.sleep(0.02)
+
+
+def inject(step: int, rank: int, loss, parameters, stop: "StopSignals | None" = None):
+    """The test hooks of a training step, in one place: called once per step after the backward pass,
+    before the gradients are clipped. Returns the step's loss, NaN under `nan_loss`. Does nothing (and
+    reads nothing from the device) when SFA_TEST_HOOK is unset.
+
+    pause_in_step (wait for a test's signal), die (SIGKILL this rank, as an OOM kill would), nan_loss (the
+    loss and every gradient NaN, what a NaN loss's backward gives), nan_grad (one gradient NaN, the loss
+    finite)."""
+    if not os.environ.get(HOOK_ENV):
+        return loss
+    if test_hook("pause_in_step", step, rank):
+        pause_for_test("step", step, stop)
+    if test_hook("die", step, rank) and first_attempt():
+        os.kill(os.getpid(), signal.SIGKILL)
+    grads = [p.grad for p in parameters if p.grad is not None]
+    if test_hook("nan_loss", step, rank):
+        for g in grads:
+            g.fill_(float("nan"))
+        loss = loss * float("nan")
+    if test_hook("nan_grad", step, rank):
+        grads[0].fill_(float("nan"))
+    return loss
 
 
 # ------------------------------------------------------------------------------------------------- signals
@@ -155,16 +181,39 @@ class NonFiniteError(RuntimeError):
 
 @dataclass
 class NonFiniteGuard:
+    """Two halves that follow the same rule. On the device, `skip_update` tells the optimizer to leave the
+    weights alone on a non-finite step, and on every step after the stop condition was met (so nothing
+    changes the last good weights before the host notices). On the host, `decide` reviews each step when
+    the loop reads it, counts, logs, and `should_stop` says when to end the run."""
+
     policy: str = "skip"
     max_consecutive: int = 5
     skipped: int = 0  # steps whose update was skipped, over the whole run (restored on resume)
     consecutive: int = 0
+    _device_run: object = field(default=None, repr=False)  # non-finite steps in a row, on the device
+    _device_halted: object = field(default=None, repr=False)  # the stop condition was met, on the device
 
     def __post_init__(self):
         if self.policy not in NONFINITE_POLICIES:
             raise ValueError(f"train.nonfinite must be one of {', '.join(NONFINITE_POLICIES)}; got {self.policy!r}")
         if isinstance(self.max_consecutive, bool) or not isinstance(self.max_consecutive, int) or self.max_consecutive < 1:
             raise ValueError(f"train.nonfinite_max_consecutive must be a positive integer, got {self.max_consecutive!r}")
+
+    @property
+    def stop_after(self) -> int:
+        """Non-finite steps in a row that end the run."""
+        return 1 if self.policy == "stop" else self.max_consecutive
+
+    def skip_update(self, loss, grad_norm):
+        """The optimizer's found_inf for this step (1.0: leave weights and moments as they are), computed
+        on the device from the step's loss and gradient norm, without reading either."""
+        bad = ~(torch.isfinite(loss) & torch.isfinite(grad_norm))
+        if self._device_run is None:
+            self._device_run = torch.zeros((), dtype=torch.int32, device=loss.device)
+            self._device_halted = torch.zeros((), dtype=torch.bool, device=loss.device)
+        self._device_run = torch.where(bad, self._device_run + 1, 0)
+        self._device_halted = self._device_halted | (self._device_run >= self.stop_after)
+        return (bad | self._device_halted).float()
 
     @staticmethod
     def cause(loss: float, grad_norm: float, bad_grads: list[str]) -> str | None:
@@ -177,8 +226,8 @@ class NonFiniteGuard:
         return None
 
     def decide(self, step: int, cause: str | None) -> bool:
-        """Record the step's outcome; True to apply the update. Whether to stop is `should_stop()`'s answer
-        (the caller then saves the last good state and raises NonFiniteError)."""
+        """Record a step's outcome (host side, in step order); True if its update was applied. Whether to
+        stop is `should_stop()`'s answer (the caller then saves the last good state and raises NonFiniteError)."""
         if cause is None:
             self.consecutive = 0
             return True
@@ -189,7 +238,7 @@ class NonFiniteGuard:
         return False
 
     def should_stop(self) -> bool:
-        return self.consecutive > 0 and (self.policy == "stop" or self.consecutive >= self.max_consecutive)
+        return self.consecutive >= self.stop_after
 
     def stop_message(self, step: int, cause: str, checkpoint) -> str:
         why = ("train.nonfinite=stop" if self.policy == "stop"
@@ -205,16 +254,9 @@ class NonFiniteGuard:
         self.skipped = int(state.get("skipped", 0))
 
 
-def nonfinite_grads(parameters) -> list[str]:
-    """Names of parameters whose gradient holds a NaN or Inf (only called after a bad step, so not hot)."""
-    bad = []
-    for name, p in parameters:
-        if p.grad is None:
-            continue
-        g = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad  # FSDP2: this rank's shard
-        if not bool(torch.isfinite(g).all()):
-            bad.append(name)
-    return bad
+def nonfinite_names(names: list[str], norms: list[float]) -> list[str]:
+    """The parameters whose gradient norm is NaN or Inf (names and norms in the same order)."""
+    return [name for name, norm in zip(names, norms) if not math.isfinite(norm)]
 
 
 # ---------------------------------------------------------------------------------------------- preflight

@@ -1,4 +1,5 @@
-"""AdamW with nanoGPT's parameter groups, and its warm-up + cosine learning-rate schedule as a LambdaLR."""
+"""AdamW with nanoGPT's parameter groups, its warm-up + cosine learning-rate schedule as a LambdaLR, and
+gradient clipping that leaves its numbers on the device."""
 
 from __future__ import annotations
 
@@ -17,7 +18,24 @@ def build_optimizer(model: nn.Module, optim_cfg) -> torch.optim.AdamW:
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": optim_cfg.weight_decay, "initial_lr": optim_cfg.lr},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "initial_lr": optim_cfg.lr},
     ]
-    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps)
+    # fused: one kernel per step, and it honours `optimizer.found_inf` (GradScaler's protocol): a step with
+    # found_inf = 1 leaves weights and moments untouched, decided on the device (training/faults.py).
+    return torch.optim.AdamW(groups, lr=optim_cfg.lr, betas=(optim_cfg.beta1, optim_cfg.beta2), eps=optim_cfg.eps,
+                             fused=True)
+
+
+def clip_gradients(parameters, max_norm: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scale the gradients to a global L2 norm of at most `max_norm` (inf: leave them), as
+    clip_grad_norm_ does. Returns (the global norm before clipping, each gradient's norm), both on the
+    device and, under FSDP2, over all shards; the per-gradient norms name the culprits of a non-finite step."""
+    parameters = [p for p in parameters if p.grad is not None]
+    # clip_grad_norm_'s own first step (torch.nn.utils.get_total_norm), kept so the per-tensor norms stay.
+    norms = torch.stack(torch._foreach_norm([p.grad for p in parameters]))
+    total = torch.linalg.vector_norm(norms)  # FSDP2: a DTensor reduced over the shards
+    torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, total, foreach=True)
+    if hasattr(total, "full_tensor"):
+        total, norms = total.full_tensor(), norms.full_tensor()
+    return total, norms
 
 
 class WarmupCosine:

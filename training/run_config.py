@@ -172,6 +172,8 @@ def check_config(cfg: dict, world_size: int) -> Plan:
     _positive_int(train["eval_batches"], "train.eval_batches")
     if train["dtype"] not in DTYPES:
         raise ConfigError(f"train.dtype must be one of {', '.join(DTYPES)}; got {train['dtype']!r}")
+    if train.get("compile"):
+        _check_compile_backend(train.get("compile_backend", "inductor"))
     limit = train["time_limit_s"]
     if limit is not None and not (isinstance(limit, (int, float)) and limit > 0):
         raise ConfigError(f"train.time_limit_s must be a positive number of seconds or null, got {limit!r}")
@@ -219,6 +221,15 @@ def check_config(cfg: dict, world_size: int) -> Plan:
         decay_steps=decay_steps,
         warnings=tuple(warnings),
     )
+
+
+def _check_compile_backend(backend) -> None:
+    import torch._dynamo  # heavy: only when train.compile is on
+
+    if backend not in torch._dynamo.list_backends(exclude_tags=()):
+        raise ConfigError(f"train.compile_backend={backend!r} is not a torch.compile backend; use one of "
+                          f"{', '.join(torch._dynamo.list_backends())} (inductor generates kernels), or a debug "
+                          "backend such as aot_eager (traces only; CPU tests)")
 
 
 def _as_typed(message: str, att_cfg: dict) -> str:

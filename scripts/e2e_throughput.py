@@ -1,0 +1,163 @@
+"""End-to-end training throughput on one GPU: dense attention (SDPA) against SFA through the `masked` and
+`flash` backends, torch.compile off and on, at the shapes of the throughput targets (docs/benchmarks.md),
+one train.py run per arm, one after another; a table and a JSON file.
+
+    python scripts/e2e_throughput.py --out workspace/e2e                     # all 18 arms
+    python scripts/e2e_throughput.py --out workspace/e2e --shapes gpt2_1k   # one shape (6 arms, ~7 min)
+    python scripts/e2e_throughput.py --out workspace/e2e --summarize        # the table of what OUT holds
+
+Shapes: gpt2_1k (GPT-2 small, 1,024 tokens, micro-batch 16, 32k tokens per step), gpt2_8k (8,192 tokens,
+micro-batch 2, 64k per step), qwen3_1k (the Qwen3 study shape of docs/results.md, experiment=study_large_qwen3:
+12 layers, d_model 768, head dim 128, GQA 6/3, at 1,024 tokens, micro-batch 16). SFA uses k = head dim / 8
+(8 for GPT-2, 16 for Qwen3). Every arm trains on the embedded corpus in bf16 (train.dtype=auto on CUDA) for
+--seconds after its warm-up (--compile-warmup more seconds with compile), evaluates and checkpoints only
+at the end (the checkpoint is deleted afterwards), and logs every 10 steps. Steady state: the median
+tokens/s of the records after the first fifth of the steps and after the first log window, which holds
+compilation and autotuning (scripts/summarize_throughput.py). MFU is against executed FLOPs
+(docs/metrics.md). Each call adds its arms to OUT and prints the table of every arm OUT holds, so the
+shapes can be run in separate calls.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "scripts"))
+from summarize_throughput import steady_state  # noqa: E402
+
+LOG_EVERY = 10
+SHAPES = {
+    "gpt2_1k": (8, ["model=gpt2_small", "train.seq_len=1024", "train.micro_batch=16", "train.batch_tokens=32768"]),
+    "gpt2_8k": (8, ["model=gpt2_small", "model.max_seq_len=8192", "train.seq_len=8192", "train.micro_batch=2",
+                    "train.batch_tokens=65536"]),
+    "qwen3_1k": (16, ["experiment=study_large_qwen3", "train.seq_len=1024", "train.micro_batch=16",
+                      "train.batch_tokens=32768"]),
+}
+ATTENTION = ("dense", "masked", "flash")
+COMMON = ["data=embedded", "logging=disabled", "train.resume=none", "train.max_steps=1000000", "train.eval_every=0",
+          "train.eval_batches=1", "train.ckpt_every=0", "train.keep_checkpoints=1", f"train.log_every={LOG_EVERY}",
+          "train.diagnostics_every=0", "optim.warmup_steps=10"]
+
+
+def arm_name(shape: str, attention: str, compiled: bool) -> str:
+    return f"{shape}-{attention}-{'compile' if compiled else 'eager'}"
+
+
+def overrides(shape: str, attention: str, compiled: bool, seconds: float, warmup: float, out: Path,
+              extra=()) -> list[str]:
+    k, shape_overrides = SHAPES[shape]
+    att = ["attention=dense"] if attention == "dense" else ["attention=sfa", f"attention.k={k}",
+                                                            f"attention.backend={attention}"]
+    limit = seconds + (warmup if compiled else 0)
+    return [*shape_overrides, *COMMON, *att, f"train.compile={str(compiled).lower()}", f"train.time_limit_s={limit}",
+            f"root={out / 'root'}", f"out_dir={out / arm_name(shape, attention, compiled)}", *extra]
+
+
+def run_arm(shape, attention, compiled, args) -> None:
+    name = arm_name(shape, attention, compiled)
+    run_dir = args.out / name
+    if run_dir.exists():
+        shutil.rmtree(run_dir)  # a fresh run: an old arm's metrics must not mix in
+    cmd = [sys.executable, str(REPO / "train.py"),
+           *overrides(shape, attention, compiled, args.seconds, args.compile_warmup, args.out, args.set)]
+    started = time.perf_counter()
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "train_output.txt").write_text(done.stdout + done.stderr)
+    shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # ~1.5 GB each, not needed for throughput
+    status = "ok" if done.returncode == 0 else f"failed ({done.returncode}), see {run_dir / 'train_output.txt'}"
+    print(f"{name:<28} {time.perf_counter() - started:6.0f} s  {status}", flush=True)
+
+
+def summarize(out: Path) -> list[dict]:
+    rows = []
+    for shape in SHAPES:
+        for compiled in (False, True):
+            for attention in ATTENTION:
+                run_dir = out / arm_name(shape, attention, compiled)
+                if not (run_dir / "metrics.jsonl").is_file():
+                    continue
+                try:
+                    row = steady_state(run_dir, warmup_steps=LOG_EVERY)
+                except SystemExit as e:  # too few steps to measure
+                    print(f"{run_dir.name}: {e}", file=sys.stderr)
+                    continue
+                rows.append({"shape": shape, "attention_backend": attention, "compile": compiled, **row})
+    by_arm = {(r["shape"], r["attention_backend"], r["compile"]): r for r in rows}
+    for r in rows:
+        dense = by_arm.get((r["shape"], "dense", r["compile"]))
+        eager = by_arm.get((r["shape"], r["attention_backend"], False))
+        r["x_dense"] = r["tokens_per_s"] / dense["tokens_per_s"] if dense else None
+        r["x_eager"] = r["tokens_per_s"] / eager["tokens_per_s"] if eager else None
+    return rows
+
+
+def versions() -> dict:
+    import torch
+
+    info = {"torch": torch.__version__, "cuda": torch.version.cuda,
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
+    info["commit"] = commit.stdout.strip() or None
+    return info
+
+
+def print_table(rows: list[dict]) -> None:
+    ratio = lambda x: f"{x:.2f}" if x is not None else "-"  # noqa: E731
+    print(f"{'shape':<9} {'attention':<7} {'compile':<8} {'tokens/s':>10} {'x dense':>8} {'x eager':>8} "
+          f"{'MFU':>6} {'peak GiB':>9} {'steps':>6}")
+    for r in rows:
+        mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
+        print(f"{r['shape']:<9} {r['attention_backend']:<7} {'on' if r['compile'] else 'off':<8} "
+              f"{r['tokens_per_s']:>10,.0f} {ratio(r['x_dense']):>8} {ratio(r['x_eager']):>8} {mfu:>6} "
+              f"{r['peak_memory_gib']:>9.1f} {r['steps_measured']:>6}")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--out", type=Path, required=True, help="folder for the runs and e2e_throughput.json")
+    parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
+    parser.add_argument("--attention", nargs="+", choices=ATTENTION, default=list(ATTENTION))
+    parser.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off", "on"])
+    parser.add_argument("--seconds", type=float, default=20.0, help="training seconds per arm after warm-up")
+    parser.add_argument("--compile-warmup", type=float, default=40.0,
+                        help="extra seconds for arms with compile (compilation happens inside the timed loop)")
+    parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="train.py overrides for every arm, after the arm's own (e.g. train.compile_backend=...)")
+    parser.add_argument("--summarize", action="store_true", help="run nothing; print the table of what OUT holds")
+    args = parser.parse_args(argv)
+    for name, value in (("--seconds", args.seconds), ("--compile-warmup", args.compile_warmup)):
+        if not value >= 0 or (name == "--seconds" and value == 0):
+            parser.error(f"{name} must be a positive number of seconds, got {value}")
+    args.out.mkdir(parents=True, exist_ok=True)
+    if not args.summarize:
+        for shape in args.shapes:
+            for compiled in (c == "on" for c in args.compile):
+                for attention in args.attention:
+                    run_arm(shape, attention, compiled, args)
+    rows = summarize(args.out)
+    if not rows:
+        raise SystemExit(f"{args.out}: no arm with metrics to summarize")
+    result = {**versions(), "seconds_per_arm": args.seconds, "rows": rows}
+    (args.out / "e2e_throughput.json").write_text(json.dumps(result, indent=2))
+    print(f"{result['device']}, torch {result['torch']}, triton {result['triton']}, commit {result['commit']}")
+    print_table(rows)
+    print(f"JSON: {args.out / 'e2e_throughput.json'}")
+
+
+if __name__ == "__main__":
+    main()

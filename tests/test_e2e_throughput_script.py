@@ -1,0 +1,72 @@
+"""scripts/e2e_throughput.py without a GPU: every arm's train.py command is a valid config of the shape it
+names, and the summary's ratios compare the right arms."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+from test_configs import resolved
+from training.run_config import check_config
+
+REPO = Path(__file__).resolve().parent.parent
+spec = importlib.util.spec_from_file_location("e2e_throughput", REPO / "scripts" / "e2e_throughput.py")
+e2e = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(e2e)
+
+ARMS = [(s, a, c) for s in e2e.SHAPES for a in e2e.ATTENTION for c in (False, True)]
+
+
+@pytest.mark.parametrize("shape, attention, compiled", ARMS)
+def test_every_arm_is_a_valid_config_of_its_shape(shape, attention, compiled, tmp_path):
+    cfg = resolved(e2e.overrides(shape, attention, compiled, 20, 40, tmp_path))
+    plan = check_config(cfg, world_size=1)
+    model, train = plan.model_config, cfg["train"]
+    expected = {"gpt2_1k": (12, 768, 64, 1024), "gpt2_8k": (12, 768, 64, 8192), "qwen3_1k": (12, 768, 128, 1024)}
+    assert (model.n_layer, model.d_model, model.head_dim, train["seq_len"]) == expected[shape]
+    assert cfg["data"]["source"] == "embedded" and cfg["model"]["preset"] == ("qwen3_tiny" if shape == "qwen3_1k" else "gpt2_small")
+    assert plan.attention.kind == ("dense" if attention == "dense" else "sfa")
+    if attention != "dense":
+        assert plan.attention.backend == attention and plan.attention.topk_q == model.head_dim // 8
+    assert train["compile"] is compiled and train["compile_backend"] == "inductor"
+    assert train["time_limit_s"] == (60 if compiled else 20) and train["log_every"] == e2e.LOG_EVERY
+    assert cfg["out_dir"] == str(tmp_path / e2e.arm_name(shape, attention, compiled))
+
+
+def fake_run(out, shape, attention, compiled, tokens_per_s, steps=14):
+    run = out / e2e.arm_name(shape, attention, compiled)
+    run.mkdir(parents=True)
+    (run / "run_info.json").write_text(json.dumps({"device": "cpu", "attention": "sfa", "topk_q": 8}))
+    # the first window (compilation) is slow; steady state after it
+    records = [{"step": s, "tokens_per_s": tokens_per_s / 100 if s <= e2e.LOG_EVERY else tokens_per_s,
+                "step_time_s": 1.0, "mfu": 0.3, "peak_memory_bytes": 2**30} for s in range(1, steps + 1)]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in records))
+
+
+def test_summary_ratios_are_against_dense_and_eager_of_the_same_shape(tmp_path):
+    fake_run(tmp_path, "gpt2_1k", "dense", False, 100.0)
+    fake_run(tmp_path, "gpt2_1k", "masked", False, 90.0)
+    fake_run(tmp_path, "gpt2_1k", "dense", True, 125.0)
+    fake_run(tmp_path, "gpt2_1k", "masked", True, 135.0)
+    fake_run(tmp_path, "gpt2_8k", "masked", False, 50.0)  # no dense arm at 8k
+    rows = {(r["shape"], r["attention_backend"], r["compile"]): r for r in e2e.summarize(tmp_path)}
+    assert rows["gpt2_1k", "masked", False]["x_dense"] == pytest.approx(0.9)
+    assert rows["gpt2_1k", "masked", True]["x_dense"] == pytest.approx(135 / 125)
+    assert rows["gpt2_1k", "masked", True]["x_eager"] == pytest.approx(1.5)
+    assert rows["gpt2_1k", "dense", True]["tokens_per_s"] == 125.0  # the slow first window is left out
+    assert rows["gpt2_8k", "masked", False]["x_dense"] is None
+
+
+@pytest.mark.slow
+def test_the_script_runs_arms_and_writes_the_table_on_cpu(tmp_path, capsys):
+    """Two arms end to end on a model small enough for the CPU (compile through aot_eager)."""
+    tiny = ["model.n_layer=1", "model.d_model=64", "model.n_head=2", "model.max_seq_len=64", "train.seq_len=32",
+            "train.micro_batch=4", "train.batch_tokens=128", "train.compile_backend=aot_eager", "train.device=cpu"]
+    e2e.main(["--out", str(tmp_path), "--shapes", "gpt2_1k", "--attention", "dense", "--seconds", "4",
+              "--compile-warmup", "10", "--set", *tiny])
+    out = capsys.readouterr().out
+    result = json.loads((tmp_path / "e2e_throughput.json").read_text())
+    assert [(r["attention_backend"], r["compile"]) for r in result["rows"]] == [("dense", False), ("dense", True)]
+    assert result["rows"][1]["x_eager"] > 0 and "x dense" in out and "gpt2_1k" in out
+    assert not (tmp_path / "gpt2_1k-dense-eager" / "checkpoints").exists()
