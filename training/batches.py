@@ -21,7 +21,9 @@ class Prefetcher:
     def __init__(self, loader, device: torch.device):
         self.loader, self.device = loader, device
         self.pin = device.type == "cuda"
-        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-prefetch")
+        # The thread pins on this rank's GPU: without set_device it would open a context on GPU 0.
+        init = (lambda: torch.cuda.set_device(device)) if self.pin else None
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-prefetch", initializer=init)
         self._ahead: Future | None = None
         self._state = loader.state_dict()  # the position after the batches handed out
 
