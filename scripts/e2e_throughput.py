@@ -101,12 +101,12 @@ def summarize(out: Path) -> list[dict]:
 
 
 def versions() -> dict:
-    import torch
+    import torch  # lazy: heavy; the arms run in subprocesses and --help answers without it
 
     info = {"torch": torch.__version__, "cuda": torch.version.cuda,
             "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"}
     try:
-        import triton
+        import triton  # lazy: optional (absent on some CPU installs)
 
         info["triton"] = triton.__version__
     except ImportError:

@@ -224,7 +224,7 @@ def check_config(cfg: dict, world_size: int) -> Plan:
 
 
 def _check_compile_backend(backend) -> None:
-    import torch._dynamo  # heavy: only when train.compile is on
+    import torch._dynamo  # lazy: heavy, only when train.compile is on
 
     if backend not in torch._dynamo.list_backends(exclude_tags=()):
         raise ConfigError(f"train.compile_backend={backend!r} is not a torch.compile backend; use one of "
