@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -111,8 +112,9 @@ def versions() -> dict:
         info["triton"] = triton.__version__
     except ImportError:
         info["triton"] = None
+    # GIT_COMMIT first, as in scripts/gpu_tests.sh: a tree copied to a GPU machine may carry a stale .git or none
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-    info["commit"] = commit.stdout.strip() or None
+    info["commit"] = os.environ.get("GIT_COMMIT") or commit.stdout.strip() or None
     return info
 
 

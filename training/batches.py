@@ -21,8 +21,10 @@ class Prefetcher:
     def __init__(self, loader, device: torch.device):
         self.loader, self.device = loader, device
         self.pin = device.type == "cuda"
-        # The thread pins on this rank's GPU: without set_device it would open a context on GPU 0.
-        init = (lambda: torch.cuda.set_device(device)) if self.pin else None
+        # The thread pins on this rank's GPU: without set_device it would open a context on GPU 0. A device
+        # without an index ("cuda") means the current one, which the thread then uses too.
+        index = device.index if device.index is not None else (torch.cuda.current_device() if self.pin else None)
+        init = (lambda: torch.cuda.set_device(index)) if self.pin else None
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="batch-prefetch", initializer=init)
         self._ahead: Future | None = None
         self._state = loader.state_dict()  # the position after the batches handed out
