@@ -20,8 +20,6 @@ CUDA, eager elsewhere). Design and measurements: docs/inference.md.
 
 from __future__ import annotations
 
-import os
-
 import torch
 
 from .sampling import Sampler

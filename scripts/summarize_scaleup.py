@@ -8,37 +8,22 @@ and the kill-and-resume check (the killed run against the uninterrupted one). Wr
 from __future__ import annotations
 
 import argparse
-import gzip
 import json
 import math
 import re
-import statistics
 import sys
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from summarize_throughput import steady_state  # noqa: E402  (the steady-state rule every throughput table uses)
+from training.sinks import metrics_file, read_metrics  # noqa: E402  (plain or gzipped metrics.jsonl)
 
 SAVE_RE = re.compile(r"checkpoint \S+ saved in ([0-9.]+) s")
 RESUME_RE = re.compile(r"resumed from \S+ at step \d+ .* in ([0-9.]+) s")
 
 
-def read_jsonl(path: Path) -> list[dict]:
-    opener = gzip.open if path.suffix == ".gz" else open
-    with opener(path, "rt") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
 def metrics_of(run: Path) -> list[dict]:
-    for name in ("metrics.jsonl", "metrics.jsonl.gz"):
-        if (run / name).is_file():
-            return read_jsonl(run / name)
-    return []
-
-
-def steady(records: list[dict], key: str) -> float | None:
-    """Median of `key` over training steps after the first fifth (compilation, warm-up), leaving out the steps
-    that evaluated when there are others."""
-    later = [r for r in records[len(records) // 5:] if r.get(key) is not None]
-    values = [r[key] for r in later if "val_loss" not in r] or [r[key] for r in later]
-    return statistics.median(values) if values else None
+    return read_metrics(run) if metrics_file(run) is not None else []
 
 
 def log_times(run: Path, pattern: re.Pattern) -> list[float]:
@@ -46,16 +31,17 @@ def log_times(run: Path, pattern: re.Pattern) -> list[float]:
     return [float(m.group(1)) for m in pattern.finditer(log.read_text())] if log.is_file() else []
 
 
-def run_row(run: Path) -> dict:
-    records = metrics_of(run)
+def run_row(run: Path, records: list[dict] | None = None) -> dict:
+    """One run's row; `records`: its metrics when the caller has read them already."""
+    records = metrics_of(run) if records is None else records
     info = json.loads((run / "run_info.json").read_text()) if (run / "run_info.json").is_file() else {}
+    speed = steady_state(run) if records else {}
     vals = [r["val_loss"] for r in records if r.get("val_loss") is not None]
-    peaks = [r["peak_memory_bytes"] for r in records if r.get("peak_memory_bytes")]
     return {
         "run": str(run), "device": info.get("device"), "world_size": info.get("world_size"),
         "steps": records[-1]["step"] if records else 0, "tokens": records[-1]["tokens"] if records else 0,
-        "final_val_loss": vals[-1] if vals else None, "tokens_per_s": steady(records, "tokens_per_s"),
-        "mfu": steady(records, "mfu"), "peak_memory_gib": max(peaks) / 2**30 if peaks else None,
+        "final_val_loss": vals[-1] if vals else None, "tokens_per_s": speed.get("tokens_per_s"),
+        "mfu": speed.get("mfu"), "peak_memory_gib": speed.get("peak_memory_gib"),
         "kv_cache_bytes_per_token": info.get("kv_cache_bytes_per_token"),
         "ckpt_save_s": log_times(run, SAVE_RE), "resume_s": log_times(run, RESUME_RE),
     }
@@ -102,13 +88,13 @@ def scaling_table(out: Path) -> list[dict]:
 
 def kill_check(out: Path, best: str) -> dict | None:
     killed, straight = out / "kill" / best, out / "arms" / best
-    if not (metrics_of(killed) and metrics_of(straight)):
-        return None
     a, b = metrics_of(killed), metrics_of(straight)
+    if not (a and b):
+        return None
     steps_once = [r["step"] for r in a] == list(range(1, len(a) + 1))
     common = min(len(a), len(b))
     loss_diff = max(abs(x["loss"] - y["loss"]) for x, y in zip(a[:common], b[:common]))
-    val_a, val_b = run_row(killed)["final_val_loss"], run_row(straight)["final_val_loss"]
+    val_a, val_b = run_row(killed, a)["final_val_loss"], run_row(straight, b)["final_val_loss"]
     log = (killed / "train.log").read_text() if (killed / "train.log").is_file() else ""
     result = {"arm": best, "resumed": "resumed from" in log, "each_step_once": steps_once,
               "steps": [len(a), len(b)], "max_abs_loss_diff": loss_diff, "final_val_loss": [val_a, val_b],
