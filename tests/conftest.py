@@ -18,6 +18,12 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+    """Where a test module's train.py runs prepare their data: once per module, shared by its runs."""
+    return tmp_path_factory.mktemp("data")
+
+
 @pytest.fixture(autouse=True)
 def _fresh_seed(request):
     """A different but reproducible seed per test: fresh random inputs, repeatable failures."""

@@ -1,8 +1,22 @@
-"""Spying on the attention seam: what sfa.sfa_attention receives, and an oracle on the same supports."""
+"""Model tests' shared pieces: tiny model shapes and attention kinds, and a spy on the attention seam (what
+sfa.sfa_attention receives, and an oracle on the same supports)."""
 
 import torch
 
 import sfa
+
+# Two-layer GPT-2 and Qwen3 (GQA 4/2) small enough for many CPU cases: (preset, overrides) per family.
+TINY_MODELS = {
+    "gpt2": ("gpt2_tiny", dict(n_layer=2, n_head=4, d_model=64, vocab_size=97, max_seq_len=48)),
+    "qwen3": ("qwen3_tiny", dict(n_layer=2, n_head=4, n_kv_head=2, head_dim=16, d_model=64, intermediate_size=96,
+                                 vocab_size=97, max_seq_len=48)),
+}
+# The three attention kinds at sizes those shapes take (None: the preset's dense attention).
+TINY_ATTENTIONS = {
+    "dense": None,
+    "sfa": {"kind": "sfa", "topk_q": 4, "topk_k": 3},
+    "short": {"kind": "short", "d_short": 8},
+}
 
 
 def logits_recording_supports(model, x, supports=None):

@@ -5,25 +5,15 @@ import pytest
 import torch
 
 import sfa
+from model_helpers import TINY_ATTENTIONS, TINY_MODELS
 from models import build_model, generate
 from models.sampling import filter_logits, next_token
 from sfa.cache import KVCache, kv_cache_bytes_per_token
 
-SMALL = {
-    "gpt2": ("gpt2_tiny", dict(n_layer=2, n_head=4, d_model=64, vocab_size=97, max_seq_len=48)),
-    "qwen3": ("qwen3_tiny", dict(n_layer=2, n_head=4, n_kv_head=2, head_dim=16, d_model=64, intermediate_size=96,
-                                 vocab_size=97, max_seq_len=48)),
-}
-ATTENTIONS = {
-    "dense": None,
-    "sfa": {"kind": "sfa", "topk_q": 4, "topk_k": 3},
-    "short": {"kind": "short", "d_short": 8},
-}
-
 
 def small(family, attention):
-    preset, overrides = SMALL[family]
-    return build_model(preset, ATTENTIONS.get(attention, attention), **overrides).eval()
+    preset, overrides = TINY_MODELS[family]
+    return build_model(preset, TINY_ATTENTIONS.get(attention, attention), **overrides).eval()
 
 
 # --- byte accounting ----------------------------------------------------------------------------
@@ -46,7 +36,7 @@ def test_bytes_formulas_of_the_design():
     assert kv_cache_bytes_per_token(1, 1, 512, 512, topk=k) == 4 * k + 2 * 512
 
 
-@pytest.mark.parametrize("attention", list(ATTENTIONS))
+@pytest.mark.parametrize("attention", list(TINY_ATTENTIONS))
 @pytest.mark.parametrize("family", ["gpt2", "qwen3"])
 def test_model_bytes_per_token_is_its_cache(family, attention):
     m = small(family, attention)
@@ -120,7 +110,7 @@ def test_model_rejects_a_cache_that_does_not_fit():
 
 
 # --- attention through the cache ------------------------------------------------------------------
-@pytest.mark.parametrize("attention", list(ATTENTIONS))
+@pytest.mark.parametrize("attention", list(TINY_ATTENTIONS))
 @pytest.mark.parametrize("family", ["gpt2", "qwen3"])
 def test_chunked_prefill_and_decode_through_the_cache_match_the_full_forward(family, attention):
     m = small(family, attention)
@@ -161,7 +151,7 @@ def relative_error(a, b):
 def one_layer(family, attention):
     """One layer, so that every key the cache codes is computed from the embeddings alone, exactly as in
     the full forward (no earlier attention in between whose rounding could flip a top-k choice)."""
-    preset, overrides = SMALL[family]
+    preset, overrides = TINY_MODELS[family]
     m = build_model(preset, attention, **{**overrides, "n_layer": 1}).eval()
     if family == "gpt2":  # at GPT-2's init scores are ~0.1 and attention near uniform, blind to the keys;
         with torch.no_grad():  # scale q and k by 4 (scores by 16), as Qwen3's QK-norm does by itself
@@ -211,7 +201,7 @@ def test_fp32_sfa_cache_under_bf16_autocast_decodes(family):
 
 
 # --- generate -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("attention", list(ATTENTIONS))
+@pytest.mark.parametrize("attention", list(TINY_ATTENTIONS))
 @pytest.mark.parametrize("family", ["gpt2", "qwen3"])
 def test_greedy_with_cache_equals_recomputing_every_step(family, attention):
     m = small(family, attention)

@@ -6,27 +6,21 @@ last-position-only logits, batched eos checks, and the refusal of a cache that d
 import pytest
 import torch
 
+from model_helpers import TINY_ATTENTIONS, TINY_MODELS
 from models import build_model, generate
 from models.decoding import Decoder, cache_bytes
 from models.sampling import Sampler
 
-FAMILIES = {
-    "gpt2": ("gpt2_tiny", dict(n_layer=2, n_head=4, d_model=64, vocab_size=97, max_seq_len=48)),
-    "qwen3": ("qwen3_tiny", dict(n_layer=2, n_head=4, n_kv_head=2, head_dim=16, d_model=64, intermediate_size=96,
-                                 vocab_size=97, max_seq_len=48)),
-}
 KINDS = {
-    "dense": None,
-    "sfa": {"kind": "sfa", "topk_q": 4, "topk_k": 3},
-    "short": {"kind": "short", "d_short": 8},
+    **TINY_ATTENTIONS,
     "sfa-decoupled": {"kind": "sfa", "topk_q": 3, "rope": "decoupled", "rope_dims": 4},
     "dense-decoupled": {"kind": "dense", "rope": "decoupled", "rope_dims": 4},
 }
-CASES = [(f, k) for f in FAMILIES for k in KINDS if f == "qwen3" or "decoupled" not in k]  # GPT-2 has no RoPE
+CASES = [(f, k) for f in TINY_MODELS for k in KINDS if f == "qwen3" or "decoupled" not in k]  # GPT-2 has no RoPE
 
 
 def model(family, kind):
-    preset, overrides = FAMILIES[family]
+    preset, overrides = TINY_MODELS[family]
     m = build_model(preset, KINDS[kind], **overrides).eval()
     with torch.no_grad():  # no near-ties in greedy decoding at a random init
         for p in m.parameters():

@@ -27,11 +27,6 @@ PARAM_SUM_ATOL = 1e-2
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="module")
 def single_run(tmp_path_factory, data_root):
     root = tmp_path_factory.mktemp("single")
     run_train([*COMMON, "run_name=one", "train.micro_batch=4"], data_root=data_root, root=root)  # last wins

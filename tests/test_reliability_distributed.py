@@ -22,11 +22,6 @@ HOOK = "die@5:1"  # rank 1 SIGKILLs itself in step 5 (first attempt only); last 
 ENV = {"TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
 @pytest.mark.slow
 def test_a_dead_rank_ends_the_job_promptly(tmp_path, data_root):
     launcher = (TORCHRUN, "--standalone", "--nproc_per_node=2")

@@ -216,11 +216,6 @@ def test_new_config_keys_are_checked(train, message):
 COMMON = ["train.batch_tokens=128", "train.micro_batch=4", "train.max_steps=6", "train.ckpt_every=2", "run_name=n"]
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
 def _run(tmp_path, data_root, args, hook, monkeypatch, check=True):
     monkeypatch.setenv(faults.HOOK_ENV, hook)  # run_train passes the environment on to train.py
     return run_train([*COMMON, *args], data_root=data_root, root=tmp_path, check=check)

@@ -21,11 +21,6 @@ COMPARED = ("loss", "lr", "grad_norm", "val_loss", "tokens")
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="module")
 def straight(tmp_path_factory, data_root):
     root = tmp_path_factory.mktemp("straight")
     run_train(COMMON, data_root=data_root, root=root)

@@ -16,11 +16,6 @@ from train_helpers import read_metrics, run_train
 RSS_GROWTH_LIMIT = 40e6
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
 @pytest.mark.slow
 def test_memory_does_not_grow_over_steps(tmp_path, data_root):
     run_train(["run_name=m", "train.max_steps=160", "train.batch_tokens=32", "train.micro_batch=1",

@@ -18,11 +18,6 @@ METRIC_KEYS = {
 }
 
 
-@pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")  # prepared once, shared by this module's runs
-
-
 @pytest.mark.slow
 def test_a_tiny_run_writes_config_metrics_and_checkpoints(tmp_path, data_root):
     proc = run_train(["run_name=tiny", "train.max_steps=6", "train.eval_every=3", "train.ckpt_every=3",

@@ -25,11 +25,6 @@ GRAD_NORM_RTOL = 1e-4
 
 
 @pytest.fixture(scope="module")
-def data_root(tmp_path_factory):
-    return tmp_path_factory.mktemp("data")
-
-
-@pytest.fixture(scope="module")
 def eager(tmp_path_factory, data_root):
     root = tmp_path_factory.mktemp("eager")
     run_train([*COMMON, "run_name=e", "train.micro_batch=4", "attention.backend=reference"], data_root=data_root,
