@@ -60,6 +60,19 @@ def resolve_device(requested: str | torch.device, local_rank: int = 0, *, key: s
     return torch.device("cuda", int(index) if index else local_rank % torch.cuda.device_count())
 
 
+def compute_dtype(device: torch.device, dtype: str) -> torch.dtype:
+    """A dtype setting (auto | fp32 | bf16, already checked) resolved: bf16 on the GPU for auto or bf16; fp32
+    on the CPU unless bf16 is asked for. train.dtype and the evaluation scripts' --dtype both mean this."""
+    return torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and device.type == "cuda") else torch.float32
+
+
+def autocast(device: torch.device, dtype: torch.dtype):
+    """Autocast to `dtype` (weights stay fp32); a no-op context in fp32."""
+    if dtype == torch.float32:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
 def resolve_mode(requested: str, world_size: int) -> str:
     """The parallelism mode for `requested` (dist.mode) with `world_size` processes, or a clear error."""
     if requested not in ("auto", "none", "ddp", "fsdp2"):

@@ -5,7 +5,6 @@ prepares the run directory and data, builds the model (initial weights, or a che
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import random
@@ -61,25 +60,13 @@ class Run:
     stopping: tuple[int, str] | None = None  # (step, cause) once the non-finite guard ends the run
 
     def autocast(self):
-        return autocast_context(self.info.device, self.cfg.train.dtype)
+        return dist.autocast(self.info.device, dist.compute_dtype(self.info.device, self.cfg.train.dtype))
 
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)
     torch.manual_seed(seed)
-
-
-def compute_dtype(device: torch.device, dtype: str) -> torch.dtype:
-    """train.dtype resolved: bf16 on the GPU (auto or bf16); fp32 on the CPU unless bf16 is asked for."""
-    return torch.bfloat16 if dtype == "bf16" or (dtype == "auto" and device.type == "cuda") else torch.float32
-
-
-def autocast_context(device: torch.device, dtype: str):
-    """Autocast to the run's compute dtype (weights stay fp32); nothing in an fp32 run."""
-    if compute_dtype(device, dtype) == torch.float32:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=compute_dtype(device, dtype))
 
 
 def prepare_data(cfg: DictConfig, info: dist.DistInfo) -> Path:
@@ -167,7 +154,7 @@ def setup(cfg: DictConfig, out_dir: Path, info: dist.DistInfo) -> Run:
 
     if cfg.train.compile:
         compile_model(model, info.mode, cfg.train.compile_backend)
-    model = dist.wrap_model(model, info, compute_dtype(info.device, cfg.train.dtype))
+    model = dist.wrap_model(model, info, dist.compute_dtype(info.device, cfg.train.dtype))
     optimizer = build_optimizer(model, cfg.optim)
     loader = TokenLoader(data_dir, "train", plan.micro_batch, cfg.train.seq_len, info.rank, info.world_size, cfg.train.seed)
     run = Run(cfg=cfg, config=config, plan=plan, info=info, out_dir=out_dir, data_dir=data_dir, model=model,
