@@ -37,19 +37,8 @@ done
 echo 0 >"$OUT/queue.next"
 started=$(date +%s)
 
-finished() {  # run dir -> true if its metrics.jsonl has a val loss at the configured train.max_steps
-  python - "$1" <<'PY'
-import json, sys
-from pathlib import Path
-from omegaconf import OmegaConf
-run = Path(sys.argv[1])
-try:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    max_steps = OmegaConf.load(run / "config.yaml").train.max_steps
-except (OSError, ValueError):
-    sys.exit(1)
-sys.exit(0 if any(r.get("step") == max_steps and "val_loss" in r for r in rows) else 1)
-PY
+finished() {  # run dir -> true if it reached its train.max_steps with a val loss (scripts/run_finished.py)
+  python scripts/run_finished.py "$1"
 }
 
 worker() {  # GPU index: take the next queued run until none are left

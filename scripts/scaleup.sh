@@ -40,12 +40,8 @@ arm_overrides() {  # arm name -> its overrides, one per line
   echo "scaleup.sh: no arm named $1 in ARMS" >&2; exit 2
 }
 
-finished() {  # run dir -> true if its metrics.jsonl has a final val loss record
-  [[ -f $1/metrics.jsonl ]] && python - "$1/metrics.jsonl" <<'PY'
-import json, sys
-records = [json.loads(line) for line in open(sys.argv[1]) if line.strip()]
-sys.exit(0 if records and records[-1].get("val_loss") is not None else 1)
-PY
+finished() {  # run dir -> true if it reached its train.max_steps with a val loss (scripts/run_finished.py)
+  python scripts/run_finished.py "$1"
 }
 
 launch() {  # nproc log out_dir [torchrun options --] overrides...
