@@ -27,6 +27,7 @@ list_arms() {  # the one list of arms: family, arm name, its attention overrides
   echo "qwen3 sfa-k8-rope32 attention=sfa attention.k=8 attention.rope=decoupled attention.rope_dims=32"    # 344
   echo "qwen3 sfa-k16-rope16-tlearn attention=sfa attention.k=16 attention.rope=decoupled attention.rope_dims=16 attention.scale=learned"
   echo "qwen3 dense-rope16 attention=dense attention.rope=decoupled attention.rope_dims=16"        # 512
+  echo "qwen3 dense-rope32 attention=dense attention.rope=decoupled attention.rope_dims=32"        # 512
   echo "qwen3 short-d48 attention=short attention.d_short=48"                                      # 352
   echo "qwen3 short-d32 attention=short attention.d_short=32"                                      # 320
 }
