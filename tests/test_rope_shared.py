@@ -198,3 +198,18 @@ def test_hf_refuses_the_shared_layout():
     hf = to_hf(build_model("qwen3_tiny", "dense", **QWEN))
     with pytest.raises(ValueError, match="from_hf: attention.rope_shared=True"):
         from_hf(hf, DENSE_SHARED)
+
+
+# --- GPU (scripts/gpu_tests.sh): the decode kernel over a shared rotary key at Qwen3 shapes, bf16 ---------
+@pytest.mark.gpu
+@pytest.mark.parametrize("b, hq, hkv, n_q, n_keys, topk, dd", [(2, 6, 3, 1, 20011, 16, 64), (1, 16, 8, 4, 9000, 16, 32)])
+def test_gpu_decode_over_a_shared_rotary_key(b, hq, hkv, n_q, n_keys, topk, dd):
+    d = 128
+    keys = shared_keys(b, hkv, n_keys, d, dd, torch.bfloat16).cuda()
+    v = torch.randn(b, hkv, n_keys, d, device="cuda").to(torch.bfloat16)
+    cache = KVCache(1, b, n_keys + 9, hkv, d, d, topk=topk, device="cuda", dense_dims=dd, shared_dense=True)
+    code, v_cached = cache[0].append(keys, v)
+    assert code.dense.stride(1) == 0
+    q = torch.randn(b, hq, n_q, d, device="cuda").to(torch.bfloat16)
+    out = sfa.sfa_attention(q, code, v_cached, topk_q=topk)  # auto picks decode for a code
+    assert rel_err(out, oracle(q, keys, v, topk, dd)) < 1e-2  # bf16, as tests/test_rope_variants.py's GPU_TOL
