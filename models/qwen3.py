@@ -131,24 +131,23 @@ class Qwen3Attention(nn.Module):
         self.attention = attention
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.d_model, self.n_head * self.qk_dim, bias=bias)
+        # Under rope_shared one rotary key per token serves every KV head (k_rope_proj, below); the heads' own
+        # keys supply only the other dims. (k_proj stays here: the init draws its weights in module order.)
+        r = self.rope_dims = attention.rope_dims if attention.rope_shared else 0
+        self.k_proj = nn.Linear(config.d_model, self.n_kv_head * (self.qk_dim - r), bias=bias)
         self.v_proj = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=bias)
         eps = config.rms_norm_eps
         if attention.rope_shared:
-            # One rotary key per token for every KV head; the heads' own keys supply only the other dims.
-            r = self.rope_dims = attention.rope_dims
-            self.k_rope_proj = nn.Linear(config.d_model, r, bias=bias)
-            self.k_proj = nn.Linear(config.d_model, self.n_kv_head * (self.qk_dim - r), bias=bias)
             # A per-head norm over all D dims would scale the shared part by each head's own RMS, so it would
             # differ per head and could not be stored once: the rotary and content parts are normalised apart.
             # Queries get the same split, so each part of a score is a product of two normalised halves.
             self.q_norm = SplitRMSNorm(r, self.qk_dim - r, eps)
             self.k_norm = SplitRMSNorm(r, self.qk_dim - r, eps)
         else:
-            self.k_rope_proj = None
-            self.k_proj = nn.Linear(config.d_model, self.n_kv_head * self.qk_dim, bias=bias)
             self.q_norm = RMSNorm(self.qk_dim, eps)
             self.k_norm = RMSNorm(self.qk_dim, eps)
+        self.k_rope_proj = nn.Linear(config.d_model, r, bias=bias) if attention.rope_shared else None
         self.feature_map = nn.Linear(self.qk_dim, self.qk_dim, bias=False) if attention.feature_map else None
         self.logit_scale = LogitScale(self.n_head) if attention.scale == "learned" else None
 
