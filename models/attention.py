@@ -11,6 +11,8 @@ Two axes orthogonal to the kind (docs/models.md "RoPE and SFA"):
   rope  : full (RoPE on every q/k dim, as HF Qwen3) | decoupled (RoPE on the first rope_dims dims only;
           under SFA those stay dense and top-k runs over the other, un-rotated dims, as in DeepSeek's MLA)
           | none (no positional signal in attention). Models without RoPE (GPT-2) accept only full.
+          rope_shared (decoupled only): the keys' rotary dims come from one projection per token shared
+          by every KV head (MLA's shared rotary key), so a compressed cache stores them once per layer.
   scale : sqrt_d (1/sqrt(D), the paper's) | sqrt_k (SFA: 1/sqrt of the coordinates a row keeps)
           | learned (a per-head temperature on q, starting at 1/sqrt(D)).
 """
@@ -46,6 +48,7 @@ class AttentionConfig:
     feature_map: bool = False  # SFA on Qwen3: learned d×d map shared by Q and K after RoPE
     rope: str = "full"  # full | decoupled | none (see the module docstring)
     rope_dims: int | None = None  # rope=decoupled: the leading q/k dims per head that are rotary
+    rope_shared: bool = False  # rope=decoupled: one rotary key per token shared by every KV head
     scale: str = "sqrt_d"  # sqrt_d | sqrt_k | learned
 
     @classmethod
@@ -116,10 +119,22 @@ class AttentionConfig:
                 f"attention.rope={self.rope}: this model has learned absolute positions, not RoPE; the rope axis "
                 "applies to RoPE models (model=qwen3_*)"
             )
+        if not isinstance(self.rope_shared, bool):
+            raise ValueError(f"attention.rope_shared={self.rope_shared!r} must be true or false")
         if self.rope != "decoupled":
             if self.rope_dims is not None:
                 raise ValueError(f"attention.rope_dims={self.rope_dims} needs attention.rope=decoupled (got {self.rope})")
+            if self.rope_shared:
+                raise ValueError(
+                    f"attention.rope_shared=True needs attention.rope=decoupled (got {self.rope}): only a decoupled "
+                    "head has a separate rotary part to share"
+                )
             return
+        if self.rope_shared and self.kind == "short":
+            raise ValueError(
+                "attention.rope_shared=True applies to kind=dense or sfa; the short baseline (kind=short) narrows "
+                "its q/k itself: drop attention.rope_shared"
+            )
         short = self.kind == "short" and isinstance(self.d_short, int) and not isinstance(self.d_short, bool)
         d, r = (self.d_short if short else head_dim), self.rope_dims
         if isinstance(r, bool) or not isinstance(r, int) or r < 2 or r % 2 or r >= d:
@@ -141,6 +156,12 @@ class AttentionConfig:
         """SFA's always-kept leading coordinates (sfa.sfa_attention's dense_dims): the rotary part of a
         decoupled head; 0 otherwise."""
         return self.rope_dims if self.kind == "sfa" and self.rope == "decoupled" else 0
+
+    @property
+    def shared_dense(self) -> bool:
+        """Whether SFA's dense leading coordinates are one shared rotary key per token (rope_shared), which
+        the compressed cache stores once for all KV heads. A dense kind keeps a plain per-head cache."""
+        return self.rope_shared and self.dense_dims > 0
 
     def score_scale(self) -> float | None:
         """The scale sfa.sfa_attention gets: None (its default 1/sqrt(D)) unless scale=sqrt_k, which divides by

@@ -80,12 +80,12 @@ class CausalLM(nn.Module):
         start = 0 if cache is None else cache.length
         if cache is not None and len(cache) != self.config.n_layer:
             raise ValueError(f"cache has {len(cache)} layers but the model has n_layer={self.config.n_layer}")
-        want = (self._cache_topk(), self.qk_head_dim, self._cache_dense_dims())
-        if cache is not None and (cache.topk, cache.head_dim, cache.dense_dims) != want:
+        want = (self._cache_topk(), self.qk_head_dim, self._cache_dense_dims(), self.attention.shared_dense)
+        if cache is not None and (cache.topk, cache.head_dim, cache.dense_dims, cache.shared_dense) != want:
             raise ValueError(
-                f"cache layout (topk={cache.topk}, key dim {cache.head_dim}, dense_dims={cache.dense_dims}) does not fit "
-                f"this model's attention (topk={want[0]}, key dim {want[1]}, dense_dims={want[2]}); make it with "
-                "model.new_cache()"
+                f"cache layout (topk={cache.topk}, key dim {cache.head_dim}, dense_dims={cache.dense_dims}, "
+                f"shared_dense={cache.shared_dense}) does not fit this model's attention (topk={want[0]}, key dim "
+                f"{want[1]}, dense_dims={want[2]}, shared_dense={want[3]}); make it with model.new_cache()"
             )
         if position is None and start + input_ids.shape[1] > self.config.max_seq_len:
             raise ValueError(
@@ -162,7 +162,8 @@ class CausalLM(nn.Module):
     def kv_cache_bytes_per_token(self, dtype: torch.dtype = torch.bfloat16) -> int:
         cfg = self.config
         return kv_cache_bytes_per_token(
-            cfg.n_layer, cfg.n_kv_head, self.qk_head_dim, cfg.head_dim, self._cache_topk(), dtype, self._cache_dense_dims()
+            cfg.n_layer, cfg.n_kv_head, self.qk_head_dim, cfg.head_dim, self._cache_topk(), dtype, self._cache_dense_dims(),
+            self.attention.shared_dense,
         )
 
     def new_cache(self, batch_size: int, capacity: int, dtype: torch.dtype | None = None, device=None) -> KVCache:
@@ -183,4 +184,5 @@ class CausalLM(nn.Module):
             dtype=dtype or param.dtype,
             device=device or param.device,
             dense_dims=self._cache_dense_dims(),
+            shared_dense=self.attention.shared_dense,
         )

@@ -116,6 +116,9 @@ def config_to_hf(model):
         raise ValueError("to_hf: the short-embedding baseline (narrower q/k) has no HF equivalent")
     if att.feature_map:
         raise ValueError("to_hf: attention.feature_map adds weights HF Qwen3 has no place for")
+    if att.rope_shared:
+        raise ValueError("to_hf: attention.rope_shared=True (one rotary key shared by the KV heads) has no HF Qwen3 "
+                         "equivalent (HF keys are per head, rotated on every dim)")
     if att.rope != "full":
         raise ValueError(f"to_hf: attention.rope={att.rope} has no HF Qwen3 equivalent (HF rotates every q/k dim)")
     if att.scale != "sqrt_d":
@@ -179,6 +182,9 @@ def from_hf(path_or_model, attention: AttentionConfig | dict | str | None = None
     attention = attention_of_hf(hf_model.config) if attention is None else AttentionConfig.coerce(attention)
     if attention.kind == "short":
         raise ValueError("from_hf: the short-embedding baseline has narrower q/k projections than any HF checkpoint")
+    if attention.rope_shared:
+        raise ValueError("from_hf: attention.rope_shared=True needs a shared rotary key projection that no HF "
+                         "checkpoint has. Load with attention.rope=full")
     if attention.rope != "full":
         raise ValueError(
             f"from_hf: HF weights were trained with RoPE on every q/k dim; attention.rope={attention.rope} would "

@@ -8,7 +8,9 @@ lets training move positional dimensions out of the sparsified coordinates).
 
 `attention.rope` picks where RoPE goes: every q/k dim (`full`, HF's layout), only the first
 `attention.rope_dims` dims of each head (`decoupled`: under SFA those stay dense and top-k runs over the
-un-rotated rest), or nowhere (`none`). See models/attention.py and docs/models.md.
+un-rotated rest), or nowhere (`none`). With `attention.rope_shared` the keys' rotary dims come from one
+projection per token shared by every KV head (`k_rope_proj`, DeepSeek MLA's shared rotary key). See
+models/attention.py and docs/models.md.
 """
 
 from __future__ import annotations
@@ -94,6 +96,19 @@ class RotaryEmbedding(nn.Module):
         return cos.index_select(0, positions).to(dtype), sin.index_select(0, positions).to(dtype)
 
 
+class SplitRMSNorm(nn.Module):
+    """QK-norm of a head whose first `rotary` dims are normalised apart from the other `content` dims, each
+    with its own weight (attention.rope_shared)."""
+
+    def __init__(self, rotary: int, content: int, eps: float):
+        super().__init__()
+        self.rotary, self.content = RMSNorm(rotary, eps), RMSNorm(content, eps)
+
+    def forward(self, x):
+        r = self.rotary.weight.shape[0]
+        return torch.cat((self.rotary(x[..., :r]), self.content(x[..., r:])), dim=-1)
+
+
 def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
@@ -116,18 +131,30 @@ class Qwen3Attention(nn.Module):
         self.attention = attention
         bias = config.attention_bias
         self.q_proj = nn.Linear(config.d_model, self.n_head * self.qk_dim, bias=bias)
-        self.k_proj = nn.Linear(config.d_model, self.n_kv_head * self.qk_dim, bias=bias)
+        # Under rope_shared one rotary key per token serves every KV head (k_rope_proj, below); the heads' own
+        # keys supply only the other dims. (k_proj stays here: the init draws its weights in module order.)
+        r = self.rope_dims = attention.rope_dims if attention.rope_shared else 0
+        self.k_proj = nn.Linear(config.d_model, self.n_kv_head * (self.qk_dim - r), bias=bias)
         self.v_proj = nn.Linear(config.d_model, self.n_kv_head * self.head_dim, bias=bias)
         self.o_proj = nn.Linear(self.n_head * self.head_dim, config.d_model, bias=bias)
-        self.q_norm = RMSNorm(self.qk_dim, config.rms_norm_eps)
-        self.k_norm = RMSNorm(self.qk_dim, config.rms_norm_eps)
+        eps = config.rms_norm_eps
+        if attention.rope_shared:
+            # A per-head norm over all D dims would scale the shared part by each head's own RMS, so it would
+            # differ per head and could not be stored once: the rotary and content parts are normalised apart.
+            # Queries get the same split, so each part of a score is a product of two normalised halves.
+            self.q_norm = SplitRMSNorm(r, self.qk_dim - r, eps)
+            self.k_norm = SplitRMSNorm(r, self.qk_dim - r, eps)
+        else:
+            self.q_norm = RMSNorm(self.qk_dim, eps)
+            self.k_norm = RMSNorm(self.qk_dim, eps)
+        self.k_rope_proj = nn.Linear(config.d_model, r, bias=bias) if attention.rope_shared else None
         self.feature_map = nn.Linear(self.qk_dim, self.qk_dim, bias=False) if attention.feature_map else None
         self.logit_scale = LogitScale(self.n_head) if attention.scale == "learned" else None
 
     def forward(self, x, cos, sin, layer_cache=None, pairs=None, step=None):
         b, t, _ = x.shape
         q = self.q_norm(self.q_proj(x).view(b, t, self.n_head, self.qk_dim)).transpose(1, 2)
-        k = self.k_norm(self.k_proj(x).view(b, t, self.n_kv_head, self.qk_dim)).transpose(1, 2)
+        k = self.k_norm(self._keys(x)).transpose(1, 2)
         v = self.v_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
         if cos is not None:  # attention.rope=none has no rotary part
             q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
@@ -143,6 +170,15 @@ class Qwen3Attention(nn.Module):
         else:
             out = attend(q, k, v, self.attention, layer_cache=layer_cache, step=step)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
+
+    def _keys(self, x):
+        """Keys (B, T, Hkv, Dqk) before norm and RoPE; under rope_shared the first rope_dims of every head are
+        the one shared rotary key (its norm and RoPE keep it the same in every head)."""
+        b, t, _ = x.shape
+        if self.k_rope_proj is None:
+            return self.k_proj(x).view(b, t, self.n_kv_head, self.qk_dim)
+        shared = self.k_rope_proj(x).view(b, t, 1, self.rope_dims).expand(-1, -1, self.n_kv_head, -1)
+        return torch.cat((shared, self.k_proj(x).view(b, t, self.n_kv_head, self.qk_dim - self.rope_dims)), dim=-1)
 
 
 class Qwen3MLP(nn.Module):

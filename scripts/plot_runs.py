@@ -91,7 +91,8 @@ def label(info: dict) -> str:
         detail = f"short d={info['d_short']}"
     else:
         detail = "dense"
-    rope = {"decoupled": f", RoPE on {info.get('rope_dims')} dims", "none": ", no RoPE"}.get(info.get("rope"), "")
+    shared = " (one key shared by the KV heads)" if info.get("rope_shared") else ""
+    rope = {"decoupled": f", RoPE on {info.get('rope_dims')} dims{shared}", "none": ", no RoPE"}.get(info.get("rope"), "")
     scale = {"sqrt_k": ", 1/sqrt(k)", "learned": ", learned temperature"}.get(info.get("scale"), "")
     return f"{model_name(info)}, {detail}{rope}{scale} (head dim {info['head_dim']})"
 

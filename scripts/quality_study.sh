@@ -30,6 +30,13 @@ list_arms() {  # the one list of arms: family, arm name, its attention overrides
   echo "qwen3 dense-rope32 attention=dense attention.rope=decoupled attention.rope_dims=32"        # 512
   echo "qwen3 short-d48 attention=short attention.d_short=48"                                      # 352
   echo "qwen3 short-d32 attention=short attention.d_short=32"                                      # 320
+  echo "qwen3 sfa-k12-rope32 attention=sfa attention.k=12 attention.rope=decoupled attention.rope_dims=32"  # 356 (0.695x)
+  # rope_shared: one rotary key per token shared by every KV head (MLA), stored once per layer, so its bytes are
+  # per token and LAYER: 2r + Hkv * (3k + 2Dv); at STUDY=study_pkg/study_large's 3 KV heads, D = Dv = 128 that
+  # is in the comment, against dense 3 * 512 = 1536 (per-KV-head arms x3: sfa-k12-rope32 is 1068, 0.695x).
+  echo "qwen3 sfa-k16-rope32s attention=sfa attention.k=16 attention.rope=decoupled attention.rope_dims=32 attention.rope_shared=true"  # 976 (0.635x)
+  echo "qwen3 sfa-k16-rope64s attention=sfa attention.k=16 attention.rope=decoupled attention.rope_dims=64 attention.rope_shared=true"  # 1040 (0.677x)
+  echo "qwen3 dense-rope64s attention=dense attention.rope=decoupled attention.rope_dims=64 attention.rope_shared=true"  # 1536 (plain dense cache)
 }
 
 run_arm() {  # OUT family arm [extra overrides...]

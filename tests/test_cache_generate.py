@@ -101,7 +101,7 @@ def test_model_rejects_a_cache_that_does_not_fit():
         m.new_cache(1, 49)
     with pytest.raises(ValueError, match="cache has 1 layers but the model has n_layer=2"):
         m(torch.randint(0, 97, (1, 3)), cache=KVCache(1, 1, 8, 4, 16, 16, dtype=torch.float32))
-    with pytest.raises(ValueError, match=r"cache layout \(topk=3, key dim 16, dense_dims=0\) does not fit this model.s attention \(topk=None"):
+    with pytest.raises(ValueError, match=r"cache layout \(topk=3, key dim 16, dense_dims=0, shared_dense=False\) does not fit this model.s attention \(topk=None"):
         m(torch.randint(0, 97, (1, 3)), cache=small("gpt2", "sfa").new_cache(1, 8))
     cache = m.new_cache(1, 40)
     m(torch.randint(0, 97, (1, 40)), cache=cache)

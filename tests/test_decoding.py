@@ -1,6 +1,6 @@
 """The static-cache decode engine (models/decoding.py) on CPU: a shape-static step gives the logits of the
 full forward, greedy generation equals the uncached recompute for every family x attention kind (incl.
-decoupled RoPE, chunked prefill, HF-loaded weights), the step traces into one graph (no host sync), the
+decoupled RoPE and its shared rotary key, chunked prefill, HF-loaded weights), the step traces into one graph (no host sync), the
 last-position-only logits, batched eos checks, and the refusal of a cache that does not fit."""
 
 import pytest
@@ -15,6 +15,8 @@ KINDS = {
     **TINY_ATTENTIONS,
     "sfa-decoupled": {"kind": "sfa", "topk_q": 3, "rope": "decoupled", "rope_dims": 4},
     "dense-decoupled": {"kind": "dense", "rope": "decoupled", "rope_dims": 4},
+    "sfa-decoupled-shared": {"kind": "sfa", "topk_q": 3, "rope": "decoupled", "rope_dims": 4, "rope_shared": True},
+    "dense-decoupled-shared": {"kind": "dense", "rope": "decoupled", "rope_dims": 4, "rope_shared": True},
 }
 CASES = [(f, k) for f in TINY_MODELS for k in KINDS if f == "qwen3" or "decoupled" not in k]  # GPT-2 has no RoPE
 

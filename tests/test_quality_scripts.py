@@ -24,7 +24,9 @@ def test_the_arm_list_is_the_studys_arms():
         "gpt2 dense", "gpt2 sfa-k2", "gpt2 sfa-k4", "gpt2 sfa-k8", "gpt2 sfa-k16", "gpt2 short-d32",
         "qwen3 dense", "qwen3 sfa-k16", "qwen3 sfa-k16-fmap", "qwen3 short-d64",
         "qwen3 sfa-k16-nope", "qwen3 sfa-k16-rope16", "qwen3 sfa-k16-rope32", "qwen3 sfa-k8-rope32",
-        "qwen3 sfa-k16-rope16-tlearn", "qwen3 dense-rope16", "qwen3 dense-rope32", "qwen3 short-d48", "qwen3 short-d32"]
+        "qwen3 sfa-k16-rope16-tlearn", "qwen3 dense-rope16", "qwen3 dense-rope32",
+        "qwen3 short-d48", "qwen3 short-d32",
+        "qwen3 sfa-k12-rope32", "qwen3 sfa-k16-rope32s", "qwen3 sfa-k16-rope64s", "qwen3 dense-rope64s"]
     assert "attention.feature_map=true" in arms[8]
 
 

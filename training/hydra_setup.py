@@ -38,9 +38,11 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("sfa_run_name", _run_name)
 
 
-def attention_variant_tag(rope: str, rope_dims, scale: str) -> str:
-    """Run-name suffix for the rope and scale axes: e.g. "-rope32" (decoupled), "-nope", "-sqrtk"."""
+def attention_variant_tag(rope: str, rope_dims, scale: str, rope_shared=False) -> str:
+    """Run-name suffix for the rope and scale axes: e.g. "-rope32" (decoupled), "-rope32s" (its rotary key
+    shared by the KV heads), "-nope", "-sqrtk"."""
     parts = {"full": "", "none": "-nope", "decoupled": f"-rope{rope_dims}"}.get(rope, f"-rope_{rope}")
+    parts += "s" if rope_shared else ""
     return parts + {"sqrt_d": "", "sqrt_k": "-sqrtk", "learned": "-tlearn"}.get(scale, f"-{scale}")
 
 

@@ -76,6 +76,7 @@ def attention_fields(att_cfg: dict) -> dict:
         # Configs saved before the rope/scale axes existed mean the paper's layout.
         rope=att_cfg.get("rope", "full"),
         rope_dims=att_cfg.get("rope_dims"),
+        rope_shared=att_cfg.get("rope_shared", False),
         scale=att_cfg.get("scale", "sqrt_d"),
     )
 

@@ -190,7 +190,8 @@ def describe(model, cfg: DictConfig, plan: Plan, info: dist.DistInfo) -> dict:
         "kv_cache_bytes_per_token": model.kv_cache_bytes_per_token(torch.bfloat16), "device": device_name,
         "world_size": info.world_size, "dist": info.mode, "grad_accum": plan.grad_accum, "attention": att.kind,
         "topk_q": att.topk_q, "topk_k": att.topk_k, "d_short": att.d_short, "feature_map": att.feature_map,
-        "rope": att.rope, "rope_dims": att.rope_dims, "scale": att.scale, "head_dim": shape.head_dim,
+        "rope": att.rope, "rope_dims": att.rope_dims, "rope_shared": att.rope_shared, "scale": att.scale,
+        "head_dim": shape.head_dim,
         "peak_flops_per_device": cfg.metrics.peak_flops or peak,
     }
 
