@@ -26,7 +26,7 @@ def test_the_arm_list_is_the_studys_arms():
         "qwen3 sfa-k16-nope", "qwen3 sfa-k16-rope16", "qwen3 sfa-k16-rope32", "qwen3 sfa-k8-rope32",
         "qwen3 sfa-k16-rope16-tlearn", "qwen3 dense-rope16", "qwen3 dense-rope32",
         "qwen3 short-d48", "qwen3 short-d32",
-        "qwen3 sfa-k12-rope32", "qwen3 sfa-k16-rope32s", "qwen3 sfa-k16-rope64s", "qwen3 dense-rope64s"]
+        "qwen3 sfa-k12-rope32", "qwen3 sfa-k16-rope32s", "qwen3 sfa-k16-rope64s", "qwen3 sfa-k24-rope32s", "qwen3 dense-rope64s"]
     assert "attention.feature_map=true" in arms[8]
 
 
