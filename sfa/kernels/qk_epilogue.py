@@ -192,7 +192,14 @@ def _tables(x: torch.Tensor, cos, sin):
     return cos, sin, cos.stride(0), cos.shape[-1]
 
 
+def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
+    """The kernels step rows by strides but read each row as D consecutive elements (a cotangent may come
+    expanded, with stride 0)."""
+    return t if t.stride(-1) == 1 else t.contiguous()
+
+
 def _forward(x, weight, cos, sin, eps: float, topk: int, dense_dims: int, out_dtype: torch.dtype):
+    x = _unit_last_stride(x)
     b, t, h, d = x.shape
     out = torch.empty((b, t, h, d), dtype=out_dtype, device=x.device)
     n_rows = b * t * h
@@ -207,6 +214,7 @@ def _forward(x, weight, cos, sin, eps: float, topk: int, dense_dims: int, out_dt
 
 
 def _backward(grad, x, weight, cos, sin, eps: float, topk: int, dense_dims: int):
+    x, grad = _unit_last_stride(x), _unit_last_stride(grad)
     b, t, h, d = x.shape
     gx = torch.empty((b, t, h, d), dtype=x.dtype, device=x.device)
     n_rows = b * t * h
@@ -281,7 +289,7 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.T
     """RoPE(RMSNorm(x) * weight) on the first cos.shape[-1] dims of each row (none without cos), then, with
     `topk`, the row with all but its first `dense_dims` and its top-k |value| other coordinates zeroed.
 
-    x (B, T, H, D), last dim contiguous; weight (D,); cos, sin (T, R), R even, R <= D. Returns (B, T, H, D)
+    x (B, T, H, D) (any strides; a last one other than 1 costs a copy); weight (D,); cos, sin (T, R), R even, R <= D. Returns (B, T, H, D)
     contiguous in `out_dtype` (default x's). Differentiable in x and weight (straight-through the mask)."""
     fn = "qk_norm_rope"
     if not isinstance(x, torch.Tensor) or x.dim() != 4:
@@ -307,8 +315,6 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.T
     out_dtype = x.dtype if out_dtype is None else out_dtype
     if out_dtype not in KERNEL_DTYPES:
         raise ValueError(f"{fn}: out_dtype={out_dtype} must be one of {KERNEL_DTYPES}")
-    if x.stride(-1) != 1:
-        x = x.contiguous()
     # Keeping every coordinate past dense_dims is no mask at all (as sfa.topk.masked_rows returns x itself).
     k = 0 if topk is None or dense_dims + topk == d else topk
     return qk_norm_rope_op(x, weight, cos, sin, float(eps), k, dense_dims if k else 0, out_dtype)
