@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch.nn.attention import sdpa_kernel
 
 import sfa
+from sfa.backends import takes_premasked
 from sfa.dense import SDPA_PREFERENCE, dense_sdpa
 from sfa.reference import causal_mask
 
@@ -272,6 +273,19 @@ def _attention_stats(q: torch.Tensor, k: torch.Tensor, config: AttentionConfig) 
     }
 
 
+def premask_topk(config: AttentionConfig, q, k, v) -> tuple[int, int] | None:
+    """(topk_q, topk_k) for a producer of q and k that can take their top-k itself (Qwen3's fused QK epilogue)
+    and hand attend the masked rows (`qk_masked=True`): when the SFA backend of the call takes pre-masked rows
+    (the registry says: sfa.backends.takes_premasked) and attend needs nothing of the unmasked rows (no
+    statistics being collected); else None. q (B, Hq, T, D), k, v with the shapes, dtypes and device attend
+    will get."""
+    if config.kind != "sfa" or _stats_sink is not None:
+        return None
+    if not takes_premasked(q, k, v, backend=config.backend, dense_dims=config.dense_dims):
+        return None
+    return config.topk_q, config.topk_k
+
+
 def attend(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -282,6 +296,7 @@ def attend(
     step: StaticStep | None = None,
     return_pair: bool = False,
     dense_qk: tuple[torch.Tensor, torch.Tensor] | None = None,
+    qk_masked: bool = False,
 ):
     """Causal attention of the kind `config.kind` (config already `resolved`).
 
@@ -291,7 +306,7 @@ def attend(
     whole cache, masked to step.kv_length (a shape-static step). With `return_pair` (SFA only, no cache)
     also returns the dense attention output of the same inputs computed without gradients, for the
     conversion loss (paper Eq. 8); `dense_qk` overrides the q/k that dense output uses (Qwen3 passes them
-    from before its feature map).
+    from before its feature map). `qk_masked`: SFA's q and k come masked already (see premask_topk).
     """
     if _stats_sink is not None and layer_cache is None:
         _stats_sink.append(_attention_stats(q, k, config))
@@ -309,7 +324,7 @@ def attend(
         out = sfa.sfa_attention(
             q, k, v, topk_q=config.topk_q, topk_k=None if isinstance(k, sfa.SparseCode) else config.topk_k,
             causal=True, backend=config.backend, scale=config.score_scale(), dense_dims=config.dense_dims,
-            kv_length=None if step is None else step.kv_length,
+            kv_length=None if step is None else step.kv_length, premasked=qk_masked,
         )
     elif step is not None:
         out = static_dense_sdpa(q, k, v, step.mask)

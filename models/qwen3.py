@@ -15,14 +15,39 @@ models/attention.py and docs/models.md.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .attention import AttentionConfig, LogitScale, attend
+from .attention import AttentionConfig, LogitScale, attend, premask_topk
 from .base import CausalLM, check_model_dims
+
+try:  # the fused QK epilogue is a Triton kernel; without Triton the unfused ops are the only path
+    from sfa.kernels.qk_epilogue import kernel_supports as fused_epilogue_supports
+    from sfa.kernels.qk_epilogue import qk_norm_rope
+except ImportError:
+    qk_norm_rope = None
+
+# The one switch of the fused QK epilogue (sfa/kernels/qk_epilogue.py): RMSNorm -> RoPE, and SFA's top-k when
+# its backend takes pre-masked rows, in one Triton pass instead of eager's chain of elementwise kernels and a
+# separate top-k pass. Dense and SFA take it alike, so neither is measured on the slower unfused ops.
+# auto: on CUDA | on: wherever the kernel runs (also CPU under TRITON_INTERPRET=1, for the tests) | off: the
+# readable ops of Qwen3Attention.forward, which are its reference and the CPU path. Cached decoding keeps them.
+# From SFA_QK_EPILOGUE, so that scripts/e2e_throughput.py --qk-epilogue can measure one against the other.
+QK_EPILOGUE = os.environ.get("SFA_QK_EPILOGUE", "auto")
+QK_EPILOGUE_MODES = ("auto", "on", "off")
+
+
+def use_fused_qk_epilogue(x: torch.Tensor, layer_cache) -> bool:
+    """Whether Qwen3Attention takes the fused epilogue for the projection rows x (see QK_EPILOGUE)."""
+    if QK_EPILOGUE not in QK_EPILOGUE_MODES:
+        raise ValueError(f"SFA_QK_EPILOGUE={QK_EPILOGUE!r} is unknown; set it to one of {', '.join(QK_EPILOGUE_MODES)}")
+    if QK_EPILOGUE == "off" or qk_norm_rope is None or layer_cache is not None:
+        return False
+    return (QK_EPILOGUE == "on" or x.is_cuda) and fused_epilogue_supports(x)
 
 
 @dataclass
@@ -153,11 +178,17 @@ class Qwen3Attention(nn.Module):
 
     def forward(self, x, cos, sin, layer_cache=None, pairs=None, step=None):
         b, t, _ = x.shape
-        q = self.q_norm(self.q_proj(x).view(b, t, self.n_head, self.qk_dim)).transpose(1, 2)
-        k = self.k_norm(self._keys(x)).transpose(1, 2)
+        q = self.q_proj(x).view(b, t, self.n_head, self.qk_dim)
+        k = self._keys(x)
         v = self.v_proj(x).view(b, t, self.n_kv_head, self.head_dim).transpose(1, 2)
-        if cos is not None:  # attention.rope=none has no rotary part
-            q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        qk_masked = False
+        # The fused epilogue applies one RMSNorm per head; a shared rotary key's split norm stays unfused.
+        if self.k_rope_proj is None and use_fused_qk_epilogue(q, layer_cache):
+            q, k, qk_masked = self._fused_qk_epilogue(q, k, v, cos, sin, pairs)
+        else:
+            q, k = self.q_norm(q).transpose(1, 2), self.k_norm(k).transpose(1, 2)
+            if cos is not None:  # attention.rope=none has no rotary part
+                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         dense_qk = None
         if self.feature_map is not None:
             dense_qk = (q, k)  # the dense target of conversion fine-tuning has no feature map
@@ -168,7 +199,7 @@ class Qwen3Attention(nn.Module):
             out, dense_out = attend(q, k, v, self.attention, return_pair=True, dense_qk=dense_qk)
             pairs.append((out, dense_out))
         else:
-            out = attend(q, k, v, self.attention, layer_cache=layer_cache, step=step)
+            out = attend(q, k, v, self.attention, layer_cache=layer_cache, step=step, qk_masked=qk_masked)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, self.n_head * self.head_dim))
 
     def _keys(self, x):
@@ -179,6 +210,20 @@ class Qwen3Attention(nn.Module):
             return self.k_proj(x).view(b, t, self.n_kv_head, self.qk_dim)
         shared = self.k_rope_proj(x).view(b, t, 1, self.rope_dims).expand(-1, -1, self.n_kv_head, -1)
         return torch.cat((shared, self.k_proj(x).view(b, t, self.n_kv_head, self.qk_dim - self.rope_dims)), dim=-1)
+
+    def _fused_qk_epilogue(self, q, k, v, cos, sin, pairs):
+        """q, k (B, H, T, D) as the unfused ops make them, from the projection rows (B, T, H, D), in the
+        projection's dtype (the one attention runs in, autocast or not); masked to SFA's top-k as well when
+        attend can take them so (premask_topk) and nothing needs them unmasked (a feature map comes between
+        RoPE and the top-k; the conversion pairs need the dense rows), with qk_masked=True then."""
+        topk = None
+        if self.feature_map is None and pairs is None:
+            topk = premask_topk(self.attention, q.transpose(1, 2), k.transpose(1, 2), v)
+        topk_q, topk_k = topk or (None, None)
+        dense_dims = self.attention.dense_dims
+        q = qk_norm_rope(q, self.q_norm.weight, self.q_norm.eps, cos, sin, topk=topk_q, dense_dims=dense_dims)
+        k = qk_norm_rope(k, self.k_norm.weight, self.k_norm.eps, cos, sin, topk=topk_k, dense_dims=dense_dims)
+        return q.transpose(1, 2), k.transpose(1, 2), topk is not None
 
 
 class Qwen3MLP(nn.Module):

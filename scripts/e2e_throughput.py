@@ -5,6 +5,8 @@ one train.py run per arm, one after another; a table and a JSON file.
     python scripts/e2e_throughput.py --out workspace/e2e                     # all 18 arms
     python scripts/e2e_throughput.py --out workspace/e2e --shapes gpt2_1k   # one shape (6 arms, ~7 min)
     python scripts/e2e_throughput.py --out workspace/e2e --summarize        # the table of what OUT holds
+    python scripts/e2e_throughput.py --out workspace/e2e --shapes qwen3_1k --attention dense masked \
+        --compile off --qk-epilogue fused unfused                           # Qwen3's fused QK epilogue, on and off
 
 Shapes: gpt2_1k (GPT-2 small, 1,024 tokens, micro-batch 16, 32k tokens per step), gpt2_8k (8,192 tokens,
 micro-batch 2, 64k per step), qwen3_1k (the Qwen3 study shape of docs/results.md, experiment=study_large_qwen3:
@@ -16,6 +18,11 @@ tokens/s of the records after the first fifth of the steps and after the first l
 compilation and autotuning (scripts/summarize_throughput.py). MFU is against executed FLOPs
 (docs/metrics.md). Each call adds its arms to OUT and prints the table of every arm OUT holds, so the
 shapes can be run in separate calls.
+
+--qk-epilogue: Qwen3 arms with the fused QK epilogue (RMSNorm -> RoPE -> SFA's top-k in one Triton pass, the
+default on CUDA: sfa/kernels/qk_epilogue.py) and/or with the unfused eager ops (SFA_QK_EPILOGUE=off for that
+arm's train.py); GPT-2 has no QK epilogue. "x dense" compares arms of the same epilogue, "x unfused" an arm
+with its unfused twin.
 """
 
 from __future__ import annotations
@@ -43,34 +50,36 @@ SHAPES = {
                       "train.batch_tokens=32768"]),
 }
 ATTENTION = ("dense", "masked", "flash")
+EPILOGUES = {"fused": "auto", "unfused": "off"}  # --qk-epilogue -> SFA_QK_EPILOGUE (models/qwen3.py)
 COMMON = ["data=embedded", "logging=disabled", "train.resume=none", "train.max_steps=1000000", "train.eval_every=0",
           "train.eval_batches=1", "train.ckpt_every=0", "train.keep_checkpoints=1", f"train.log_every={LOG_EVERY}",
           "train.diagnostics_every=0", "optim.warmup_steps=10"]
 
 
-def arm_name(shape: str, attention: str, compiled: bool) -> str:
-    return f"{shape}-{attention}-{'compile' if compiled else 'eager'}"
+def arm_name(shape: str, attention: str, compiled: bool, epilogue: str = "fused") -> str:
+    return f"{shape}-{attention}-{'compile' if compiled else 'eager'}" + ("" if epilogue == "fused" else f"-{epilogue}")
 
 
 def overrides(shape: str, attention: str, compiled: bool, seconds: float, warmup: float, out: Path,
-              extra=()) -> list[str]:
+              extra=(), epilogue: str = "fused") -> list[str]:
     k, shape_overrides = SHAPES[shape]
     att = ["attention=dense"] if attention == "dense" else ["attention=sfa", f"attention.k={k}",
                                                             f"attention.backend={attention}"]
     limit = seconds + (warmup if compiled else 0)
     return [*shape_overrides, *COMMON, *att, f"train.compile={str(compiled).lower()}", f"train.time_limit_s={limit}",
-            f"root={out / 'root'}", f"out_dir={out / arm_name(shape, attention, compiled)}", *extra]
+            f"root={out / 'root'}", f"out_dir={out / arm_name(shape, attention, compiled, epilogue)}", *extra]
 
 
-def run_arm(shape, attention, compiled, args) -> None:
-    name = arm_name(shape, attention, compiled)
+def run_arm(shape, attention, compiled, epilogue, args) -> None:
+    name = arm_name(shape, attention, compiled, epilogue)
     run_dir = args.out / name
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh run: an old arm's metrics must not mix in
     cmd = [sys.executable, str(REPO / "train.py"),
-           *overrides(shape, attention, compiled, args.seconds, args.compile_warmup, args.out, args.set)]
+           *overrides(shape, attention, compiled, args.seconds, args.compile_warmup, args.out, args.set, epilogue)]
+    env = {**os.environ, "SFA_QK_EPILOGUE": EPILOGUES[epilogue]}
     started = time.perf_counter()
-    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "train_output.txt").write_text(done.stdout + done.stderr)
     shutil.rmtree(run_dir / "checkpoints", ignore_errors=True)  # ~1.5 GB each, not needed for throughput
@@ -81,23 +90,29 @@ def run_arm(shape, attention, compiled, args) -> None:
 def summarize(out: Path) -> list[dict]:
     rows = []
     for shape in SHAPES:
-        for compiled in (False, True):
-            for attention in ATTENTION:
-                run_dir = out / arm_name(shape, attention, compiled)
-                if not (run_dir / "metrics.jsonl").is_file():
-                    continue
-                try:
-                    row = steady_state(run_dir, warmup_steps=LOG_EVERY)
-                except SystemExit as e:  # too few steps to measure
-                    print(f"{run_dir.name}: {e}", file=sys.stderr)
-                    continue
-                rows.append({"shape": shape, "attention_backend": attention, "compile": compiled, **row})
-    by_arm = {(r["shape"], r["attention_backend"], r["compile"]): r for r in rows}
+        for epilogue in EPILOGUES:
+            for compiled in (False, True):
+                for attention in ATTENTION:
+                    run_dir = out / arm_name(shape, attention, compiled, epilogue)
+                    if not (run_dir / "metrics.jsonl").is_file():
+                        continue
+                    try:
+                        row = steady_state(run_dir, warmup_steps=LOG_EVERY)
+                    except SystemExit as e:  # too few steps to measure
+                        print(f"{run_dir.name}: {e}", file=sys.stderr)
+                        continue
+                    rows.append({"shape": shape, "attention_backend": attention, "compile": compiled,
+                                 "qk_epilogue": epilogue, **row})
+    by_arm = {(r["shape"], r["attention_backend"], r["compile"], r["qk_epilogue"]): r for r in rows}
+
+    def ratio(r, to):
+        return r["tokens_per_s"] / to["tokens_per_s"] if to else None
+
     for r in rows:
-        dense = by_arm.get((r["shape"], "dense", r["compile"]))
-        eager = by_arm.get((r["shape"], r["attention_backend"], False))
-        r["x_dense"] = r["tokens_per_s"] / dense["tokens_per_s"] if dense else None
-        r["x_eager"] = r["tokens_per_s"] / eager["tokens_per_s"] if eager else None
+        shape, attention, compiled, epilogue = r["shape"], r["attention_backend"], r["compile"], r["qk_epilogue"]
+        r["x_dense"] = ratio(r, by_arm.get((shape, "dense", compiled, epilogue)))
+        r["x_eager"] = ratio(r, by_arm.get((shape, attention, False, epilogue)))
+        r["x_unfused"] = None if epilogue == "unfused" else ratio(r, by_arm.get((shape, attention, compiled, "unfused")))
     return rows
 
 
@@ -120,13 +135,13 @@ def versions() -> dict:
 
 def print_table(rows: list[dict]) -> None:
     ratio = lambda x: f"{x:.2f}" if x is not None else "-"  # noqa: E731
-    print(f"{'shape':<9} {'attention':<7} {'compile':<8} {'tokens/s':>10} {'x dense':>8} {'x eager':>8} "
-          f"{'MFU':>6} {'peak GiB':>9} {'steps':>6}")
+    print(f"{'shape':<9} {'attention':<7} {'compile':<8} {'epilogue':<9} {'tokens/s':>10} {'x dense':>8} "
+          f"{'x eager':>8} {'x unfused':>9} {'MFU':>6} {'peak GiB':>9} {'steps':>6}")
     for r in rows:
         mfu = f"{r['mfu']:.1%}" if r["mfu"] is not None else "-"
         print(f"{r['shape']:<9} {r['attention_backend']:<7} {'on' if r['compile'] else 'off':<8} "
-              f"{r['tokens_per_s']:>10,.0f} {ratio(r['x_dense']):>8} {ratio(r['x_eager']):>8} {mfu:>6} "
-              f"{r['peak_memory_gib']:>9.1f} {r['steps_measured']:>6}")
+              f"{r['qk_epilogue']:<9} {r['tokens_per_s']:>10,.0f} {ratio(r['x_dense']):>8} {ratio(r['x_eager']):>8} "
+              f"{ratio(r['x_unfused']):>9} {mfu:>6} {r['peak_memory_gib']:>9.1f} {r['steps_measured']:>6}")
 
 
 def main(argv=None) -> None:
@@ -135,6 +150,8 @@ def main(argv=None) -> None:
     parser.add_argument("--shapes", nargs="+", choices=list(SHAPES), default=list(SHAPES))
     parser.add_argument("--attention", nargs="+", choices=ATTENTION, default=list(ATTENTION))
     parser.add_argument("--compile", nargs="+", choices=("off", "on"), default=["off", "on"])
+    parser.add_argument("--qk-epilogue", nargs="+", choices=list(EPILOGUES), default=["fused"],
+                        help="Qwen3's QK norm/RoPE/top-k as one fused pass (default) and/or the unfused eager ops")
     parser.add_argument("--seconds", type=float, default=20.0, help="training seconds per arm after warm-up")
     parser.add_argument("--compile-warmup", type=float, default=40.0,
                         help="extra seconds for arms with compile (compilation happens inside the timed loop)")
@@ -149,8 +166,9 @@ def main(argv=None) -> None:
     if not args.summarize:
         for shape in args.shapes:
             for compiled in (c == "on" for c in args.compile):
-                for attention in args.attention:
-                    run_arm(shape, attention, compiled, args)
+                for epilogue in args.qk_epilogue:
+                    for attention in args.attention:
+                        run_arm(shape, attention, compiled, epilogue, args)
     rows = summarize(args.out)
     if not rows:
         raise SystemExit(f"{args.out}: no arm with metrics to summarize")

@@ -7,6 +7,10 @@ priority (sfa/kernels/*.py); nothing here restates them. `auto` walks the regist
 priority down and takes the first backend whose capabilities fit the call. `reference` (priority 0, fits
 everything) is always registered, so `auto` never fails. A backend registered without a priority is used
 only when named. The Triton backends register themselves when sfa.kernels imports (where Triton does).
+
+A backend may also register a `premasked` entry: the same backend over q and k that their producer already
+masked (the top-k fused into the pass that wrote them, sfa/kernels/qk_epilogue.py), which skips the
+backend's own top-k. `takes_premasked` tells a producer whether the backend a call will reach has one.
 """
 
 from __future__ import annotations
@@ -55,18 +59,20 @@ class Backend:
     fn: BackendFn
     capabilities: Capabilities
     priority: int | None  # auto tries higher first; None: only when named
+    premasked: BackendFn | None = None  # the backend over q, k masked by their producer; None: it masks them
 
 
 BACKENDS: dict[str, Backend] = {}
 
 
 def register_backend(name: str, fn: BackendFn, capabilities: Capabilities | None = None,
-                     priority: int | None = None) -> None:
+                     priority: int | None = None, premasked: BackendFn | None = None) -> None:
     """Make `fn` selectable as `sfa_attention(..., backend=name)`, and by `auto` when it has a priority and
-    its `capabilities` fit the call (default: fits every call)."""
+    its `capabilities` fit the call (default: fits every call). `premasked` (same signature): the backend
+    for `sfa_attention(..., premasked=True)`, q and k already masked; without it those calls go to `fn`."""
     if name == "auto":
         raise ValueError("register_backend: 'auto' is the rule that picks a backend, not a backend name")
-    BACKENDS[name] = Backend(name, fn, capabilities or Capabilities(), priority)
+    BACKENDS[name] = Backend(name, fn, capabilities or Capabilities(), priority, premasked)
 
 
 def available_backends() -> list[str]:
@@ -78,6 +84,23 @@ def choose_backend(q, k, v, *, dense_dims: int = 0, kv_length: bool = False) -> 
     checked) inputs; `kv_length`: the call passes one. Never raises: the reference fits everything."""
     candidates = sorted((b for b in BACKENDS.values() if b.priority is not None), key=lambda b: -b.priority)
     return next(b.name for b in candidates if b.capabilities.fit(q, k, v, dense_dims, kv_length))
+
+
+def resolve_backend(name: str, q, k, v, *, dense_dims: int = 0, kv_length: bool = False) -> Backend:
+    """The backend `sfa_attention(..., backend=name)` runs for these (already checked) inputs."""
+    if name == "auto":
+        name = choose_backend(q, k, v, dense_dims=dense_dims, kv_length=kv_length)
+    chosen = BACKENDS.get(name)
+    if chosen is None:
+        raise ValueError(f"sfa_attention: unknown backend {name!r}; available: {', '.join(available_backends())}")
+    return chosen
+
+
+def takes_premasked(q, k, v, *, backend: str = "auto", dense_dims: int = 0) -> bool:
+    """Whether `sfa_attention(q, k, v, backend=backend, dense_dims=dense_dims, premasked=True)` skips the
+    top-k, so that a producer of q and k gains by masking them itself. q, k, v need only the shapes, dtypes
+    and device the call will have (e.g. the unnormalised projections)."""
+    return resolve_backend(backend, q, k, v, dense_dims=dense_dims).premasked is not None
 
 
 # The oracle: plain PyTorch, every device and dtype; auto's last resort.

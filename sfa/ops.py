@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import backends
-from .backends import available_backends, choose_backend
+from .backends import choose_backend, resolve_backend  # noqa: F401  (choose_backend: the rule, re-exported)
 from .topk import SparseCode
 
 
@@ -106,6 +106,7 @@ def sfa_attention(
     backend: str = "auto",
     dense_dims: int | None = None,
     kv_length: torch.Tensor | None = None,
+    premasked: bool = False,
 ) -> torch.Tensor:
     """Sparse Feature Attention: softmax(mask(q)·mask(k)ᵀ·scale + causal)·v.
 
@@ -119,18 +120,22 @@ def sfa_attention(
     of k and v exist (a cache preallocated to Nk positions); the queries are the last Nq of those. It must
     lie in [Nq, Nk], which is not checked (reading it would cost a device sync). Backends without it refuse it;
     `auto` then falls back to the reference.
+    premasked: q and k are dense rows their producer already masked to topk_q / topk_k (first dense_dims
+    kept), e.g. in the fused QK epilogue (sfa/kernels/qk_epilogue.py). A backend registered with a
+    `premasked` entry then skips its top-k (sfa.backends.takes_premasked says whether the call's backend
+    does); any other masks them again, which keeps every value (a masked row is its own top-k) and moves a
+    gradient only between coordinates that are exactly zero.
     Non-finite inputs are not checked (that would cost a device sync): NaN/Inf propagate in the
     reference and give unspecified selections in the kernels.
     """
     topk_q, topk_k, dense_dims = check_attention_inputs(
         q, k, v, topk_q=topk_q, topk_k=topk_k, scale=scale, dense_dims=dense_dims, kv_length=kv_length
     )
+    if premasked and (isinstance(q, SparseCode) or isinstance(k, SparseCode)):
+        raise ValueError("sfa_attention: premasked=True means q and k are masked dense rows, not SparseCodes")
     extra = {}
-    if backend == "auto":
-        backend = choose_backend(q, k, v, dense_dims=dense_dims, kv_length=kv_length is not None)
-    chosen = backends.BACKENDS.get(backend)
-    if chosen is None:
-        raise ValueError(f"sfa_attention: unknown backend {backend!r}; available: {', '.join(available_backends())}")
+    chosen = resolve_backend(backend, q, k, v, dense_dims=dense_dims, kv_length=kv_length is not None)
+    backend = chosen.name
     if kv_length is not None:
         if not chosen.capabilities.kv_length:
             takers = sorted(name for name, b in backends.BACKENDS.items() if b.capabilities.kv_length)
@@ -138,4 +143,5 @@ def sfa_attention(
                 f"sfa_attention: backend {backend!r} does not take kv_length; use one of {', '.join(takers)}"
             )
         extra["kv_length"] = kv_length
-    return chosen.fn(q, k, v, topk_q=topk_q, topk_k=topk_k, causal=causal, scale=scale, dense_dims=dense_dims, **extra)
+    fn = chosen.premasked if premasked and chosen.premasked is not None else chosen.fn
+    return fn(q, k, v, topk_q=topk_q, topk_k=topk_k, causal=causal, scale=scale, dense_dims=dense_dims, **extra)

@@ -4,6 +4,7 @@ names, and the summary's ratios compare the right arms."""
 import importlib.util
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -34,8 +35,8 @@ def test_every_arm_is_a_valid_config_of_its_shape(shape, attention, compiled, tm
     assert cfg["out_dir"] == str(tmp_path / e2e.arm_name(shape, attention, compiled))
 
 
-def fake_run(out, shape, attention, compiled, tokens_per_s, steps=14):
-    run = out / e2e.arm_name(shape, attention, compiled)
+def fake_run(out, shape, attention, compiled, tokens_per_s, steps=14, epilogue="fused"):
+    run = out / e2e.arm_name(shape, attention, compiled, epilogue)
     run.mkdir(parents=True)
     (run / "run_info.json").write_text(json.dumps({"device": "cpu", "attention": "sfa", "topk_q": 8}))
     # the first window (compilation) is slow; steady state after it
@@ -56,6 +57,34 @@ def test_summary_ratios_are_against_dense_and_eager_of_the_same_shape(tmp_path):
     assert rows["gpt2_1k", "masked", True]["x_eager"] == pytest.approx(1.5)
     assert rows["gpt2_1k", "dense", True]["tokens_per_s"] == 125.0  # the slow first window is left out
     assert rows["gpt2_8k", "masked", False]["x_dense"] is None
+
+
+def test_unfused_epilogue_arms_compare_with_their_fused_twins(tmp_path):
+    fake_run(tmp_path, "qwen3_1k", "dense", False, 100.0)
+    fake_run(tmp_path, "qwen3_1k", "masked", False, 95.0)
+    fake_run(tmp_path, "qwen3_1k", "dense", False, 80.0, epilogue="unfused")
+    fake_run(tmp_path, "qwen3_1k", "masked", False, 70.0, epilogue="unfused")
+    rows = {(r["attention_backend"], r["qk_epilogue"]): r for r in e2e.summarize(tmp_path)}
+    assert rows["masked", "fused"]["x_unfused"] == pytest.approx(95 / 70)
+    assert rows["masked", "fused"]["x_dense"] == pytest.approx(0.95)
+    assert rows["masked", "unfused"]["x_dense"] == pytest.approx(70 / 80)  # against dense, unfused too
+    assert rows["dense", "unfused"]["x_unfused"] is None
+
+
+def test_an_unfused_arm_runs_train_py_with_the_epilogue_off(tmp_path, monkeypatch):
+    seen = {}
+
+    def fake_subprocess_run(cmd, env, **kw):
+        seen["env"], seen["cmd"] = env, cmd
+        return SimpleNamespace(returncode=0, stdout="", stderr="")
+
+    monkeypatch.setattr(e2e.subprocess, "run", fake_subprocess_run)
+    args = SimpleNamespace(out=tmp_path, seconds=5, compile_warmup=0, set=[])
+    e2e.run_arm("qwen3_1k", "masked", False, "unfused", args)
+    assert seen["env"]["SFA_QK_EPILOGUE"] == "off"
+    assert f"out_dir={tmp_path / 'qwen3_1k-masked-eager-unfused'}" in seen["cmd"]
+    e2e.run_arm("qwen3_1k", "masked", False, "fused", args)
+    assert seen["env"]["SFA_QK_EPILOGUE"] == "auto"
 
 
 @pytest.mark.slow

@@ -4,7 +4,9 @@ Random top-k supports cover nearly all D within a tile (docs/design.md), so once
 best a kernel can do is dense tensor-core attention on q~, k~ -- which cuDNN/FlashAttention already
 are. The top-k pass writes q~ and k~ once (the expansion happens per tensor, never per tile visit).
 Backward is straight-through by construction: the top-k custom op sends dq~ (dk~) back to q (k) only
-at the selected coordinates; SDPA's own backward gives dq~, dk~ and a dense dv.
+at the selected coordinates; SDPA's own backward gives dq~, dk~ and a dense dv. When the producer of q and k
+masked them already (the fused QK epilogue, sfa/kernels/qk_epilogue.py), the `premasked` entry is the dense
+step alone.
 """
 
 from __future__ import annotations
@@ -36,6 +38,13 @@ def masked_sfa_attention(q, k, v, *, topk_q: int, topk_k: int, causal: bool = Tr
     return dense_sdpa(q_masked, k_masked, v, causal=causal, scale=scale)
 
 
+def premasked_sfa_attention(q, k, v, *, topk_q: int, topk_k: int, causal: bool = True, scale: float | None = None,
+                            dense_dims: int = 0):
+    """The `masked` backend over q~, k~ their producer already masked (sfa_attention(..., premasked=True),
+    e.g. from the fused QK epilogue): what is left of it is the dense step."""
+    return dense_sdpa(q, k, v, causal=causal, scale=scale)
+
+
 # auto's choice for training and prefill on CUDA: 0.97-1.10x dense cuDNN's time for the SFA attention step
 # (forward + backward, top-k included) at 8k-32k on the H200, while the reference's sort-based top-k alone costs
 # more than the whole attention (docs/benchmarks.md, docs/bench/topk_decode.md). Head dims up to the fused
@@ -43,5 +52,5 @@ def masked_sfa_attention(q, k, v, *, topk_q: int, topk_k: int, causal: bool = Tr
 register_backend(
     "masked", masked_sfa_attention,
     Capabilities(devices=("cuda",), dtypes=KERNEL_DTYPES, max_head_dim=MAX_DIM),
-    priority=10,
+    priority=10, premasked=premasked_sfa_attention,
 )
