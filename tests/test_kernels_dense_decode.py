@@ -42,7 +42,8 @@ CASES = [  # b, hq, hkv, n_q, n_keys, d, dv, causal
     (1, 4, 4, 8, 29, 48, 48, True),  # eight causal queries
     (1, 6, 2, 5, 41, 24, 64, False),  # GQA 3 x 5 queries = 15 rows, D = 24, not causal
     (1, 2, 1, 4, 23, 32, 32, True),  # GQA 2 x 4 causal queries
-    (1, 2, 2, 1, 30, 32, 32, True),  # one row per program (replicated 16x for both dots)
+    (1, 2, 2, 1, 30, 32, 32, True),  # one row per program (zero-padded to 16 for both dots)
+    (1, 4, 2, 2, 27, 8, 16, True),  # D = 8 < the 16 a dot needs (the tiny models' short baseline)
 ]
 
 
