@@ -3,7 +3,8 @@
 Models compute q, k, v split into heads (and, for Qwen3, normalised and rotated) and hand them to
 `attend`. Everything that differs between the three kinds lives here, except the width of the q/k
 projections, which the models read from `qk_head_dim`:
-  dense : softmax(q kᵀ / sqrt(D) + causal) v through torch's SDPA.
+  dense : softmax(q kᵀ / sqrt(D) + causal) v through torch's SDPA (a static-cache decode step on CUDA:
+          the split-KV decode kernel, static_dense_attention).
   sfa   : the same with q and k reduced to their top-k coordinates per head (sfa.sfa_attention).
   short : q and k are projected to d_short per head instead of D (V and the output unchanged), so the
           model simply produces narrower q/k and the attention is dense with scale 1/sqrt(d_short).
@@ -33,6 +34,11 @@ import sfa
 from sfa.backends import takes_premasked
 from sfa.dense import SDPA_PREFERENCE, dense_sdpa
 from sfa.reference import causal_mask
+
+try:  # the split-KV dense decode kernel (Triton); without Triton every static dense step takes the masked SDPA
+    from sfa.kernels.decode import dense_decode_attention, dense_decode_refusal
+except ImportError:
+    dense_decode_attention = dense_decode_refusal = None
 
 ATTENTION_KINDS = ("dense", "sfa", "short")
 ROPE_LAYOUTS = ("full", "decoupled", "none")
@@ -216,6 +222,20 @@ def static_dense_sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return out.reshape(b, hq, t, v.shape[-1])
 
 
+def static_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, step: StaticStep) -> torch.Tensor:
+    """Dense attention of a shape-static step: T new queries over the whole preallocated cache, of which the
+    first step.kv_length keys exist. The one place that picks the kernel:
+      CUDA, where the split-KV decode kernel takes the inputs (sfa.kernels.decode.dense_decode_refusal: at most
+          MAX_QUERY_ROWS query rows per KV head, head dims <= 256, fp16/bf16/fp32): that kernel. It reads only
+          the valid keys and splits them across the SMs; the masked SDPA reads the whole capacity with one
+          program per (batch, head), 5-20x the step's byte floor at batch <= 4 on an H200 (docs/inference.md).
+      otherwise (CPU, where the kernel would only run in Triton's slow interpreter; wider steps): the masked SDPA.
+    Both compute the same function; the kernel's own tests hold it to an fp64 reference."""
+    if q.is_cuda and dense_decode_refusal is not None and dense_decode_refusal(q, k, v) is None:
+        return dense_decode_attention(q, k, v, causal=True, kv_length=step.kv_length)
+    return static_dense_sdpa(q, k, v, step.mask)
+
+
 def _autocast_dtypes(q, k, v):
     """Under autocast, norms and RoPE leave q and k in fp32 while the v projection is bf16. SDPA casts
     its inputs itself; sfa_attention refuses mixed dtypes, so cast them to the autocast dtype here."""
@@ -327,7 +347,7 @@ def attend(
             kv_length=None if step is None else step.kv_length, premasked=qk_masked,
         )
     elif step is not None:
-        out = static_dense_sdpa(q, k, v, step.mask)
+        out = static_dense_attention(q, k, v, step)
     else:
         out = dense_sdpa(q, k, v)
     if out_dtype is not None:

@@ -1,9 +1,11 @@
-"""Benchmark SFA decode over the compressed cache against dense SDPA decode (cuDNN, flash).
+"""Benchmark SFA decode over the compressed cache against dense decode: SDPA (cuDNN, flash), the masked SDPA
+the static-cache engine fell back to, and our split-KV dense decode kernel (the same kernel's dense-key mode).
 
 One query token per sequence (T=1; also T=4 at one point), GQA (32 query / 8 KV heads), D = Dv = 128,
 k = 16 (D/8), bf16, context 8k..128k, batch 1 and 8. Reports latency, the cache bytes each kernel must
 read and the achieved GB/s against the measured device-to-device copy bandwidth (read + write), and
-KV-cache bytes per token. A launch-config sweep picks the decode kernel's config first.
+KV-cache bytes per token. Launch-config sweeps pick the SFA kernel's config first (--no-sweep skips it) and,
+with --dense-sweep, the dense kernel's.
 Prints tables, writes JSON (--out, and $OUT/decode.json when $OUT is set). GPU only.
 """
 
@@ -22,8 +24,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 import sfa  # noqa: E402
+from models.attention import StaticStep, static_dense_sdpa  # noqa: E402
 from sfa.kernels import decode as decode_mod  # noqa: E402
-from sfa.reference import sfa_attention_reference  # noqa: E402
+from sfa.reference import dense_attention, sfa_attention_reference  # noqa: E402
 
 HQ, HKV, D, K = 32, 8, 128, 16
 
@@ -72,6 +75,23 @@ def sfa_time(q_masked, code, v, config=None, graph=False) -> float:
     return bench_graph(fn) if graph else bench(fn)
 
 
+def dense_kernel_time(q, keys, v, config=None, graph=False) -> float:
+    """Our dense decode kernel as the engine calls it: with a (1,) device length (here the whole cache)."""
+    out = torch.empty(*q.shape[:-1], v.shape[-1], device="cuda", dtype=v.dtype)
+    n_valid = torch.tensor([keys.shape[2]], device="cuda")
+    fn = lambda: decode_mod.dense_decode_into(q, keys, v, out, scale=1 / math.sqrt(D), causal=True,  # noqa: E731
+                                              config=dict(config) if config else None, n_valid=n_valid)
+    return bench_graph(fn) if graph else bench(fn)
+
+
+def masked_sdpa_graph_time(q, keys, v) -> float:
+    """The static-cache engine's fallback dense step (models.attention.static_dense_sdpa): SDPA, cuDNN first, of the
+    folded GQA rows with a (T, capacity) mask; here every position is valid."""
+    n_q, n_keys = q.shape[2], keys.shape[2]
+    mask = StaticStep.at(torch.tensor([n_keys - n_q], device="cuda"), n_q, n_keys, needs_mask=True).mask
+    return bench_graph(lambda: static_dense_sdpa(q, keys, v, mask))
+
+
 def bench_graph(fn) -> float:
     """GPU time without launch overhead (CUDA graph replays). No L2 flush: short contexts fit in L2."""
     fn()
@@ -85,36 +105,54 @@ def cudnn_graph_time(q, keys, v) -> float:
     return bench_graph(fn)
 
 
-def sweep_configs() -> list[dict]:
+SWEEP_SHAPES = ((1, 131072, 1), (8, 32768, 1), (8, 131072, 1), (8, 32768, 4), (1, 32768, 1))  # [3]: 16 rows/program
+
+
+def sweep(configs, time_of) -> list[dict]:
+    """CUDA-graph timings (the kernels' GPU time; eager batch-1 timings are launch-bound on some hosts) of each
+    config at SWEEP_SHAPES, fastest first by the total over the < 16-row shapes."""
     rows = []
-    shapes = ((1, 131072, 1), (8, 32768, 1), (8, 131072, 1), (8, 32768, 4), (1, 32768, 1))  # [3]: 16 rows/program
-    inputs = {s: make_inputs(*s) for s in shapes}
-    # Compiled variants x split plans (PROGRAMS_PER_SM, SPLIT_CAP and MIN_KEYS_PER_SPLIT change only the grid).
-    # Earlier sweeps (docs/bench/notes_topk_decode.md) found BLOCK_L=64, 4 warps, 3 stages best of BLOCK_L
-    # {32, 64, 128} x warps {4, 8}; 16/SM of {8, 16, 32}, 4 stages no better; lifting the 128-split cap slows batch 1
-    # (264 splits: +11% at 128k); 2 stages ~ 3. So this one tries fewer, longer splits.
-    for block_l, warps, stages in ((64, 4, 3), (64, 4, 2)):
-        for per_sm, cap, min_keys in ((16, 128, 0), (16, 64, 0), (16, 32, 0), (16, 128, 1024), (16, 128, 2048),
-                                      (8, 128, 0), (32, 128, 0)):
-            cfg = dict(BLOCK_L=block_l, PROGRAMS_PER_SM=per_sm, SPLIT_CAP=cap, MIN_KEYS_PER_SPLIT=min_keys,
-                       num_warps=warps, num_stages=stages)
-            try:
-                # CUDA-graph timings: the kernels' GPU time (eager batch-1 timings are launch-bound on some hosts)
-                times = [sfa_time(inputs[s][1], inputs[s][3], inputs[s][4], dict(cfg), graph=True) for s in shapes]
-            except Exception as e:  # out of resources for this config
-                print("config failed", cfg, str(e).splitlines()[0][:100])
-                continue
-            rows.append(dict(config=cfg, ms=times, total=sum(times[:3]) + times[4], wide_rows_ms=times[3]))
+    inputs = {s: make_inputs(*s) for s in SWEEP_SHAPES}
+    for cfg in configs:
+        try:
+            times = [time_of(inputs[s], dict(cfg)) for s in SWEEP_SHAPES]
+        except Exception as e:  # out of resources for this config
+            print("config failed", cfg, str(e).splitlines()[0][:100])
+            continue
+        rows.append(dict(config=cfg, ms=times, total=sum(times[:3]) + times[4], wide_rows_ms=times[3]))
     rows.sort(key=lambda r: r["total"])
     del inputs
     torch.cuda.empty_cache()
     return rows
 
 
+def sweep_configs() -> list[dict]:
+    # Compiled variants x split plans (PROGRAMS_PER_SM, SPLIT_CAP and MIN_KEYS_PER_SPLIT change only the grid).
+    # Earlier sweeps (docs/bench/notes_topk_decode.md) found BLOCK_L=64, 4 warps, 3 stages best of BLOCK_L
+    # {32, 64, 128} x warps {4, 8}; 16/SM of {8, 16, 32}, 4 stages no better; lifting the 128-split cap slows batch 1
+    # (264 splits: +11% at 128k); 2 stages ~ 3. So this one tries fewer, longer splits.
+    configs = [dict(BLOCK_L=block_l, PROGRAMS_PER_SM=per_sm, SPLIT_CAP=cap, MIN_KEYS_PER_SPLIT=min_keys,
+                    num_warps=warps, num_stages=stages)
+               for block_l, warps, stages in ((64, 4, 3), (64, 4, 2))
+               for per_sm, cap, min_keys in ((16, 128, 0), (16, 64, 0), (16, 32, 0), (16, 128, 1024), (16, 128, 2048),
+                                             (8, 128, 0), (32, 128, 0))]
+    return sweep(configs, lambda x, cfg: sfa_time(x[1], x[3], x[4], cfg, graph=True))
+
+
+def sweep_dense_configs() -> list[dict]:
+    """The dense kernel moves 512 bytes per key and KV head (SFA: 304), so larger tiles and deeper pipelines may
+    pay off where they did not for SFA; the split plans are SFA's best few."""
+    configs = [dict(BLOCK_L=block_l, PROGRAMS_PER_SM=per_sm, SPLIT_CAP=cap, num_warps=warps, num_stages=stages)
+               for block_l, warps, stages in ((64, 4, 2), (64, 4, 3), (128, 4, 2), (128, 8, 2), (128, 8, 3))
+               for per_sm, cap in ((16, 64), (16, 128), (8, 128))]
+    return sweep(configs, lambda x, cfg: dense_kernel_time(x[0], x[2], x[4], cfg, graph=True))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None)
-    p.add_argument("--no-sweep", action="store_true")
+    p.add_argument("--no-sweep", action="store_true", help="skip the SFA kernel's config sweep")
+    p.add_argument("--dense-sweep", action="store_true", help="also sweep the dense kernel's configs (~15 configs)")
     p.add_argument("--contexts", default="8192,16384,32768,65536,131072")
     args = p.parse_args()
     if not torch.cuda.is_available():
@@ -126,6 +164,10 @@ def main():
     sweep = [] if args.no_sweep else sweep_configs()
     best = sweep[0]["config"] if sweep else dict(decode_mod.GPU_DECODE_CONFIG)
     best_wide = min(sweep, key=lambda r: r["wide_rows_ms"])["config"] if sweep else dict(decode_mod.GPU_DECODE_CONFIG_WIDE)
+    dense_sweep = sweep_dense_configs() if args.dense_sweep else []
+    dense_best = dense_sweep[0]["config"] if dense_sweep else dict(decode_mod.GPU_DENSE_DECODE_CONFIG)
+    dense_best_wide = (min(dense_sweep, key=lambda r: r["wide_rows_ms"])["config"] if dense_sweep
+                       else dict(decode_mod.GPU_DENSE_DECODE_CONFIG_WIDE))
 
     # correctness of the timed path on one bench-sized input (fp32 reference)
     q, q_masked, keys, code, v = make_inputs(2, 20000, n_q=1)
@@ -134,7 +176,11 @@ def main():
                            config=dict(best))
     ref = sfa_attention_reference(q.float(), keys.float(), v.float(), topk_q=K, topk_k=K, causal=True)
     rel_err = ((out.float() - ref).norm() / ref.norm()).item()
-    del q, q_masked, keys, code, v, out, ref
+    dense_out = torch.empty_like(out)
+    decode_mod.dense_decode_into(q, keys, v, dense_out, scale=1 / math.sqrt(D), causal=True, config=dict(dense_best))
+    dense_ref = dense_attention(q.float(), keys.float(), v.float(), causal=True)
+    dense_rel_err = ((dense_out.float() - dense_ref).norm() / dense_ref.norm()).item()
+    del q, q_masked, keys, code, v, out, ref, dense_out, dense_ref
 
     dense_bpt = HKV * (D + D) * 2
     sfa_bpt = HKV * (3 * K + 2 * D)
@@ -146,13 +192,17 @@ def main():
                 dense = dense_times(q, keys, v)
                 best_dense = min(t for name, t in dense.items() if isinstance(t, float))
                 cfg = best if HQ // HKV * n_q < 16 else best_wide
+                dense_cfg = dense_best if HQ // HKV * n_q < 16 else dense_best_wide
                 t_kernel = sfa_time(q_masked, code, v, dict(cfg))
+                t_dense_kernel = dense_kernel_time(q, keys, v, dict(dense_cfg))
                 try:
                     t_kernel_graph = sfa_time(q_masked, code, v, dict(cfg), graph=True)
                     t_cudnn_graph = cudnn_graph_time(q, keys, v)
+                    t_dense_kernel_graph = dense_kernel_time(q, keys, v, dict(dense_cfg), graph=True)
+                    t_masked_graph = masked_sdpa_graph_time(q, keys, v)
                 except RuntimeError as e:  # graph capture refused: report, keep going
                     print("cudagraph timing failed:", str(e).splitlines()[0][:120])
-                    t_kernel_graph = t_cudnn_graph = float("nan")
+                    t_kernel_graph = t_cudnn_graph = t_dense_kernel_graph = t_masked_graph = float("nan")
                 decode_mod.GPU_DECODE_CONFIG.update(best)
                 decode_mod.GPU_DECODE_CONFIG_WIDE.update(best_wide)
                 t_backend = bench(lambda: sfa.sfa_attention(q, code, v, topk_q=K, backend="decode"))
@@ -161,8 +211,11 @@ def main():
                     batch=b, context=n_keys, queries=n_q, dense_ms=dense, best_dense_ms=best_dense,
                     sfa_kernel_ms=t_kernel, sfa_backend_ms=t_backend, speedup=best_dense / t_kernel,
                     speedup_backend=best_dense / t_backend,
-                    cudagraph_ms=dict(cudnn=t_cudnn_graph, sfa_kernel=t_kernel_graph),
+                    cudagraph_ms=dict(cudnn=t_cudnn_graph, sfa_kernel=t_kernel_graph, dense_kernel=t_dense_kernel_graph,
+                                      cudnn_masked=t_masked_graph),
                     speedup_cudagraph=t_cudnn_graph / t_kernel_graph,
+                    dense_kernel_ms=t_dense_kernel, dense_kernel_gbps=dense_bytes / t_dense_kernel_graph / 1e6,
+                    dense_kernel_fraction_of_copy_bw=dense_bytes / t_dense_kernel_graph / 1e6 / copy_gbps,
                     dense_gbps=dense_bytes / best_dense / 1e6, sfa_gbps=sfa_bytes / t_kernel / 1e6,
                     sfa_fraction_of_copy_bw=sfa_bytes / t_kernel / 1e6 / copy_gbps,
                 ))
@@ -171,7 +224,9 @@ def main():
     result = dict(env=env, copy_gbps=copy_gbps, heads=dict(q=HQ, kv=HKV), d=D, k=K, dtype="bfloat16",
                   kv_bytes_per_token_per_layer=dict(dense=dense_bpt, sfa=sfa_bpt, ratio=sfa_bpt / dense_bpt),
                   byte_ratio_cap=dense_bpt / sfa_bpt, decode_config=best, decode_config_wide_rows=best_wide, rel_err_vs_fp32=rel_err,
-                  sweep_top10=sweep[:10], table=table)
+                  dense_decode_config=dense_best, dense_decode_config_wide_rows=dense_best_wide,
+                  dense_rel_err_vs_fp32=dense_rel_err, sweep_top10=sweep[:10], dense_sweep_top10=dense_sweep[:10],
+                  table=table)
     for path in filter(None, (args.out, os.environ.get("OUT") and os.path.join(os.environ["OUT"], "decode.json"))):
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
@@ -188,6 +243,17 @@ def main():
               f"{f(d.get('efficient'))} {r['sfa_kernel_ms']:8.4f} {r['sfa_backend_ms']:8.4f} {r['speedup']:5.2f} "
               f"{r['sfa_gbps']:8.0f} {100 * r['sfa_fraction_of_copy_bw']:6.1f} {r['cudagraph_ms']['cudnn']:8.4f} "
               f"{r['cudagraph_ms']['sfa_kernel']:8.4f} {r['speedup_cudagraph']:5.2f}")
+    print(f"\ndense decode, CUDA-graph ms: cuDNN (no mask, every key valid), the engine's masked SDPA fallback, our "
+          f"split-KV dense kernel {dense_best} (rel_err {dense_rel_err:.2e}); x = that / ours")
+    for r in dense_sweep[:6]:
+        print("dense sweep", r["config"], [round(t, 4) for t in r["ms"]])
+    print(f"{'B':>2} {'L':>7} {'T':>2} {'cudnn':>8} {'masked':>8} {'ours':>8} {'x cudnn':>7} {'x mask':>7} "
+          f"{'GB/s':>6} {'%copy':>6} {'eager':>8}")
+    for r in table:
+        g = r["cudagraph_ms"]
+        print(f"{r['batch']:>2} {r['context']:>7} {r['queries']:>2} {g['cudnn']:8.4f} {g['cudnn_masked']:8.4f} "
+              f"{g['dense_kernel']:8.4f} {g['cudnn'] / g['dense_kernel']:7.2f} {g['cudnn_masked'] / g['dense_kernel']:7.2f} "
+              f"{r['dense_kernel_gbps']:6.0f} {100 * r['dense_kernel_fraction_of_copy_bw']:6.1f} {r['dense_kernel_ms']:8.4f}")
 
 
 if __name__ == "__main__":

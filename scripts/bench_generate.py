@@ -13,7 +13,8 @@ the cache holds `context` positions. Prefill is real (random prompt, chunked) wh
 cost does not depend on what the cache holds. "max" is the largest batch whose cache fits the free memory
 (less a margin). The byte floor of a step is (weight bytes read + batch x context x KV bytes per token) / the
 device-to-device copy bandwidth measured in the same run (read + write bytes over time, as
-scripts/bench_decode.py). HF rows (`--hf-at B:CTX`): transformers' generate with a StaticCache on the model
+scripts/bench_decode.py); it counts the valid context, not the cache's capacity, because on CUDA every kind's
+step reads only the valid keys (SFA's and dense's split-KV decode kernels, sfa/kernels/decode.py). HF rows (`--hf-at B:CTX`): transformers' generate with a StaticCache on the model
 to_hf builds from ours, timed as (t(steps) - t(1)) / (steps - 1), beside ours with a real prefill of the same
 prompt; `same_tokens` says whether the greedy tokens agree. HF cannot run the short baseline (no HF equivalent),
 and runs SFA with its keys dense in its own cache (it has no compressed cache). Prints a table and writes JSON

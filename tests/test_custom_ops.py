@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sfa
-from sfa.kernels.decode import decode_attention_op
+from sfa.kernels.decode import decode_attention_op, dense_decode_attention, dense_decode_attention_op
 from sfa.kernels.topk import fused_topk_masked, topk_code_masked_op, topk_code_op
 
 
@@ -22,6 +22,20 @@ def test_opcheck_decode_op():
     q_masked = sfa.topk_mask(torch.randn(1, 4, 1, 32), 4)
     v = torch.randn(1, 2, 19, 32)
     torch.library.opcheck(decode_attention_op, (q_masked, code.values, code.indices, v, 1 / math.sqrt(32), True))
+
+
+def test_opcheck_dense_decode_op():
+    q, k, v = torch.randn(2, 4, 2, 24), torch.randn(2, 2, 19, 24), torch.randn(2, 2, 19, 32)
+    torch.library.opcheck(dense_decode_attention_op, (q, k, v, 0.2, True, torch.tensor([19, 11])))
+
+
+def test_dense_decode_compiles_to_its_op_without_graph_breaks():
+    """A compiled static step reaches the kernel through the custom op (fullgraph fails on a graph break)."""
+    q, k, v = torch.randn(1, 4, 1, 16), torch.randn(1, 2, 30, 16), torch.randn(1, 2, 30, 16)
+    n_valid = torch.tensor([21])
+    step = torch.compile(lambda q, k, v, n: dense_decode_attention(q, k, v, kv_length=n), fullgraph=True,
+                         backend="aot_eager")
+    torch.testing.assert_close(step(q, k, v, n_valid), sfa.dense_attention(q, k[:, :, :21], v[:, :, :21]))
 
 
 def test_compile_fullgraph_through_the_ops_forward_and_backward():

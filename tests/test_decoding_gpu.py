@@ -38,6 +38,22 @@ def test_graph_decoding_equals_eager_bitwise(family, kind):
     assert torch.equal(graph, eager)
 
 
+@pytest.mark.parametrize("family, kind", [(f, k) for f, k in CASES if not k.startswith("sfa")])
+def test_dense_steps_take_the_split_kv_kernel_and_graphs_replay_it(family, kind, monkeypatch):
+    """On CUDA a static dense (or short) step is the split-KV decode kernel, not the masked SDPA over the whole
+    capacity (the fallback raises here), and its captured graph decodes the eager step's tokens exactly."""
+    import models.attention as seam
+
+    def no_fallback(*args):
+        raise AssertionError("the static dense step fell back to the masked SDPA")
+
+    monkeypatch.setattr(seam, "static_dense_sdpa", no_fallback)
+    m = model(family, kind, torch.bfloat16)
+    prompt = torch.randint(0, 512, (2, 700), device="cuda")
+    graph = generate(m, prompt, 40, mode="graph", prefill_chunk=256)
+    assert torch.equal(graph, generate(m, prompt, 40, mode="eager", prefill_chunk=256))
+
+
 @pytest.mark.parametrize("family, kind", CASES)
 def test_graph_decoding_equals_the_uncached_recompute(family, kind):
     """fp32, so the recompute (other kernels: masked SFA / flash prefill over all positions) rounds alike; a
@@ -50,8 +66,8 @@ def test_graph_decoding_equals_the_uncached_recompute(family, kind):
 
 @pytest.mark.parametrize("family, kind", [(f, k) for f, k in CASES if not k.startswith("sfa")])
 def test_bf16_static_steps_match_the_full_forward(family, kind):
-    """The masked SDPA of a static dense step (cuDNN when it takes the mask) against the full bf16 forward.
-    A kernel that dropped the mask would let the ~400 empty slots (score 0, value 0) into every softmax and
+    """A static dense step (the split-KV decode kernel on CUDA) against the full bf16 forward. A kernel that
+    read past the valid length would let the ~400 empty slots (score 0, value 0) into every softmax and
     shrink the outputs by tens of percent; bf16 rounding moves the logits by well under 1%. The exact mask is
     checked on CPU (tests/test_decoding.py)."""
     m = model(family, kind, torch.bfloat16)

@@ -11,6 +11,10 @@ Decode is bandwidth-bound: per key the kernel reads k values + k uint8 indices +
   * decoupled codes (decoupled RoPE) add their always-kept leading dims as a plain dot product:
     score[r, j] += sum_{u < DENSE_DIMS} q[r, u] * k_dense[j, u] (2 * DENSE_DIMS more bytes per key).
   * P·V runs on the tensor cores (the query rows are padded to 16, the minimum dot size).
+The same kernels are the dense decode step (`dense_decode_attention`, the dense baseline of long-context
+generation): with no code (KSEL = 0) the whole key is the dense part, scored by one tensor-core dot per block,
+and everything else (n_valid, GQA rows, causal alignment, split plan, combine) is shared. FlashDecoding and
+FlashInfer's decode kernels split dense KV the same way.
 Causal alignment: the T queries are the last T positions, so query t sees keys j <= L - T + t.
 With `n_valid` (a device tensor, one count per sequence) only the first n_valid[b] of the L cached keys
 exist: L is then a static cache's capacity, which fixes the grid, and splits past n_valid[b] exit at
@@ -34,6 +38,7 @@ from .masked import masked_features
 from .topk import MAX_DIM, fused_topk_sparsify
 
 MAX_QUERY_ROWS = 64  # (query heads per KV head) x (query tokens) handled in one program
+MAX_HEAD_DIM = 256  # D and Dv of dense keys: the widest key and value tiles one program holds
 MAX_SPLITS = 1024  # bounds the partials buffer; the combine kernel streams them in COMBINE_BLOCK chunks
 COMBINE_BLOCK = 128  # splits merged per loop step of the combine kernel
 
@@ -63,8 +68,14 @@ def _decode_split_kernel(
 ):
     # ROWS = real query rows (heads of this KV head x query tokens), padded to a power of two; the
     # score gather runs on these only. P·V runs on DOT_ROWS = max(16, ROWS) replicated rows.
+    # KSEL == 0 is dense attention: K_DENSE holds whole keys (DENSE_DIMS = D) and the scores are a
+    # tensor-core dot as well, so the softmax state holds DOT_ROWS rows from the start (the rows past the
+    # real ones are zero queries, never stored) and P·V needs no replication (PV_REP = 1).
     DOT_ROWS: tl.constexpr = 16 if ROWS < 16 else ROWS
     REP: tl.constexpr = DOT_ROWS // ROWS
+    DENSE_KEYS: tl.constexpr = KSEL == 0
+    PV_REP: tl.constexpr = 1 if DENSE_KEYS else REP
+    STATE_ROWS: tl.constexpr = DOT_ROWS if DENSE_KEYS else ROWS
     bh = tl.program_id(0)
     split = tl.program_id(1)
     b = bh // n_kv_heads
@@ -74,7 +85,7 @@ def _decode_split_kernel(
     else:
         n_valid = n_keys
 
-    rows = tl.arange(0, ROWS)
+    rows = tl.arange(0, STATE_ROWS)
     row_ok = rows < GROUP * n_queries
     head = h_kv * GROUP + rows // n_queries  # query head of each row
     t = rows % n_queries
@@ -93,11 +104,12 @@ def _decode_split_kernel(
         dd = tl.arange(0, DENSE_PAD)
         dd_ok = dd < DENSE_DIMS
         q_dense = tl.load(q_base + q_row_off[:, None] + dd[None, :], mask=row_ok[:, None] & dd_ok[None, :], other=0.0)
-        q_dense = q_dense.to(tl.float32)
+        if KSEL > 0:  # dense keys keep the cache dtype: the tensor cores take it
+            q_dense = q_dense.to(tl.float32)
         k_dense_base = K_DENSE + b.to(tl.int64) * stride_db + h_kv.to(tl.int64) * stride_dh
 
-    m_i = tl.full([ROWS], float("-inf"), tl.float32)
-    l_i = tl.zeros([ROWS], tl.float32)
+    m_i = tl.full([STATE_ROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([STATE_ROWS], tl.float32)
     acc = tl.zeros([DOT_ROWS, DV_PAD], tl.float32)
 
     start = split * keys_per_split
@@ -106,21 +118,28 @@ def _decode_split_kernel(
         keys = l0 + tl.arange(0, BLOCK_L)
         key_ok = keys < end
         keys64 = keys.to(tl.int64)
-        code_ok = key_ok[:, None] & sel_ok[None, :]
-        idx = tl.load(k_idx_base + keys64[:, None] * stride_il + sel[None, :], mask=code_ok, other=0).to(tl.int32)
-        val = tl.load(k_val_base + keys64[:, None] * stride_kl + sel[None, :], mask=code_ok, other=0.0).to(tl.float32)
-        # Gathered from L1 (the query rows are a few hundred bytes). Holding them in registers and using
-        # tl.gather measured slower, and crashed Triton 3.6 for 2-row programs (docs/bench/notes_topk_decode.md).
-        q_at_idx = tl.load(
-            q_base + (q_row_off[:, None, None] + idx[None, :, :]),
-            mask=row_ok[:, None, None] & code_ok[None, :, :], other=0.0,
-        ).to(tl.float32)
-        s = tl.sum(q_at_idx * val[None, :, :], axis=2)  # (ROWS, BLOCK_L)
-        if DENSE_DIMS > 0:
+        if DENSE_KEYS:
             k_dense = tl.load(
                 k_dense_base + keys64[:, None] * stride_dl + dd[None, :], mask=key_ok[:, None] & dd_ok[None, :], other=0.0,
+            )
+            s = tl.dot(q_dense, tl.trans(k_dense), input_precision=DOT_PRECISION)  # (DOT_ROWS, BLOCK_L)
+        else:
+            code_ok = key_ok[:, None] & sel_ok[None, :]
+            idx = tl.load(k_idx_base + keys64[:, None] * stride_il + sel[None, :], mask=code_ok, other=0).to(tl.int32)
+            val = tl.load(k_val_base + keys64[:, None] * stride_kl + sel[None, :], mask=code_ok, other=0.0).to(tl.float32)
+            # Gathered from L1 (the query rows are a few hundred bytes). Holding them in registers and using
+            # tl.gather measured slower, and crashed Triton 3.6 for 2-row programs (docs/bench/notes_topk_decode.md).
+            q_at_idx = tl.load(
+                q_base + (q_row_off[:, None, None] + idx[None, :, :]),
+                mask=row_ok[:, None, None] & code_ok[None, :, :], other=0.0,
             ).to(tl.float32)
-            s += tl.sum(q_dense[:, None, :] * k_dense[None, :, :], axis=2)
+            s = tl.sum(q_at_idx * val[None, :, :], axis=2)  # (ROWS, BLOCK_L)
+            if DENSE_DIMS > 0:
+                k_dense = tl.load(
+                    k_dense_base + keys64[:, None] * stride_dl + dd[None, :], mask=key_ok[:, None] & dd_ok[None, :],
+                    other=0.0,
+                ).to(tl.float32)
+                s += tl.sum(q_dense[:, None, :] * k_dense[None, :, :], axis=2)
         s = s * scale_log2  # log2 units
         visible = key_ok[None, :]
         if CAUSAL:
@@ -133,13 +152,13 @@ def _decode_split_kernel(
         p = tl.exp2(s - m_safe[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         v = tl.load(v_base + keys64[:, None] * stride_vl + dv[None, :], mask=key_ok[:, None] & dv_ok[None, :], other=0.0)
-        alpha_rep = tl.reshape(_replicate_rows(alpha[:, None], REP), [DOT_ROWS])
-        acc = acc * alpha_rep[:, None] + tl.dot(_replicate_rows(p, REP).to(v.dtype), v, input_precision=DOT_PRECISION)
+        alpha_rep = tl.reshape(_replicate_rows(alpha[:, None], PV_REP), [DOT_ROWS])
+        acc = acc * alpha_rep[:, None] + tl.dot(_replicate_rows(p, PV_REP).to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    # The REP copies of each row are identical: average them back to ROWS rows (exact: REP is 2^j).
-    if REP > 1:
-        acc = tl.sum(tl.reshape(acc, [REP, ROWS, DV_PAD]), axis=0) / REP
+    # The PV_REP copies of each row are identical: average them back to ROWS rows (exact: PV_REP is 2^j).
+    if PV_REP > 1:
+        acc = tl.sum(tl.reshape(acc, [PV_REP, ROWS, DV_PAD]), axis=0) / PV_REP
     # Partials: normalised output and log2-sum-exp per (row, split); -inf marks "no visible key".
     has_keys = l_i > 0
     out = acc / tl.where(has_keys, l_i, 1.0)[:, None]
@@ -204,6 +223,12 @@ GPU_DECODE_CONFIG_WIDE = dict(BLOCK_L=64, PROGRAMS_PER_SM=8, num_warps=4, num_st
 # for 4-byte elements, over the 227 KB a block may take on Hopper, so halve the tile and do not pipeline.
 GPU_DECODE_CONFIG_FP32 = dict(BLOCK_L=32, PROGRAMS_PER_SM=8, num_warps=4, num_stages=1)
 INTERPRETER_DECODE_CONFIG = dict(BLOCK_L=16, PROGRAMS_PER_SM=1, num_warps=4, num_stages=1, COMBINE_BLOCK=2)
+# Dense keys (dense_decode_into): 2(D + Dv) bytes per key instead of 3k + 2Dv, so a block moves ~1.7x the bytes
+# of SFA's at D = Dv = 128. Start from SFA's measured plans; `scripts/bench_decode.py --dense-sweep` measures
+# the alternatives on the GPU.
+GPU_DENSE_DECODE_CONFIG = dict(BLOCK_L=64, PROGRAMS_PER_SM=16, SPLIT_CAP=64, num_warps=4, num_stages=2)
+GPU_DENSE_DECODE_CONFIG_WIDE = dict(BLOCK_L=64, PROGRAMS_PER_SM=8, num_warps=4, num_stages=2)
+GPU_DENSE_DECODE_CONFIG_FP32 = dict(BLOCK_L=32, PROGRAMS_PER_SM=8, num_warps=4, num_stages=1)
 
 
 def decode_into(
@@ -215,18 +240,44 @@ def decode_into(
     (B, Hkv, L, k); k_dense (B, Hkv, L, dense_dims) the keys' always-kept leading dims of a decoupled
     code, or None; v (B, Hkv, L, Dv); out (B, Hq, T, Dv) contiguous, written in place; n_valid (B,) or (1,)
     integer tensor: only the first n_valid[b] keys exist (in [T, L], not checked), or None: all L."""
-    b, hq, n_q, _ = q_masked.shape
-    _, hkv, n_keys, ksel = k_values.shape
-    dv = v.shape[-1]
-    group = hq // hkv
-    if q_masked.stride(-1) != 1:
-        q_masked = q_masked.contiguous()
-    rows = next_pow2(group * n_q)
+    rows = next_pow2(q_masked.shape[1] // k_values.shape[1] * q_masked.shape[2])
     if v.element_size() > 2 or k_values.element_size() > 2:
         default = GPU_DECODE_CONFIG_FP32
     else:
         default = GPU_DECODE_CONFIG if rows < 16 else GPU_DECODE_CONFIG_WIDE
     cfg = dict(config or (INTERPRETER_DECODE_CONFIG if interpreting() else default))
+    _launch(q_masked, k_values, k_indices, k_dense, v, out, scale=scale, causal=causal, cfg=cfg, n_valid=n_valid)
+
+
+def dense_decode_into(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, *, scale: float, causal: bool,
+    config: dict | None = None, n_valid: torch.Tensor | None = None,
+) -> None:
+    """Dense attention through the same two kernels: q (B, Hq, T, D), k (B, Hkv, L, D), v (B, Hkv, L, Dv), out
+    and n_valid as in decode_into. The split kernel's dense-key mode (no code, the whole key as its dense
+    part) scores each block with one tensor-core dot."""
+    rows = next_pow2(q.shape[1] // k.shape[1] * q.shape[2])
+    if v.element_size() > 2 or k.element_size() > 2:
+        default = GPU_DENSE_DECODE_CONFIG_FP32
+    else:
+        default = GPU_DENSE_DECODE_CONFIG if rows < 16 else GPU_DENSE_DECODE_CONFIG_WIDE
+    cfg = dict(config or (INTERPRETER_DECODE_CONFIG if interpreting() else default))
+    _launch(q, None, None, k, v, out, scale=scale, causal=causal, cfg=cfg, n_valid=n_valid)
+
+
+def _launch(q, k_values, k_indices, k_dense, v, out, *, scale: float, causal: bool, cfg: dict, n_valid) -> None:
+    """Both kernels for sparse keys (k_values/k_indices, plus k_dense for a decoupled code) or dense keys
+    (k_values None, k_dense the whole keys)."""
+    b, hq, n_q, _ = q.shape
+    hkv, n_keys = v.shape[1], v.shape[2]
+    dv = v.shape[-1]
+    group = hq // hkv
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    dense_keys = k_values is None
+    ksel = 0 if dense_keys else k_values.shape[-1]
+    if dense_keys:  # never read in the dense-key mode
+        k_values = k_indices = k_dense
     block_l = cfg.pop("BLOCK_L")
     combine_block = cfg.pop("COMBINE_BLOCK", COMBINE_BLOCK)
     n_splits, keys_per_split = _split_plan(
@@ -237,19 +288,21 @@ def decode_into(
     lse_part = torch.empty((b * hq * n_q * n_splits,), dtype=torch.float32, device=v.device)
     dv_pad = max(16, next_pow2(dv))
     dense_dims = 0 if k_dense is None else k_dense.shape[-1]
+    # A dense key is a dot operand: its padded width must reach the 16 a tl.dot needs.
+    dense_pad = max(16 if dense_keys else 2, next_pow2(dense_dims))
     dense_arg = k_values if k_dense is None else k_dense  # never read when DENSE_DIMS == 0
     n_valid_arg = lse_part if n_valid is None else n_valid  # never read without HAS_N_VALID
     n_valid_stride = 0 if n_valid is None or n_valid.shape[0] == 1 else n_valid.stride(0)
     _decode_split_kernel[(b * hkv, n_splits)](
-        q_masked, k_values, k_indices, dense_arg, v, o_part, lse_part, n_valid_arg, n_valid_stride,
-        q_masked.stride(0), q_masked.stride(1), q_masked.stride(2),
+        q, k_values, k_indices, dense_arg, v, o_part, lse_part, n_valid_arg, n_valid_stride,
+        q.stride(0), q.stride(1), q.stride(2),
         k_values.stride(0), k_values.stride(1), k_values.stride(2),
         k_indices.stride(0), k_indices.stride(1), k_indices.stride(2),
         dense_arg.stride(0), dense_arg.stride(1), dense_arg.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         hkv, n_keys, n_q, keys_per_split, n_splits, scale * LOG2E.value,
-        GROUP=group, ROWS=rows, KSEL=ksel, KSEL_PAD=next_pow2(ksel),
-        DENSE_DIMS=dense_dims, DENSE_PAD=max(2, next_pow2(dense_dims)),
+        GROUP=group, ROWS=next_pow2(group * n_q), KSEL=ksel, KSEL_PAD=next_pow2(ksel),
+        DENSE_DIMS=dense_dims, DENSE_PAD=dense_pad,
         DV=dv, DV_PAD=dv_pad, BLOCK_L=block_l, CAUSAL=causal,
         DOT_PRECISION=dot_precision(v.dtype), HAS_N_VALID=n_valid is not None,
         **cfg,
@@ -278,6 +331,73 @@ def decode_attention_op(
 @decode_attention_op.register_fake
 def _(q_masked, k_values, k_indices, v, scale, causal, k_dense=None, n_valid=None):
     return q_masked.new_empty((*q_masked.shape[:-1], v.shape[-1]), dtype=v.dtype)
+
+
+def _dense_decode_attention(q, k, v, scale: float, causal: bool, n_valid=None) -> torch.Tensor:
+    out = torch.empty((*q.shape[:-1], v.shape[-1]), dtype=v.dtype, device=v.device)
+    dense_decode_into(q, k, v, out, scale=scale, causal=causal, n_valid=n_valid)
+    return out
+
+
+@torch.library.custom_op("sfa::dense_decode_attention", mutates_args=())
+def dense_decode_attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, causal: bool, n_valid: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Inference only (no autograd formula), like sfa::decode_attention."""
+    return _dense_decode_attention(q, k, v, scale, causal, n_valid)
+
+
+@dense_decode_attention_op.register_fake
+def _(q, k, v, scale, causal, n_valid=None):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]), dtype=v.dtype)
+
+
+def dense_decode_refusal(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why dense_decode_attention cannot take these inputs, or None when it can: the kernel's limits, stated once
+    (the models' static step asks this before choosing it over masked SDPA)."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        return f"q, k, v must be 4-d (B, H, T, D); got shapes {tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+    b, hq, n_q, d = q.shape
+    hkv, n_keys = k.shape[1], k.shape[2]
+    if k.shape[0] != b or v.shape[0] != b or v.shape[1:3] != k.shape[1:3] or k.shape[3] != d or hq % hkv:
+        return (f"shapes q {tuple(q.shape)}, k {tuple(k.shape)}, v {tuple(v.shape)} do not fit together: need q (B, Hq, T, D), "
+                "k (B, Hkv, L, D), v (B, Hkv, L, Dv) with Hq a multiple of Hkv")
+    if not q.dtype == k.dtype == v.dtype or v.dtype not in KERNEL_DTYPES:
+        return f"q, k, v must share one dtype of {', '.join(map(str, KERNEL_DTYPES))}; got {q.dtype}, {k.dtype}, {v.dtype}"
+    if (hq // hkv) * n_q > MAX_QUERY_ROWS:
+        return (f"(query heads per KV head) x (queries) = {hq // hkv} x {n_q} exceeds {MAX_QUERY_ROWS}; use "
+                "sfa.dense.dense_sdpa for prefill")
+    if max(d, v.shape[-1]) > MAX_HEAD_DIM:
+        return f"head dims D={d}, Dv={v.shape[-1]} must be <= {MAX_HEAD_DIM} (one program's key and value tiles)"
+    if n_q > n_keys:
+        return f"{n_q} queries but only {n_keys} keys: the queries are the last positions of the keys"
+    if not (q.device == k.device == v.device and kernel_can_run_on(v)):
+        return f"needs CUDA tensors (or TRITON_INTERPRET=1 on CPU), got devices {q.device}, {k.device}, {v.device}"
+    return None
+
+
+def dense_decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = True,
+                           scale: float | None = None, kv_length: torch.Tensor | None = None) -> torch.Tensor:
+    """softmax(q kᵀ · scale + causal) v for a few queries (the last T positions) over a KV cache, split across
+    the SMs: the dense decode step. q (B, Hq, T, D), k (B, Hkv, L, D), v (B, Hkv, L, Dv), any batch/head/token
+    strides; kv_length (B,) or (1,) integer device tensor: only the first kv_length[b] keys exist (a static
+    cache's capacity L, of which only the valid keys are read), or None: all L. scale defaults to 1/sqrt(D).
+    Inference only."""
+    reason = dense_decode_refusal(q, k, v)
+    if reason is not None:
+        raise ValueError(f"dense_decode_attention: {reason}")
+    if kv_length is not None and (kv_length.dim() != 1 or kv_length.shape[0] not in (1, q.shape[0])
+                                  or kv_length.dtype not in (torch.int32, torch.int64) or kv_length.device != v.device):
+        raise ValueError(f"dense_decode_attention: kv_length must be an integer tensor of shape ({q.shape[0]},) or (1,) "
+                         f"on {v.device}; got {kv_length.dtype} {tuple(kv_length.shape)} on {kv_length.device}")
+    if k.stride(-1) != 1:
+        k = k.contiguous()
+    if v.stride(-1) != 1:
+        v = v.contiguous()
+    scale = scale if scale is not None else 1.0 / math.sqrt(q.shape[-1])
+    if torch.compiler.is_compiling():
+        return dense_decode_attention_op(q, k, v, scale, causal, kv_length)
+    return _dense_decode_attention(q, k, v, scale, causal, kv_length)  # eager: skip the dispatcher, as below
 
 
 def decode_sfa_attention(q, k, v, *, topk_q: int, topk_k: int, causal: bool = True, scale: float | None = None,
