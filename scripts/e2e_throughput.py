@@ -20,7 +20,7 @@ compilation and autotuning (scripts/summarize_throughput.py). MFU is against exe
 shapes can be run in separate calls.
 
 --qk-epilogue: Qwen3 arms with the fused QK epilogue (RMSNorm -> RoPE -> SFA's top-k in one Triton pass, the
-default on CUDA: sfa/kernels/qk_epilogue.py) and/or with the unfused eager ops (SFA_QK_EPILOGUE=off for that
+sfa/kernels/qk_epilogue.py, SFA_QK_EPILOGUE=auto for that arm) and/or with the unfused eager ops (SFA_QK_EPILOGUE=off for that
 arm's train.py); GPT-2 has no QK epilogue. "x dense" compares arms of the same epilogue, "x unfused" an arm
 with its unfused twin.
 """
