@@ -35,7 +35,7 @@ def test_every_arm_is_a_valid_config_of_its_shape(shape, attention, compiled, tm
     assert cfg["out_dir"] == str(tmp_path / e2e.arm_name(shape, attention, compiled))
 
 
-def fake_run(out, shape, attention, compiled, tokens_per_s, steps=14, epilogue="fused"):
+def fake_run(out, shape, attention, compiled, tokens_per_s, steps=14, epilogue="unfused"):
     run = out / e2e.arm_name(shape, attention, compiled, epilogue)
     run.mkdir(parents=True)
     (run / "run_info.json").write_text(json.dumps({"device": "cpu", "attention": "sfa", "topk_q": 8}))
@@ -60,10 +60,10 @@ def test_summary_ratios_are_against_dense_and_eager_of_the_same_shape(tmp_path):
 
 
 def test_unfused_epilogue_arms_compare_with_their_fused_twins(tmp_path):
-    fake_run(tmp_path, "qwen3_1k", "dense", False, 100.0)
-    fake_run(tmp_path, "qwen3_1k", "masked", False, 95.0)
-    fake_run(tmp_path, "qwen3_1k", "dense", False, 80.0, epilogue="unfused")
-    fake_run(tmp_path, "qwen3_1k", "masked", False, 70.0, epilogue="unfused")
+    fake_run(tmp_path, "qwen3_1k", "dense", False, 100.0, epilogue="fused")
+    fake_run(tmp_path, "qwen3_1k", "masked", False, 95.0, epilogue="fused")
+    fake_run(tmp_path, "qwen3_1k", "dense", False, 80.0)
+    fake_run(tmp_path, "qwen3_1k", "masked", False, 70.0)
     rows = {(r["attention_backend"], r["qk_epilogue"]): r for r in e2e.summarize(tmp_path)}
     assert rows["masked", "fused"]["x_unfused"] == pytest.approx(95 / 70)
     assert rows["masked", "fused"]["x_dense"] == pytest.approx(0.95)
@@ -82,9 +82,19 @@ def test_an_unfused_arm_runs_train_py_with_the_epilogue_off(tmp_path, monkeypatc
     args = SimpleNamespace(out=tmp_path, seconds=5, compile_warmup=0, set=[])
     e2e.run_arm("qwen3_1k", "masked", False, "unfused", args)
     assert seen["env"]["SFA_QK_EPILOGUE"] == "off"
-    assert f"out_dir={tmp_path / 'qwen3_1k-masked-eager-unfused'}" in seen["cmd"]
+    assert f"out_dir={tmp_path / 'qwen3_1k-masked-eager'}" in seen["cmd"]  # the bare name: the model's default
     e2e.run_arm("qwen3_1k", "masked", False, "fused", args)
     assert seen["env"]["SFA_QK_EPILOGUE"] == "auto"
+    assert f"out_dir={tmp_path / 'qwen3_1k-masked-eager-fused'}" in seen["cmd"]
+
+
+def test_gpt2_shapes_run_once_whatever_the_epilogue_list(tmp_path, monkeypatch):
+    ran = []
+    monkeypatch.setattr(e2e, "run_arm", lambda shape, attention, compiled, epilogue, args: ran.append((shape, epilogue)))
+    with pytest.raises(SystemExit, match="no arm with metrics"):  # nothing really ran, so nothing to summarize
+        e2e.main(["--out", str(tmp_path), "--shapes", "gpt2_1k", "qwen3_1k", "--attention", "dense", "--compile", "off",
+                  "--qk-epilogue", "fused", "unfused"])
+    assert ran == [("gpt2_1k", "unfused"), ("qwen3_1k", "fused"), ("qwen3_1k", "unfused")]
 
 
 @pytest.mark.slow
