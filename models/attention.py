@@ -229,9 +229,11 @@ def static_dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, st
           MAX_QUERY_ROWS query rows per KV head, head dims <= 256, fp16/bf16/fp32): that kernel. It reads only
           the valid keys and splits them across the SMs; the masked SDPA reads the whole capacity with one
           program per (batch, head), 5-20x the step's byte floor at batch <= 4 on an H200 (docs/inference.md).
-      otherwise (CPU, where the kernel would only run in Triton's slow interpreter; wider steps): the masked SDPA.
+      otherwise (CPU, where the kernel would only run in Triton's slow interpreter; wider steps; a step that
+          needs gradients, which the inference-only kernel has no formula for): the masked SDPA.
     Both compute the same function; the kernel's own tests hold it to an fp64 reference."""
-    if q.is_cuda and dense_decode_refusal is not None and dense_decode_refusal(q, k, v) is None:
+    needs_grad = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    if q.is_cuda and not needs_grad and dense_decode_refusal is not None and dense_decode_refusal(q, k, v) is None:
         return dense_decode_attention(q, k, v, causal=True, kv_length=step.kv_length)
     return static_dense_sdpa(q, k, v, step.mask)
 

@@ -170,3 +170,17 @@ def test_gpu_matches_the_fp64_reference(dtype, b, hq, hkv, n_q, n_keys, d, dv, c
     for i, n in enumerate(lengths.tolist()):
         ref = reference(q[i : i + 1], k[i : i + 1, :, :n], v[i : i + 1, :, :n], causal)
         assert rel_err(out[i : i + 1], ref) < TOL[dtype], f"sequence {i} ({n} keys)"
+
+
+@pytest.mark.gpu
+def test_gpu_static_step_that_needs_gradients_keeps_the_differentiable_sdpa():
+    """The kernel has no backward: a static step run with gradients (e.g. a loss through a cached forward) takes
+    the masked SDPA, so the gradients arrive; without gradients it takes the kernel, with the same values."""
+    q = torch.randn(1, 4, 1, 32, device="cuda", requires_grad=True)
+    k, v = torch.randn(1, 2, 40, 32, device="cuda"), torch.randn(1, 2, 40, 32, device="cuda")
+    step = StaticStep.at(torch.tensor([29], device="cuda"), 1, 40, needs_mask=True)
+    out = static_dense_attention(q, k, v, step)
+    out.sum().backward()
+    assert q.grad is not None and q.grad.abs().sum() > 0
+    with torch.no_grad():
+        assert rel_err(static_dense_attention(q, k, v, step), out.detach().double()) < TOL[torch.float32]
