@@ -42,10 +42,14 @@ QK_EPILOGUE = os.environ.get("SFA_QK_EPILOGUE", "off")
 QK_EPILOGUE_MODES = ("auto", "on", "off")
 
 
-def use_fused_qk_epilogue(x: torch.Tensor, layer_cache) -> bool:
-    """Whether Qwen3Attention takes the fused epilogue for the projection rows x (see QK_EPILOGUE)."""
+def check_qk_epilogue() -> None:
     if QK_EPILOGUE not in QK_EPILOGUE_MODES:
         raise ValueError(f"SFA_QK_EPILOGUE={QK_EPILOGUE!r} is unknown; set it to one of {', '.join(QK_EPILOGUE_MODES)}")
+
+
+def use_fused_qk_epilogue(x: torch.Tensor, layer_cache) -> bool:
+    """Whether Qwen3Attention takes the fused epilogue for the projection rows x (see QK_EPILOGUE)."""
+    check_qk_epilogue()
     if QK_EPILOGUE == "off" or qk_norm_rope is None or layer_cache is not None:
         return False
     return (QK_EPILOGUE == "on" or x.is_cuda) and fused_epilogue_supports(x)
@@ -152,6 +156,7 @@ def apply_rope(x, cos, sin):
 class Qwen3Attention(nn.Module):
     def __init__(self, config: Qwen3Config, attention: AttentionConfig):
         super().__init__()
+        check_qk_epilogue()  # a mistyped switch fails when the model is built, not at its first forward
         self.n_head, self.n_kv_head, self.head_dim = config.n_head, config.n_kv_head, config.head_dim
         self.qk_dim = attention.qk_head_dim(config.head_dim)
         self.attention = attention

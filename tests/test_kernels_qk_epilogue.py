@@ -219,6 +219,9 @@ ATTENTIONS = {
                              "rope_dims": 16},
     "sfa-reference": {"kind": "sfa", "topk_q": 5, "topk_k": 4, "backend": "reference"},
     "short": {"kind": "short", "d_short": 16},
+    # a shared rotary key has a split QK-norm, which the fused pass does not do: it keeps the unfused ops
+    "sfa-masked-shared": {"kind": "sfa", "topk_q": 5, "topk_k": 4, "backend": "masked", "rope": "decoupled",
+                          "rope_dims": 16, "rope_shared": True},
 }
 
 
@@ -232,11 +235,20 @@ def _logits_and_grads(model, x, mode, monkeypatch):
         calls.append((kw.get("premasked", False), (q != 0).sum(-1).max().item()))
         return original(q, k, v, **kw)
 
+    fused = []
+    original_epilogue = qwen3.qk_norm_rope
+
+    def epilogue_spy(*args, **kw):
+        fused.append(1)
+        return original_epilogue(*args, **kw)
+
     monkeypatch.setattr(seam.sfa, "sfa_attention", spy)
+    monkeypatch.setattr(qwen3, "qk_norm_rope", epilogue_spy)
     logits, _ = model(x)
     logits.backward(torch.randn(logits.shape, generator=torch.Generator().manual_seed(1)))
     monkeypatch.setattr(seam.sfa, "sfa_attention", original)
-    return logits.detach(), {n: p.grad for n, p in model.named_parameters()}, calls
+    monkeypatch.setattr(qwen3, "qk_norm_rope", original_epilogue)
+    return logits.detach(), {n: p.grad for n, p in model.named_parameters()}, calls, len(fused)
 
 
 @pytest.mark.parametrize("attention", list(ATTENTIONS))
@@ -246,14 +258,16 @@ def test_qwen3_fused_epilogue_equals_the_unfused_ops(attention, monkeypatch):
         if name.endswith("norm.weight"):  # not ones: the norm weights' gradients must flow through the kernel
             p.data.uniform_(0.5, 1.5)
     x = torch.randint(0, 97, (2, 11))
-    want, want_grads, unfused_calls = _logits_and_grads(model, x, "off", monkeypatch)
-    got, grads, calls = _logits_and_grads(model, x, "on", monkeypatch)
+    want, want_grads, unfused_calls, none_fused = _logits_and_grads(model, x, "off", monkeypatch)
+    got, grads, calls, n_fused = _logits_and_grads(model, x, "on", monkeypatch)
+    shared = bool(ATTENTIONS[attention] and ATTENTIONS[attention].get("rope_shared"))
+    assert none_fused == 0 and n_fused == (0 if shared else 2 * TINY["n_layer"])  # q and k of every layer
     assert rel_err(got, want.double()) < TOL[torch.float32]
     for name, g in want_grads.items():
         assert rel_err(grads[name], g.double()) < 1e-4, name  # the logits' error, through two layers' backward
     if ATTENTIONS[attention] and ATTENTIONS[attention].get("kind") == "sfa":
         # masked takes pre-masked rows: the epilogue's top-k replaces its own; the reference masks for itself
-        takes = ATTENTIONS[attention]["backend"] == "masked"
+        takes = ATTENTIONS[attention]["backend"] == "masked" and not shared
         assert [premasked for premasked, _ in calls] == [takes] * TINY["n_layer"]
         assert not any(premasked for premasked, _ in unfused_calls)
         if takes:
@@ -264,7 +278,7 @@ def test_qwen3_fused_epilogue_equals_the_unfused_ops(attention, monkeypatch):
 def test_qwen3_epilogue_switch_rejects_an_unknown_mode(monkeypatch):
     monkeypatch.setattr(qwen3, "QK_EPILOGUE", "fast")
     with pytest.raises(ValueError, match="SFA_QK_EPILOGUE='fast' is unknown; set it to one of auto, on, off"):
-        Qwen3(Qwen3Config(**TINY))(torch.randint(0, 97, (1, 4)))
+        Qwen3(Qwen3Config(**TINY))  # when the model is built, whatever layout it has
 
 
 def test_qwen3_auto_keeps_the_unfused_ops_off_cuda(monkeypatch):
