@@ -231,6 +231,20 @@ GPU_DENSE_DECODE_CONFIG_WIDE = dict(BLOCK_L=64, PROGRAMS_PER_SM=8, num_warps=4, 
 GPU_DENSE_DECODE_CONFIG_FP32 = dict(BLOCK_L=32, PROGRAMS_PER_SM=8, num_warps=4, num_stages=1)
 
 
+def _launch_config(config: dict | None, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                   narrow: dict, wide: dict, fp32: dict) -> dict:
+    """A copy of the caller's config, else the interpreter's, else the GPU table that fits the step: `fp32` for
+    4-byte caches, `wide` for programs of >= 16 query rows (query heads per KV head x query tokens)."""
+    if config:
+        return dict(config)
+    if interpreting():
+        return dict(INTERPRETER_DECODE_CONFIG)
+    if v.element_size() > 2 or k.element_size() > 2:
+        return dict(fp32)
+    rows = next_pow2(q.shape[1] // k.shape[1] * q.shape[2])
+    return dict(narrow if rows < 16 else wide)
+
+
 def decode_into(
     q_masked: torch.Tensor, k_values: torch.Tensor, k_indices: torch.Tensor, v: torch.Tensor,
     out: torch.Tensor, *, scale: float, causal: bool, config: dict | None = None, k_dense: torch.Tensor | None = None,
@@ -240,12 +254,7 @@ def decode_into(
     (B, Hkv, L, k); k_dense (B, Hkv, L, dense_dims) the keys' always-kept leading dims of a decoupled
     code, or None; v (B, Hkv, L, Dv); out (B, Hq, T, Dv) contiguous, written in place; n_valid (B,) or (1,)
     integer tensor: only the first n_valid[b] keys exist (in [T, L], not checked), or None: all L."""
-    rows = next_pow2(q_masked.shape[1] // k_values.shape[1] * q_masked.shape[2])
-    if v.element_size() > 2 or k_values.element_size() > 2:
-        default = GPU_DECODE_CONFIG_FP32
-    else:
-        default = GPU_DECODE_CONFIG if rows < 16 else GPU_DECODE_CONFIG_WIDE
-    cfg = dict(config or (INTERPRETER_DECODE_CONFIG if interpreting() else default))
+    cfg = _launch_config(config, q_masked, k_values, v, GPU_DECODE_CONFIG, GPU_DECODE_CONFIG_WIDE, GPU_DECODE_CONFIG_FP32)
     _launch(q_masked, k_values, k_indices, k_dense, v, out, scale=scale, causal=causal, cfg=cfg, n_valid=n_valid)
 
 
@@ -256,12 +265,8 @@ def dense_decode_into(
     """Dense attention through the same two kernels: q (B, Hq, T, D), k (B, Hkv, L, D), v (B, Hkv, L, Dv), out
     and n_valid as in decode_into. The split kernel's dense-key mode (no code, the whole key as its dense
     part) scores each block with one tensor-core dot."""
-    rows = next_pow2(q.shape[1] // k.shape[1] * q.shape[2])
-    if v.element_size() > 2 or k.element_size() > 2:
-        default = GPU_DENSE_DECODE_CONFIG_FP32
-    else:
-        default = GPU_DENSE_DECODE_CONFIG if rows < 16 else GPU_DENSE_DECODE_CONFIG_WIDE
-    cfg = dict(config or (INTERPRETER_DECODE_CONFIG if interpreting() else default))
+    cfg = _launch_config(config, q, k, v, GPU_DENSE_DECODE_CONFIG, GPU_DENSE_DECODE_CONFIG_WIDE,
+                         GPU_DENSE_DECODE_CONFIG_FP32)
     _launch(q, None, None, k, v, out, scale=scale, causal=causal, cfg=cfg, n_valid=n_valid)
 
 
