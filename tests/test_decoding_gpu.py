@@ -18,10 +18,10 @@ FAMILIES = {
 }
 
 
-def model(family, kind, dtype):
+def model(family, kind, dtype, device="cuda"):
     preset, overrides = FAMILIES[family]
     torch.manual_seed(0)
-    m = build_model(preset, KINDS[kind], **overrides).cuda().eval()
+    m = build_model(preset, KINDS[kind], **overrides).to(device).eval()
     with torch.no_grad():  # larger weights than the init: attention and greedy choices far from ties
         for p in m.parameters():
             p.add_(torch.randn_like(p) * 0.05)
@@ -64,25 +64,39 @@ def test_graph_decoding_equals_the_uncached_recompute(family, kind):
     assert torch.equal(cached, generate(m, prompt, 24, use_cache=False))
 
 
-@pytest.mark.parametrize("family, kind", [(f, k) for f, k in CASES if not k.startswith("sfa")])
-def test_bf16_static_steps_match_the_full_forward(family, kind):
-    """A static dense step (the split-KV decode kernel on CUDA) against the full bf16 forward. A kernel that
-    read past the valid length would let the ~400 empty slots (score 0, value 0) into every softmax and
-    shrink the outputs by tens of percent; bf16 rounding moves the logits by well under 1%. The exact mask is
-    checked on CPU (tests/test_decoding.py)."""
-    m = model(family, kind, torch.bfloat16)
-    x = torch.randint(0, 512, (2, 700), device="cuda")
+def bf16_errors(family, kind, device="cuda"):
+    """Relative errors against the fp32 full forward (same weights) of the bf16 full forward and of bf16 static
+    steps over a cache of capacity 1024 holding 600-700 positions: (steps' error, full forward's error)."""
+    m32 = model(family, kind, torch.float32, device)
+    m = model(family, kind, torch.bfloat16, device)
+    x = torch.randint(0, 512, (2, 700), device=device)
     with torch.no_grad():
-        full, _ = m(x)
+        reference = m32(x)[0][:, 600:].float()
+        full = m(x)[0][:, 600:].float()
         cache = m.new_cache(2, 1024)
         m(x[:, :600], cache=cache)
-        position = torch.tensor([600], device="cuda")
+        position = torch.tensor([600], device=device)
         rows = []
         for t in range(600, 700):
             rows.append(m(x[:, t : t + 1], cache=cache, position=position)[0])
             position += 1
-    steps = torch.cat(rows, dim=1)
-    assert ((steps - full[:, 600:]).norm() / full[:, 600:].norm()).item() < 1e-2
+    steps = torch.cat(rows, dim=1).float()
+
+    def error(y):
+        return ((y - reference).norm() / reference.norm()).item()
+
+    return error(steps), error(full)
+
+
+@pytest.mark.parametrize("family, kind", [(f, k) for f, k in CASES if not k.startswith("sfa")])
+def test_bf16_static_steps_are_as_accurate_as_the_full_forward(family, kind):
+    """A static dense step (the split-KV decode kernel on CUDA) in bf16, held to the fp32 forward: it may be off
+    by what bf16 costs the full bf16 forward (1-7% here, random weights), not more. Two bf16 runs through
+    different kernels differ by about that much from each other, so comparing them directly tests rounding.
+    A kernel that read past the valid length would let the ~400 empty slots (score 0, value 0) into every
+    softmax: several times that error (tests/test_decoding.py checks the exact mask on CPU)."""
+    steps, full = bf16_errors(family, kind)
+    assert steps < 1.5 * full, f"static steps {steps:.4f} vs the bf16 full forward's {full:.4f}"
 
 
 @pytest.mark.slow
