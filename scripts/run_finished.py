@@ -7,16 +7,18 @@ directory holds no run. The study scripts use it to skip runs a previous call fi
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
 from omegaconf import OmegaConf
 
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+from training.sinks import read_metrics  # noqa: E402  (plain or gzipped metrics.jsonl)
+
 
 def finished(run: Path) -> bool:
     try:
-        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        rows = read_metrics(run)
         max_steps = OmegaConf.load(run / "config.yaml").train.max_steps
     except (OSError, ValueError):
         return False
