@@ -12,9 +12,9 @@
 #   STOP_AFTER_S=420 scripts/quality_seeds.sh OUT 1337 2 3  # start no run after 420 s (a machine with a time limit)
 #
 # Writes OUT/seed<S>/{gpt2,qwen3}/<arm>/ (run dirs; all runs share OUT/root for the prepared data), OUT/logs/,
-# OUT/seeds_{final,best}.json + tables on stdout (last and lowest val loss of each run). A run whose
-# metrics.jsonl already has its final val loss is skipped, so a
-# second call with the same arguments finishes what a first one (cut off by a time limit) left.
+# OUT/seeds_{final,best}.json + tables on stdout (last and lowest val loss of each finished run). A run whose
+# metrics.jsonl already has its final val loss is skipped, and one cut off with a checkpoint continues from it
+# (scripts/quality_study.sh), so a second call with the same arguments finishes what a first one left.
 # The seed changes weight init, data order and dropout; data and tokens are fixed.
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -7,6 +7,9 @@
 #   scripts/quality_study.sh --one OUT FAMILY ARM [extra overrides...]   # one arm, no plots
 # Writes OUT_DIR/{gpt2,qwen3}/<arm>/ (run dirs) and OUT_DIR/plots_{gpt2,qwen3}/ (PNGs + summary.json).
 # STUDY (default `study`) picks the experiment configs; the arms are the same in every study.
+# An arm whose run dir holds a checkpoint continues from it (train.resume=auto): a run cut off by a time limit
+# (SIGTERM saves a checkpoint) finishes on the next call instead of starting over; its metrics past the
+# checkpoint are replayed, not duplicated.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 STUDY=${STUDY:-study}
@@ -50,7 +53,7 @@ run_arm() {  # OUT family arm [extra overrides...]
   read -r -a arm_overrides <<<"$(cut -d' ' -f3- <<<"$line")"
   local config=configs/experiment/${STUDY}_$family.yaml
   [[ -f $config ]] || { echo "quality_study.sh: STUDY=$STUDY has no $config" >&2; exit 2; }
-  python train.py "experiment=${STUDY}_$family" logging=disabled train.resume=none "root=$out/root" \
+  python train.py "experiment=${STUDY}_$family" logging=disabled train.resume=auto "root=$out/root" \
     "out_dir=$out/$family/$arm" "${arm_overrides[@]}" "$@" </dev/null 2>&1 | tail -n 3
 }
 

@@ -70,6 +70,21 @@ def test_stop_after_starts_no_run_past_the_deadline(tmp_path):
     assert not (tmp_path / "qs" / "seed1").exists()
 
 
+@pytest.mark.slow
+def test_an_arm_with_a_checkpoint_continues_from_it(tmp_path):
+    """A run cut off by a time limit leaves a checkpoint (the SIGTERM handler saves one); the next call of the
+    same arm continues from it. Here the cut is a run of 2 of the 3 steps, checkpointed at its end."""
+    toy = TOY.replace("train.max_steps=2", "").split()
+    first = run("quality_study.sh", "--one", str(tmp_path), "gpt2", "dense", *toy, "train.max_steps=2")
+    assert first.returncode == 0, first.stdout + first.stderr
+    again = run("quality_study.sh", "--one", str(tmp_path), "gpt2", "dense", *toy, "train.max_steps=3")
+    assert again.returncode == 0, again.stdout + again.stderr
+    log = (tmp_path / "gpt2" / "dense" / "train.log").read_text()
+    assert "resumed from" in log and "at step 2" in log, log[-2000:]
+    steps = [json.loads(line)["step"] for line in (tmp_path / "gpt2" / "dense" / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(steps) and steps[-1] == 3
+
+
 def test_errors_name_the_problem(tmp_path):
     bad_arm = run("quality_seeds.sh", str(tmp_path), "1", ARMS="gpt2/nope", NGPU="1")
     assert bad_arm.returncode == 2 and "ARMS='gpt2/nope' matches no arm" in bad_arm.stderr
