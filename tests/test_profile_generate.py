@@ -205,13 +205,17 @@ def test_graph_mode_off_cuda_says_what_to_use():
 @pytest.mark.gpu
 @pytest.mark.parametrize("attention", ["dense", "sfa"])
 def test_the_profiler_sees_inside_the_cuda_graph(attention):
-    """The replayed graph runs the eager step's kernels: the same count per step, class by class, with one
-    split-KV decode kernel and one combine per layer (a small Qwen3 in bf16)."""
+    """The replayed graph runs the eager step's kernels: one split-KV decode kernel and one combine per layer,
+    at least one GEMM kernel per projection and the LM head, and every non-GEMM class as often as in eager
+    mode (GEMMs may differ: cuBLAS may choose another split-K under capture). A small Qwen3 in bf16."""
     argv = ["--model", "qwen3_tiny", "--attention", attention, "--context", "4096", "--steps", "4", "--device", "cuda"]
     graph, eager = prof.main([*argv, "--mode", "graph"]), prof.main([*argv, "--mode", "eager"])
     assert graph["breakdown_mode"] == "graph", graph["note"]
     layers = 4  # qwen3_tiny
     for r in (graph, eager):
+        assert r["positional"] is True
         assert r["classes"]["attention"]["count"] == r["classes"]["combine"]["count"] == layers
-    assert {c: v["count"] for c, v in graph["classes"].items()} == {c: v["count"] for c, v in eager["classes"].items()}
+        assert r["classes"]["gemm"]["count"] >= 7 * layers + 1
+    assert ({c: v["count"] for c, v in graph["classes"].items() if c != "gemm"}
+            == {c: v["count"] for c, v in eager["classes"].items() if c != "gemm"})
     assert graph["wall_ms"] < eager["wall_ms"]
