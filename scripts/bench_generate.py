@@ -96,6 +96,22 @@ def now(device) -> float:
     return time.perf_counter()
 
 
+def environment(device, dtype) -> dict:
+    """What a measurement ran on: the device and the versions that decide its kernels."""
+    try:  # only the HF peer rows need it; without it they say so
+        import transformers  # lazy: optional, see above
+    except ImportError:
+        transformers = None
+    env = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+               torch=torch.__version__, transformers=transformers and transformers.__version__, dtype=str(dtype),
+               python=platform.python_version())
+    if device.type == "cuda":
+        import triton  # lazy: only its version, and only on CUDA
+
+        env.update(triton=triton.__version__, cudnn=torch.backends.cudnn.version())
+    return env
+
+
 def copy_bandwidth_gbps(device) -> float:
     """Device-to-device copy rate, (read + write bytes) / time, of a buffer far larger than any cache level."""
     n = (256 if device.type == "cuda" else 16) * 2**20
@@ -153,16 +169,15 @@ def fill_randomly(decoder: Decoder, length: int) -> None:
     decoder.prompt_length = length
 
 
-def measure_ours(model, batch: int, context: int, steps: int, mode: str, real_prefill: bool, prompt=None) -> dict:
-    """One row: prefill (real or random fill), warm-up/capture, then `steps` timed decode steps."""
+def ready_decoder(model, batch: int, context: int, steps: int, mode: str, *, real_prefill: bool, prompt=None,
+                  sampler=None) -> tuple[Decoder, float | None]:
+    """A Decoder whose cache holds `context` positions (a real prefill, or a random fill), past its
+    warm-up/capture steps, with room for `steps` more; and the prefill's ms (None for a random fill)."""
     device = model.lm_head.weight.device
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
     capacity = context + TIMED_WARMUP + steps + 1
     if mode == "compile":
         torch._dynamo.reset()  # every Decoder compiles the same step code: do not run into the recompile limit
-    decoder = Decoder(model, batch, capacity, mode=mode)  # ValueError when the cache does not fit
+    decoder = Decoder(model, batch, capacity, mode=mode, sampler=sampler)  # ValueError when the cache does not fit
     prefill_ms = None
     with torch.no_grad():
         if real_prefill or prompt is not None:
@@ -175,10 +190,31 @@ def measure_ours(model, batch: int, context: int, steps: int, mode: str, real_pr
             fill_randomly(decoder, context)
         for _ in range(TIMED_WARMUP):
             decoder.step()
-        start = now(device)
+    return decoder, prefill_ms
+
+
+def time_steps(decoder: Decoder, steps: int) -> float:
+    """Wall-clock ms per decode step over `steps` steps (the device synchronised before and after)."""
+    with torch.no_grad():
+        start = now(decoder.device)
         for _ in range(steps):
             decoder.step()
-        step_ms = 1e3 * (now(device) - start) / steps
+        return 1e3 * (now(decoder.device) - start) / steps
+
+
+def byte_floor_ms(weight_bytes: int, context_bytes: int, copy_gbps: float) -> float:
+    """The least time a step can take: the weights and the valid cache read once at the copy bandwidth."""
+    return (weight_bytes + context_bytes) / (copy_gbps * 1e6)
+
+
+def measure_ours(model, batch: int, context: int, steps: int, mode: str, real_prefill: bool, prompt=None) -> dict:
+    """One row: prefill (real or random fill), warm-up/capture, then `steps` timed decode steps."""
+    device = model.lm_head.weight.device
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+    decoder, prefill_ms = ready_decoder(model, batch, context, steps, mode, real_prefill=real_prefill, prompt=prompt)
+    step_ms = time_steps(decoder, steps)
     row = dict(mode=decoder.mode, prefill_ms=prefill_ms, step_ms=step_ms, tokens_per_s=batch / step_ms * 1e3,
                cache_bytes=decoder.cache.nbytes(),
                peak_memory_bytes=torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None)
@@ -270,17 +306,7 @@ def main(argv=None) -> dict:
     batches, contexts = args.batches.split(","), int_list(args.contexts)
     compile_at, hf_at = points(args.compile_at), points(args.hf_at)
     max_len = max([*contexts, *(c for _, c in compile_at + hf_at)]) + TIMED_WARMUP + args.steps + 1
-    try:  # only the HF peer rows need it; without it they say so
-        import transformers  # lazy: optional, see above
-    except ImportError:
-        transformers = None
-    env = dict(device=torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-               torch=torch.__version__, transformers=transformers and transformers.__version__, dtype=str(dtype),
-               python=platform.python_version())
-    if device.type == "cuda":
-        import triton  # lazy: only its version, and only on CUDA
-
-        env.update(triton=triton.__version__, cudnn=torch.backends.cudnn.version())
+    env = environment(device, dtype)
     copy_gbps = copy_bandwidth_gbps(device)
     print(json.dumps(env), f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)
     rows, began = [], time.perf_counter()
@@ -343,7 +369,7 @@ def main(argv=None) -> dict:
         if not r.get("step_ms"):
             continue
         context_bytes = r["batch"] * r["context"] * r["kv_bytes_per_token"]
-        r["floor_ms"] = (r["weight_bytes"] + context_bytes) / (copy_gbps * 1e6)
+        r["floor_ms"] = byte_floor_ms(r["weight_bytes"], context_bytes, copy_gbps)
         r["floor_ratio"] = r["step_ms"] / r["floor_ms"]
         dense = dense_rate.get((r["model"], r["batch"], r["context"], r["mode"]))
         if dense and r["attention"] != "dense" and not r["mode"].startswith("hf"):
