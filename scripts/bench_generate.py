@@ -86,6 +86,14 @@ def points(text: str) -> list[tuple[int, int]]:
     return [tuple(int(v) for v in point.split(":")) for point in text.split(",") if point]
 
 
+def device_and_dtype(args, script: str, cpu_hint: str = "use --quick (CPU) or --device cpu") -> tuple:
+    """The run's torch device and dtype from --device / --dtype, refusing CUDA where there is none."""
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"{script}: no CUDA device; {cpu_hint}")
+    return device, torch.bfloat16 if args.dtype == "bf16" else torch.float32
+
+
 def sync(device):
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -298,10 +306,7 @@ def summarize(rows: list[dict]) -> list[str]:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("bench_generate.py: no CUDA device; use --quick (CPU) or --device cpu")
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    device, dtype = device_and_dtype(args, "bench_generate.py")
     models, attentions = args.models.split(","), args.attentions.split(",")
     batches, contexts = args.batches.split(","), int_list(args.contexts)
     compile_at, hf_at = points(args.compile_at), points(args.hf_at)

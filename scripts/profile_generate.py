@@ -41,6 +41,7 @@ from bench_generate import (  # noqa: E402  (the benchmark's model, cache fill, 
     TIMED_WARMUP,
     byte_floor_ms,
     copy_bandwidth_gbps,
+    device_and_dtype,
     environment,
     make_model,
     ready_decoder,
@@ -250,10 +251,7 @@ def print_report(r: dict) -> None:
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("profile_generate.py: no CUDA device; use --quick (CPU) or --device cpu --mode eager")
-    dtype = torch.bfloat16 if args.dtype == "bf16" else torch.float32
+    device, dtype = device_and_dtype(args, "profile_generate.py", "use --quick (CPU) or --device cpu --mode eager")
     max_len = args.context + TIMED_WARMUP + 2 * args.steps + 1
     model = make_model(args.model, args.attention, max_len, args, device, dtype)
     copy_gbps = copy_bandwidth_gbps(device)
