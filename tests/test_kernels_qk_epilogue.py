@@ -12,7 +12,7 @@ import models.attention as seam
 import models.qwen3 as qwen3
 import sfa
 from models.qwen3 import Qwen3, Qwen3Config, RotaryEmbedding, apply_rope
-from sfa.kernels.qk_epilogue import qk_norm_rope, qk_norm_rope_bwd_op, qk_norm_rope_op
+from sfa.kernels.qk_epilogue import qk_norm_rope, qk_norm_rope_bwd_op, qk_norm_rope_op, selection_bytes
 
 # fp32: the kernel and the fp64 oracle differ by fp32 rounding of a few ops per entry (plus a sum over
 # rows for the weight gradient); fp16: one rounding of the output (2^-11) and of the inputs' gradient.
@@ -22,6 +22,12 @@ EPS = 1e-6
 # all of them in the interpreter; on the GPU the two launches are separately compiled kernels, which may
 # contract a multiply-add differently and so round an entry one 16-bit ulp apart and flip a near tie.
 ROW_AGREEMENT = {"cpu": 1.0, "cuda": 0.999}
+
+
+def unpack(selection, d):
+    """The forward's recorded selection (..., D/8) uint8 as a boolean (..., D) mask: bit j of byte c is column 8c + j."""
+    bits = (selection.long().unsqueeze(-1) >> torch.arange(8, device=selection.device)) & 1
+    return bits.flatten(-2)[..., :d].bool()
 
 
 def rel_err(got, want):
@@ -48,8 +54,8 @@ def oracle(x, weight, cos, sin, topk, dense_dims, support=None):
 
 def check(x, weight, cos, sin, topk, dense_dims, tol, grad=None, own_support=True):
     """The kernel's rows, dx and d weight against the fp64 oracle. own_support=False: the oracle scores the
-    kernel's support (16-bit rounding can flip a near tie); the selection itself is then checked exactly
-    against sfa.topk_sparsify on the kernel's own unmasked rows."""
+    selection the kernel recorded (16-bit rounding can flip a near tie), which must be what its rows kept;
+    the selection itself is then checked exactly against sfa.topk_sparsify on the kernel's own unmasked rows."""
     x = x.detach().requires_grad_()
     weight = weight.detach().requires_grad_()
     out = qk_norm_rope(x, weight, EPS, cos, sin, topk=topk, dense_dims=dense_dims)
@@ -59,12 +65,15 @@ def check(x, weight, cos, sin, topk, dense_dims, tol, grad=None, own_support=Tru
     support = None
     if topk is not None and not own_support:
         rows = qk_norm_rope(x.detach(), weight.detach(), EPS, cos, sin)
-        support = out != 0
+        k = 0 if dense_dims + topk == x.shape[-1] else topk
+        masked, selection = qk_norm_rope_op(x.detach(), weight.detach(), cos, sin, EPS, k, dense_dims, x.dtype)
+        support = unpack(selection, x.shape[-1])
+        assert torch.equal(masked, out) and torch.equal(masked, torch.where(support, masked, 0))
+        assert (support.sum(-1) == dense_dims + topk).all()
         tail = sfa.topk_sparsify(rows[..., dense_dims:], topk).mask()
         want = torch.cat([torch.ones_like(tail[..., :dense_dims]), tail], dim=-1)
-        same = (out == rows * want).all(-1).double().mean().item()
+        same = (support == want).all(-1).double().mean().item()
         assert same >= ROW_AGREEMENT[x.device.type], f"the kernel's selection is sfa.topk's in only {same:.4%} of rows"
-        support = want
     x64, w64 = x.detach().double().requires_grad_(), weight.detach().double().requires_grad_()
     ref, support = oracle(x64, w64, cos, sin, topk, dense_dims, support)
     ref.backward(grad.double())
@@ -124,6 +133,42 @@ def test_ties_go_to_the_lower_column_as_in_sfa_topk():
     assert torch.equal(out != 0, sfa.topk_sparsify(rows, 7).mask() & (rows != 0))
 
 
+def check_backward_follows_the_record(x, w, cos, sin, topk, dense_dims, tol):
+    """The forward records its kept columns (D/8 bytes per row), exactly the oracle's on its rounded rows
+    (fp32) or what its rows kept (16-bit, where rounding may flip a near tie); the backward applies a record,
+    not a selection of its own: fed the record of a different selection, its gradients are the oracle's on it."""
+    b, t, h, d = x.shape
+    out, selection = qk_norm_rope_op(x, w, cos, sin, EPS, topk, dense_dims, x.dtype)
+    assert selection.shape == (b, t, h, selection_bytes(d)) and selection.dtype == torch.uint8
+    kept = unpack(selection, d)
+    assert torch.equal(out, torch.where(kept, out, 0)) and (kept.sum(-1) == dense_dims + topk).all()
+    if x.dtype == torch.float32:
+        _, want = oracle(x.double(), w, cos, sin, topk, dense_dims)
+        assert torch.equal(kept, want.bool())
+    # Another valid selection: in every row, the first kept column past dense_dims swapped for the first dropped.
+    other = kept.clone()
+    tail = other[..., dense_dims:]
+    first_kept, first_dropped = tail.int().argmax(-1, keepdim=True), (~tail).int().argmax(-1, keepdim=True)
+    tail.scatter_(-1, first_kept, False).scatter_(-1, first_dropped, True)
+    weights = 1 << torch.arange(8, device=x.device)
+    packed = (other.view(b, t, h, -1, 8).long() * weights).sum(-1).to(torch.uint8)
+    grad = torch.randn(x.shape, device=x.device).to(x.dtype)
+    gx, gw = qk_norm_rope_bwd_op(grad, x, w, cos, sin, packed, EPS, topk, dense_dims)
+    x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
+    ref, _ = oracle(x64, w64, cos, sin, topk, dense_dims, support=other)
+    ref.backward(grad.double())
+    assert rel_err(gx, x64.grad) < tol and rel_err(gw, w64.grad) < tol
+
+
+@pytest.mark.parametrize("rope", ["full", "decoupled"])
+@pytest.mark.parametrize("d", [40, 64])
+def test_recorded_selection_is_the_forwards_and_the_backward_follows_it(d, rope):
+    rotary, dense_dims = ROPES[rope](d)
+    cos, sin = tables(5, rotary)
+    check_backward_follows_the_record(torch.randn(2, 5, 3, d), torch.rand(d) + 0.5, cos, sin, 6, dense_dims,
+                                      TOL[torch.float32])
+
+
 def test_keeping_every_coordinate_is_no_mask():
     x, w = torch.randn(1, 3, 2, 32), torch.rand(32) + 0.5
     cos, sin = tables(3, 8)
@@ -159,7 +204,9 @@ def test_opcheck_and_compile():
     x, w = torch.randn(1, 3, 2, 16, requires_grad=True), (torch.rand(16) + 0.5).requires_grad_()
     cos, sin = tables(3, 16)
     torch.library.opcheck(qk_norm_rope_op, (x, w, cos, sin, EPS, 4, 0, torch.float32))
-    torch.library.opcheck(qk_norm_rope_bwd_op, (torch.randn(1, 3, 2, 16), x.detach(), w.detach(), cos, sin, EPS, 4, 0))
+    _, selection = qk_norm_rope_op(x.detach(), w.detach(), cos, sin, EPS, 4, 0, torch.float32)
+    torch.library.opcheck(qk_norm_rope_bwd_op, (torch.randn(1, 3, 2, 16), x.detach(), w.detach(), cos, sin, selection,
+                                                EPS, 4, 0))
     f = torch.compile(lambda x, w: qk_norm_rope(x, w, EPS, cos, sin, topk=4), fullgraph=True, backend="aot_eager")
     f(x, w).square().sum().backward()
     got = (x.grad, w.grad)
@@ -303,6 +350,16 @@ def test_gpu_bf16_forward_and_grads(rope, topk):
     x = torch.randn(b, h, t, d, device="cuda", dtype=torch.bfloat16).transpose(1, 2)
     check(x, torch.rand(d, device="cuda") + 0.5, cos, sin, topk, dense_dims if topk else 0, TOL[torch.bfloat16],
           own_support=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("rope", ["full", "decoupled"])
+def test_gpu_bf16_backward_follows_the_recorded_selection(rope):
+    rotary, dense_dims = ROPES[rope](128)
+    cos, sin = tables(1023, rotary)
+    x = torch.randn(4, 1023, 6, 128, device="cuda", dtype=torch.bfloat16)
+    check_backward_follows_the_record(x, torch.rand(128, device="cuda") + 0.5, cos.cuda(), sin.cuda(), 16,
+                                      dense_dims, TOL[torch.bfloat16])
 
 
 @pytest.mark.gpu

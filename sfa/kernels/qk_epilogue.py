@@ -10,9 +10,12 @@ Selection: on the output rows as rounded to the output dtype, with the packed-ke
 sfa/kernels/topk.py (larger |value| first, then the lower column), so the kept coordinates are exactly
 `sfa.topk_sparsify`'s on the unfused path's rows when both round the same values.
 
-Backward (straight-through, exact): the mask is recomputed from x (cheaper than saving it), the output
-gradient is zeroed off the mask, then pulled back through RoPE (the transpose of the rotation) and
-RMSNorm; the norm weight's gradient is reduced in fp32 from one partial row per program.
+Backward (straight-through, exact): the forward records its selection as a bitmask (one bit per column,
+D/8 bytes per row: 16 at D = 128, an eighth of the masked row's bytes) and the backward applies that record.
+Recomputing the mask from x instead would cost no memory, but a separately compiled kernel may round an entry
+one 16-bit ulp differently and resolve a near tie the other way, putting gradient on a coordinate the forward
+dropped. The output gradient is zeroed off the mask, then pulled back through RoPE (the transpose of the
+rotation) and RMSNorm; the norm weight's gradient is reduced in fp32 from one partial row per program.
 
 Layout: x (B, T, H, D), any strides with the last one 1 (e.g. a view of the projection's output);
 cos/sin (T, R) (RotaryEmbedding's cached tables, any float dtype); output (B, T, H, D) contiguous. Every
@@ -29,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ._config import KERNEL_DTYPES, interpreting, kernel_can_run_on, next_pow2, num_sms
-from .topk import MAX_DIM
+from .topk import MAX_DIM, keep_top_k
 
 
 @triton.jit
@@ -74,38 +77,32 @@ def _normed_rotated(X, W, COS, SIN, base, t, cols, partner, row_ok, col_ok, s_co
 def _keep(zo, cols, col_ok, D: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, DENSE: tl.constexpr,
           KEY64: tl.constexpr):
     """The top-k mask of rows zo (already in the output dtype) past the first DENSE columns, which are kept:
-    sfa/kernels/topk.py's packed keys, so ties go to the lower column exactly as there."""
-    if KEY64:
-        magnitude = (zo.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
-        tie_break = (D - 1 - cols).to(tl.int64)
-        above_all = 0x7FFFFFFFFFFFFFFF
-    else:
-        magnitude = zo.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
-        tie_break = D - 1 - cols
-        above_all = 0x7FFFFFFF
-    key = (magnitude << 8) | tie_break[None, :]
-    selectable = col_ok & (cols >= DENSE)
-    key = tl.where(selectable[None, :], key, -1)
-    top = tl.topk(key, K_PAD)
-    if K_PAD != K:
-        top = tl.where(tl.arange(0, K_PAD)[None, :] < K, top, above_all)
-    kth = tl.min(top, axis=1)  # keys are distinct within a row: exactly K selectable entries are >= it
-    return (key >= kth[:, None]) | (cols < DENSE)[None, :]
+    sfa/kernels/topk.py's selection, so ties go to the lower column exactly as there."""
+    return keep_top_k(zo, cols, col_ok & (cols >= DENSE), D, K, K_PAD, KEY64) | (cols < DENSE)[None, :]
 
 
 @triton.jit
-def _at_partner_kept(gzp, keep, partner):
-    """gzp zeroed where the partner column is not kept: keep[:, partner[j]], gathered along the row."""
-    idx = tl.zeros_like(keep.to(tl.int32)) + partner[None, :]
-    keep_p = tl.gather(keep.to(tl.int32), idx, axis=1)
-    return tl.where(keep_p != 0, gzp, 0.0)
+def _store_bits(BITS, keep, rows64, row_ok, NB: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+    """keep (BLOCK_R, D_PAD) as NB bytes per row: bit j of byte c is column 8c + j."""
+    weights = 1 << (tl.arange(0, D_PAD) % 8)
+    packed = tl.sum(tl.reshape(tl.where(keep, weights[None, :], 0), (BLOCK_R, D_PAD // 8, 8)), axis=2)
+    byte_cols = tl.arange(0, D_PAD // 8)
+    tl.store(BITS + rows64[:, None] * NB + byte_cols[None, :], packed.to(tl.uint8),
+             mask=row_ok[:, None] & (byte_cols < NB)[None, :])
+
+
+@triton.jit
+def _load_bits(BITS, rows64, at_cols, ok, NB: tl.constexpr):
+    """The recorded keep mask at columns at_cols (BLOCK_R, D_PAD) of each row."""
+    byte = tl.load(BITS + rows64[:, None] * NB + (at_cols // 8)[None, :], mask=ok, other=0).to(tl.int32)
+    return ((byte >> (at_cols % 8)[None, :]) & 1) != 0
 
 
 @triton.jit
 def _fwd_kernel(
-    X, W, COS, SIN, OUT, n_rows, T, H, sx_b, sx_t, sx_h, s_cos, eps,
+    X, W, COS, SIN, OUT, BITS, n_rows, T, H, sx_b, sx_t, sx_h, s_cos, eps,
     D: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-    DENSE: tl.constexpr, KEY64: tl.constexpr, BLOCK_R: tl.constexpr,
+    DENSE: tl.constexpr, KEY64: tl.constexpr, NB: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.arange(0, D_PAD)
@@ -114,15 +111,17 @@ def _fwd_kernel(
     _, _, _, _, z = _normed_rotated(X, W, COS, SIN, base, t, cols, partner, row_ok, col_ok, s_cos, eps, D, R)
     zo = z.to(OUT.dtype.element_ty)
     if K > 0:
-        zo = tl.where(_keep(zo, cols, col_ok, D, K, K_PAD, DENSE, KEY64), zo, 0.0)
+        keep = _keep(zo, cols, col_ok, D, K, K_PAD, DENSE, KEY64)
+        zo = tl.where(keep, zo, 0.0)
+        _store_bits(BITS, keep, rows64, row_ok, NB, D_PAD, BLOCK_R)
     tl.store(OUT + rows64[:, None] * D + cols[None, :], zo, mask=row_ok[:, None] & col_ok[None, :])
 
 
 @triton.jit
 def _bwd_kernel(
-    X, W, COS, SIN, GO, GX, GW_PART, n_rows, T, H, sx_b, sx_t, sx_h, sg_b, sg_t, sg_h, s_cos, eps,
+    X, W, COS, SIN, BITS, GO, GX, GW_PART, n_rows, T, H, sx_b, sx_t, sx_h, sg_b, sg_t, sg_h, s_cos, eps,
     D: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
-    DENSE: tl.constexpr, KEY64: tl.constexpr, BLOCK_R: tl.constexpr,
+    DENSE: tl.constexpr, KEY64: tl.constexpr, NB: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     pid = tl.program_id(0)
     n_programs = tl.num_programs(0)
@@ -136,12 +135,11 @@ def _bwd_kernel(
         x, r, n, w, z = _normed_rotated(X, W, COS, SIN, base, t, cols, partner, row_ok, col_ok, s_cos, eps, D, R)
         g_base = b * sg_b + t * sg_t + h * sg_h
         gz = tl.load(GO + g_base[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
-        if K > 0:  # straight-through: the gradient passes at the kept coordinates only
-            keep = _keep(z.to(GO.dtype.element_ty), cols, col_ok, D, K, K_PAD, DENSE, KEY64)
-            gz = tl.where(keep, gz, 0.0)
+        if K > 0:  # straight-through: the gradient passes at the coordinates the forward kept only
+            gz = tl.where(_load_bits(BITS, rows64, cols, ok, NB), gz, 0.0)
         if R > 0:
             # The transpose of the rotation: gy_j = gz_j c_j + ss_p gz_p (p the partner of j, ss the signed
-            # sine). gz_p is loaded again at the partner columns, its mask read off the keys at those columns.
+            # sine). gz_p is loaded again at the partner columns, masked by the record at those columns.
             rot = row_ok[:, None] & (cols < R)[None, :]
             trig = t[:, None] * s_cos + cols[None, :]
             trig_p = t[:, None] * s_cos + partner[None, :]
@@ -150,7 +148,7 @@ def _bwd_kernel(
             ssp = tl.where((cols < R // 2)[None, :], sp, -sp)  # the partner's signed sine
             gzp = tl.load(GO + g_base[:, None] + partner[None, :], mask=ok, other=0.0).to(tl.float32)
             if K > 0:
-                gzp = _at_partner_kept(gzp, keep, partner)
+                gzp = tl.where(_load_bits(BITS, rows64, partner, ok, NB), gzp, 0.0)
             gy = gz * c + ssp * gzp
         else:
             gy = gz
@@ -179,9 +177,21 @@ def _launch(kernel, grid_rows, *args, **meta):
     _tuned[kernel][grid](*args, **meta)
 
 
+def selection_bytes(d: int) -> int:
+    """Bytes per row of the forward's recorded selection (one bit per column)."""
+    return triton.cdiv(d, 8)
+
+
 def _meta(d: int, rotary_dims: int, topk: int, dense_dims: int, out_dtype: torch.dtype) -> dict:
-    return dict(D=d, D_PAD=max(2, next_pow2(d)), R=rotary_dims, K=topk, K_PAD=max(1, next_pow2(topk)),
-                DENSE=dense_dims, KEY64=out_dtype == torch.float32)
+    # D_PAD >= 8: the selection is packed eight columns to a byte
+    return dict(D=d, D_PAD=max(8, next_pow2(d)), R=rotary_dims, K=topk, K_PAD=max(1, next_pow2(topk)),
+                DENSE=dense_dims, KEY64=out_dtype == torch.float32, NB=selection_bytes(d))
+
+
+def _new_selection(x: torch.Tensor, topk: int) -> torch.Tensor:
+    """(B, T, H, D/8) uint8 for the forward to record its top-k in; empty without top-k (nothing to record)."""
+    b, t, h, d = x.shape
+    return torch.empty((b, t, h, selection_bytes(d) if topk else 0), dtype=torch.uint8, device=x.device)
 
 
 def _tables(x: torch.Tensor, cos, sin):
@@ -202,19 +212,23 @@ def _forward(x, weight, cos, sin, eps: float, topk: int, dense_dims: int, out_dt
     x = _unit_last_stride(x)
     b, t, h, d = x.shape
     out = torch.empty((b, t, h, d), dtype=out_dtype, device=x.device)
+    selection = _new_selection(x, topk)
     n_rows = b * t * h
     if n_rows == 0:
-        return out
+        return out, selection
     cos, sin, s_cos, rotary = _tables(x, cos, sin)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _launch(_fwd_kernel, lambda br: triton.cdiv(n_rows, br),
-                x, weight, cos, sin, out, n_rows, t, h, x.stride(0), x.stride(1), x.stride(2), s_cos, eps,
-                **_meta(d, rotary, topk, dense_dims, out_dtype))
-    return out
+                x, weight, cos, sin, out, selection if topk else out, n_rows, t, h, x.stride(0), x.stride(1),
+                x.stride(2), s_cos, eps, **_meta(d, rotary, topk, dense_dims, out_dtype))
+    return out, selection
 
 
-def _backward(grad, x, weight, cos, sin, eps: float, topk: int, dense_dims: int):
+def _backward(grad, x, weight, cos, sin, selection, eps: float, topk: int, dense_dims: int):
     x, grad = _unit_last_stride(x), _unit_last_stride(grad)
+    if topk and selection.shape != (*x.shape[:-1], selection_bytes(x.shape[-1])):
+        raise ValueError(f"qk_norm_rope backward: the recorded selection has shape {tuple(selection.shape)}, "
+                         f"expected {(*x.shape[:-1], selection_bytes(x.shape[-1]))} (the forward's)")
     b, t, h, d = x.shape
     gx = torch.empty((b, t, h, d), dtype=x.dtype, device=x.device)
     n_rows = b * t * h
@@ -225,7 +239,7 @@ def _backward(grad, x, weight, cos, sin, eps: float, topk: int, dense_dims: int)
     partials = torch.empty((programs, d), dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _launch(_bwd_kernel, lambda br: programs,
-                x, weight, cos, sin, grad, gx, partials, n_rows, t, h, x.stride(0), x.stride(1), x.stride(2),
+                x, weight, cos, sin, selection.contiguous() if topk else x, grad, gx, partials, n_rows, t, h, x.stride(0), x.stride(1), x.stride(2),
                 grad.stride(0), grad.stride(1), grad.stride(2), s_cos, eps,
                 **_meta(d, rotary, topk, dense_dims, grad.dtype))
     return gx, partials.sum(0).to(weight.dtype)
@@ -236,38 +250,40 @@ def _backward(grad, x, weight, cos, sin, eps: float, topk: int, dense_dims: int)
 
 @torch.library.custom_op("sfa::qk_norm_rope", mutates_args=())
 def qk_norm_rope_op(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
-                    eps: float, topk: int, dense_dims: int, out_dtype: torch.dtype) -> torch.Tensor:
+                    eps: float, topk: int, dense_dims: int, out_dtype: torch.dtype
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The rows and the recorded selection (see _new_selection)."""
     return _forward(x, weight, cos, sin, eps, topk, dense_dims, out_dtype)
 
 
 @qk_norm_rope_op.register_fake
 def _(x, weight, cos, sin, eps, topk, dense_dims, out_dtype):
-    return x.new_empty(x.shape, dtype=out_dtype)
+    return x.new_empty(x.shape, dtype=out_dtype), _new_selection(x, topk)
 
 
 @torch.library.custom_op("sfa::qk_norm_rope_bwd", mutates_args=())
 def qk_norm_rope_bwd_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | None,
-                        sin: torch.Tensor | None, eps: float, topk: int, dense_dims: int
+                        sin: torch.Tensor | None, selection: torch.Tensor, eps: float, topk: int, dense_dims: int
                         ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _backward(grad, x, weight, cos, sin, eps, topk, dense_dims)
+    return _backward(grad, x, weight, cos, sin, selection, eps, topk, dense_dims)
 
 
 @qk_norm_rope_bwd_op.register_fake
-def _(grad, x, weight, cos, sin, eps, topk, dense_dims):
+def _(grad, x, weight, cos, sin, selection, eps, topk, dense_dims):
     return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
 def _setup_context(ctx, inputs, output):
     x, weight, cos, sin, eps, topk, dense_dims, out_dtype = inputs
-    ctx.save_for_backward(x, weight, cos, sin)
+    ctx.save_for_backward(x, weight, cos, sin, output[1])
+    ctx.mark_non_differentiable(output[1])
     ctx.eps, ctx.topk, ctx.dense_dims, ctx.out_dtype = eps, topk, dense_dims, out_dtype
 
 
-def _backward_rule(ctx, grad):
-    x, weight, cos, sin = ctx.saved_tensors
-    # The mask is recomputed on rows rounded to the output dtype, which is the gradient's.
-    gx, gw = torch.ops.sfa.qk_norm_rope_bwd(grad.to(ctx.out_dtype), x, weight, cos, sin, ctx.eps, ctx.topk,
-                                            ctx.dense_dims)
+def _backward_rule(ctx, grad, _grad_selection):
+    x, weight, cos, sin, selection = ctx.saved_tensors
+    gx, gw = torch.ops.sfa.qk_norm_rope_bwd(grad.to(ctx.out_dtype), x, weight, cos, sin, selection, ctx.eps,
+                                            ctx.topk, ctx.dense_dims)
     return gx, gw, None, None, None, None, None, None
 
 
@@ -317,4 +333,4 @@ def qk_norm_rope(x: torch.Tensor, weight: torch.Tensor, eps: float, cos: torch.T
         raise ValueError(f"{fn}: out_dtype={out_dtype} must be one of {KERNEL_DTYPES}")
     # Keeping every coordinate past dense_dims is no mask at all (as sfa.topk.masked_rows returns x itself).
     k = 0 if topk is None or dense_dims + topk == d else topk
-    return qk_norm_rope_op(x, weight, cos, sin, float(eps), k, dense_dims if k else 0, out_dtype)
+    return qk_norm_rope_op(x, weight, cos, sin, float(eps), k, dense_dims if k else 0, out_dtype)[0]

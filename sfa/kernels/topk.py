@@ -26,6 +26,28 @@ MAX_DIM = 256  # column numbers must fit the 8 low bits of the key and a uint8 i
 
 
 @triton.jit
+def keep_top_k(x, cols, selectable, D: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr, KEY64: tl.constexpr):
+    """The one tie rule of every fused selection: a (rows, D_PAD) mask of the K largest |x| among the
+    `selectable` columns of each row, ties to the lower column (the packed keys of this module's docstring).
+    x is in the dtype the selection is made in (fp32 keys are int64, 16-bit ones int32)."""
+    if KEY64:
+        magnitude = (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
+        tie_break = (D - 1 - cols).to(tl.int64)
+        above_all = 0x7FFFFFFFFFFFFFFF
+    else:
+        magnitude = x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
+        tie_break = D - 1 - cols
+        above_all = 0x7FFFFFFF
+    key = (magnitude << 8) | tie_break[None, :]
+    key = tl.where(selectable[None, :], key, -1)  # -1: below every key, never selected
+    top = tl.topk(key, K_PAD)  # (rows, K_PAD), descending
+    if K_PAD != K:
+        top = tl.where(tl.arange(0, K_PAD)[None, :] < K, top, above_all)
+    kth_key = tl.min(top, axis=1)  # keys are distinct within a row, so exactly K entries are >= it
+    return key >= kth_key[:, None]
+
+
+@triton.jit
 def _topk_rows_kernel(
     X, VALUES, INDICES, MASKED,
     n_rows, stride_x_row,
@@ -40,24 +62,7 @@ def _topk_rows_kernel(
     rows64 = rows.to(tl.int64)
     x = tl.load(X + rows64[:, None] * stride_x_row + cols[None, :], mask=ok, other=0.0)
 
-    if KEY64:
-        magnitude = (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF).to(tl.int64)
-        tie_break = (D - 1 - cols).to(tl.int64)
-        never = -1
-        above_all = 0x7FFFFFFFFFFFFFFF
-    else:
-        magnitude = x.to(tl.int16, bitcast=True).to(tl.int32) & 0x7FFF
-        tie_break = D - 1 - cols
-        never = -1
-        above_all = 0x7FFFFFFF
-    key = (magnitude << 8) | tie_break[None, :]
-    key = tl.where(col_ok[None, :], key, never)
-
-    top = tl.topk(key, K_PAD)  # (BLOCK_R, K_PAD), descending
-    if K_PAD != K:
-        top = tl.where(tl.arange(0, K_PAD)[None, :] < K, top, above_all)
-    kth_key = tl.min(top, axis=1)  # keys are distinct within a row, so exactly K entries are >= it
-    keep = key >= kth_key[:, None]
+    keep = keep_top_k(x, cols, col_ok, D, K, K_PAD, KEY64)
 
     slot = tl.cumsum(keep.to(tl.int32), axis=1) - 1  # position in the ascending index list
     out = rows64[:, None] * K + slot
