@@ -1,0 +1,90 @@
+#!/usr/bin/env bash
+# A queue of study runs, GPU tests and benchmarks for one call to a lent GPU machine with a wall-clock limit:
+# every job is cut to the time left, a cut training run is given time to save its checkpoint (train.py's SIGTERM
+# handler), and the next call with the same jobs resumes it (train.resume=auto). Run dirs stay on the machine
+# (under workspace/, which survives between calls while the machine is held) and are copied without checkpoints
+# to $OUT/runs.tgz after every call.
+#
+#   scripts/gpu_session.sh DEADLINE_S JOB [JOB ...]
+# JOBs:
+#   FAMILY:ARM:SEED      one arm of scripts/quality_study.sh --list-arms (STUDY, default study_pkg), e.g. qwen3:dense:2
+#   tests:PATH[,PATH]    scripts/gpu_tests.sh on those test files (log to $OUT/gpu_tests_<files>.log)
+#   profile_generate     scripts/profile_generate.py, dense and SFA, B=1, 32k context, CUDA graphs
+#   e2e_epilogue         scripts/e2e_throughput.py, Qwen3 1k, dense vs masked SFA, fused vs unfused QK epilogue
+# Environment: OUT (results folder, default workspace/gpu_session_out), CORPUS_DIR (pkg_corpus parts, default
+# .carry/pkg_corpus), WHEELS (hydra/omegaconf wheels from scripts/gpu_wheels.sh, default .whl), RUNS (run dirs,
+# default workspace/rope/full), OVERRIDES (extra Hydra overrides for every training run), GIT_COMMIT (the commit
+# the copied tree is at; it travels without .git).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+DEADLINE_S=${1:?usage: scripts/gpu_session.sh DEADLINE_S JOB [JOB ...]}
+shift
+OUT=${OUT:-workspace/gpu_session_out}
+CORPUS_DIR=${CORPUS_DIR:-.carry/pkg_corpus}
+WHEELS=${WHEELS:-.whl}
+RUNS=${RUNS:-workspace/rope/full}
+STUDY=${STUDY:-study_pkg}
+read -r -a overrides <<<"${OVERRIDES:-}"
+CHECKPOINT_GRACE_S=45   # a cut run's checkpoint of a 124M model takes seconds; leave it room
+start=$(date +%s)
+mkdir -p "$OUT" "$RUNS"
+export GIT_COMMIT=${GIT_COMMIT:-unknown}
+
+if ! python -c "import hydra" 2>/dev/null; then
+  python -m pip install -q --no-index --no-deps --target /tmp/site "$WHEELS"/*.whl >/dev/null
+  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+
+left() { echo $((DEADLINE_S - ($(date +%s) - start))); }
+summary=()
+
+run_timed() {  # NAME LIMIT_S COMMAND...: run with SIGTERM at LIMIT_S, SIGKILL after the grace time
+  local name=$1 limit=$2
+  shift 2
+  local t0=$(date +%s)
+  timeout --signal=TERM --kill-after=$CHECKPOINT_GRACE_S "$limit" "$@"
+  local rc=$?
+  summary+=("$(printf '%-40s rc=%-4s %5ss' "$name" "$rc" $(($(date +%s) - t0)))")
+}
+
+for job in "$@"; do
+  budget=$(($(left) - CHECKPOINT_GRACE_S))
+  if ((budget < 20)); then summary+=("$(printf '%-40s not started: %ss left' "$job" "$(left)")"); continue; fi
+  case $job in
+    tests:*)
+      IFS=, read -r -a paths <<<"${job#tests:}"
+      tag=$(basename -a "${paths[@]}" | sed 's/\.py$//' | paste -sd+)
+      GPU_TESTS_LOG=$OUT/gpu_tests_$tag.log run_timed "$job" "$budget" bash scripts/gpu_tests.sh "${paths[@]}" \
+        >"$OUT/stdout_tests_$tag.txt" 2>&1
+      tail -n 3 "$OUT/stdout_tests_$tag.txt" ;;
+    profile_generate)
+      for a in dense sfa; do
+        run_timed "profile_generate $a" "$(($(left) - CHECKPOINT_GRACE_S))" python scripts/profile_generate.py \
+          --attention $a --batch 1 --context 32768 --mode graph --out "$OUT/profile_generate_$a.json" \
+          >"$OUT/profile_generate_$a.txt" 2>&1
+        tail -n 25 "$OUT/profile_generate_$a.txt"
+      done ;;
+    e2e_epilogue)
+      run_timed "$job" "$budget" python scripts/e2e_throughput.py --out "$OUT/e2e_epilogue" --shapes qwen3_1k \
+        --attention dense masked --compile off --qk-epilogue fused unfused --seconds 15 >"$OUT/e2e_epilogue.txt" 2>&1
+      tail -n 15 "$OUT/e2e_epilogue.txt" ;;
+    *:*:*)
+      IFS=: read -r family arm seed <<<"$job"
+      line=$(bash scripts/quality_study.sh --list-arms | awk -v f="$family" -v a="$arm" '$1 == f && $2 == a')
+      if [[ -z $line ]]; then summary+=("$job: no such arm in scripts/quality_study.sh --list-arms"); continue; fi
+      read -r -a arm_overrides <<<"$(cut -d' ' -f3- <<<"$line")"
+      dir=$RUNS/seed$seed/$family/$arm
+      if python scripts/run_finished.py "$dir"; then summary+=("$(printf '%-40s finished before' "$job")"); continue; fi
+      mkdir -p "$RUNS/logs"
+      run_timed "$job" "$budget" python train.py "experiment=${STUDY}_$family" logging=disabled train.resume=auto \
+        "root=$RUNS/root" "out_dir=$dir" "data.corpus_dir=$CORPUS_DIR" train.seed="$seed" "${arm_overrides[@]}" \
+        "${overrides[@]}" </dev/null >>"$RUNS/logs/seed$seed-$family-$arm.log" 2>&1
+      tail -n 2 "$RUNS/logs/seed$seed-$family-$arm.log" ;;
+    *) summary+=("$job: unknown job (see scripts/gpu_session.sh's header)") ;;
+  esac
+done
+
+# Run dirs without checkpoints or prepared data: metrics, configs, logs.
+tar -czf "$OUT/runs.tgz" --exclude='*.pt' --exclude='checkpoint*' --exclude="$RUNS/root" "$RUNS" 2>/dev/null
+echo "== gpu_session.sh: commit $GIT_COMMIT, $(($(date +%s) - start)) s of $DEADLINE_S"
+printf '%s\n' "${summary[@]}"
