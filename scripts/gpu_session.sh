@@ -53,7 +53,7 @@ for job in "$@"; do
   case $job in
     tests:*)
       IFS=, read -r -a paths <<<"${job#tests:}"
-      tag=$(basename -a "${paths[@]}" | sed 's/\.py$//' | paste -sd+)
+      tag=$(basename -a "${paths[@]}" | sed 's/\.py$//' | paste -sd_)
       GPU_TESTS_LOG=$OUT/gpu_tests_$tag.log run_timed "$job" "$budget" bash scripts/gpu_tests.sh "${paths[@]}" \
         >"$OUT/stdout_tests_$tag.txt" 2>&1
       tail -n 3 "$OUT/stdout_tests_$tag.txt" ;;
