@@ -9,8 +9,12 @@
 # JOBs:
 #   FAMILY:ARM:SEED      one arm of scripts/quality_study.sh --list-arms (STUDY, default study_pkg), e.g. qwen3:dense:2
 #   tests:PATH[,PATH]    scripts/gpu_tests.sh on those test files (log to $OUT/gpu_tests_<files>.log)
-#   profile_generate     scripts/profile_generate.py, dense and SFA, B=1, 32k context, CUDA graphs
-#   e2e_epilogue         scripts/e2e_throughput.py, Qwen3 1k, dense vs masked SFA, fused vs unfused QK epilogue
+#   profile_generate[:MODE]  scripts/profile_generate.py, dense and SFA, B=1, 32k context, MODE graph (default),
+#                        compile or eager
+#   e2e_epilogue[:compile]   scripts/e2e_throughput.py, Qwen3 1k, dense vs masked SFA, fused vs unfused QK
+#                        epilogue, eager (default) or compiled
+#   bench_generate_points    scripts/bench_generate.py at B=4, 32k: dense, short, SFA by graph and compile, and
+#                        HF generate at B=4, 4k (the points docs/inference.md lists as not run)
 # Environment: OUT (results folder, default workspace/gpu_session_out), CORPUS_DIR (pkg_corpus parts, default
 # .carry/pkg_corpus), WHEELS (hydra/omegaconf wheels from scripts/gpu_wheels.sh, default .whl), RUNS (run dirs,
 # default workspace/rope/full), OVERRIDES (extra Hydra overrides for every training run), GIT_COMMIT (the commit
@@ -57,17 +61,26 @@ for job in "$@"; do
       GPU_TESTS_LOG=$OUT/gpu_tests_$tag.log run_timed "$job" "$budget" bash scripts/gpu_tests.sh "${paths[@]}" \
         >"$OUT/stdout_tests_$tag.txt" 2>&1
       tail -n 3 "$OUT/stdout_tests_$tag.txt" ;;
-    profile_generate)
+    profile_generate | profile_generate:*)
+      mode=graph
+      [[ $job == *:* ]] && mode=${job#*:}
       for a in dense sfa; do
-        run_timed "profile_generate $a" "$(($(left) - CHECKPOINT_GRACE_S))" python scripts/profile_generate.py \
-          --attention $a --batch 1 --context 32768 --mode graph --out "$OUT/profile_generate_$a.json" \
-          >"$OUT/profile_generate_$a.txt" 2>&1
-        tail -n 25 "$OUT/profile_generate_$a.txt"
+        run_timed "profile_generate $a $mode" "$(($(left) - CHECKPOINT_GRACE_S))" python scripts/profile_generate.py \
+          --attention $a --batch 1 --context 32768 --mode "$mode" --out "$OUT/profile_generate_${a}_$mode.json" \
+          >"$OUT/profile_generate_${a}_$mode.txt" 2>&1
+        tail -n 25 "$OUT/profile_generate_${a}_$mode.txt"
       done ;;
-    e2e_epilogue)
-      run_timed "$job" "$budget" python scripts/e2e_throughput.py --out "$OUT/e2e_epilogue" --shapes qwen3_1k \
-        --attention dense masked --compile off --qk-epilogue fused unfused --seconds 15 >"$OUT/e2e_epilogue.txt" 2>&1
-      tail -n 15 "$OUT/e2e_epilogue.txt" ;;
+    e2e_epilogue | e2e_epilogue:compile)
+      compile=off tag=e2e_epilogue
+      [[ $job == *:compile ]] && compile=on tag=e2e_epilogue_compiled
+      run_timed "$job" "$budget" python scripts/e2e_throughput.py --out "$OUT/$tag" --shapes qwen3_1k \
+        --attention dense masked --compile $compile --qk-epilogue fused unfused --seconds 15 >"$OUT/$tag.txt" 2>&1
+      tail -n 15 "$OUT/$tag.txt" ;;
+    bench_generate_points)
+      run_timed "$job" "$budget" python scripts/bench_generate.py --models qwen3_0.6b --attentions dense,short,sfa \
+        --batches 4 --contexts 32768 --compile-at 4:32768 --compile-attentions dense,short,sfa --hf-at 4:4096 \
+        --out "$OUT/bench_generate_points.json" >"$OUT/bench_generate_points.txt" 2>&1
+      tail -n 20 "$OUT/bench_generate_points.txt" ;;
     *:*:*)
       IFS=: read -r family arm seed <<<"$job"
       line=$(bash scripts/quality_study.sh --list-arms | awk -v f="$family" -v a="$arm" '$1 == f && $2 == a')
