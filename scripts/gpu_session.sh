@@ -15,8 +15,8 @@
 #                        epilogue, eager (default) or compiled
 #   bench_generate_points    scripts/bench_generate.py at B=4, 32k: dense, short, SFA by graph and compile, and
 #                        HF generate at B=4, 4k (the points docs/inference.md lists as not run)
-# Environment: OUT (results folder, default workspace/gpu_session_out), CORPUS_DIR (pkg_corpus parts, default
-# .carry/pkg_corpus), WHEELS (hydra/omegaconf wheels from scripts/gpu_wheels.sh, default .whl), RUNS (run dirs,
+# Environment: OUT (results folder, default workspace/gpu_session_out), STUDY (default study_pkg), CORPUS_DIR
+# (pkg_corpus parts, default .carry/pkg_corpus for STUDY=study_pkg, none for the other studies' corpora), WHEELS (hydra/omegaconf wheels from scripts/gpu_wheels.sh, default .whl), RUNS (run dirs,
 # default workspace/rope/full), OVERRIDES (extra Hydra overrides for every training run), GIT_COMMIT (the commit
 # the copied tree is at; it travels without .git).
 set -uo pipefail
@@ -24,10 +24,12 @@ cd "$(dirname "$0")/.."
 DEADLINE_S=${1:?usage: scripts/gpu_session.sh DEADLINE_S JOB [JOB ...]}
 shift
 OUT=${OUT:-workspace/gpu_session_out}
-CORPUS_DIR=${CORPUS_DIR:-.carry/pkg_corpus}
 WHEELS=${WHEELS:-.whl}
 RUNS=${RUNS:-workspace/rope/full}
 STUDY=${STUDY:-study_pkg}
+[[ $STUDY == study_pkg ]] && CORPUS_DIR=${CORPUS_DIR:-.carry/pkg_corpus}
+corpus=()
+[[ -n ${CORPUS_DIR:-} ]] && corpus=("data.corpus_dir=$CORPUS_DIR")
 read -r -a overrides <<<"${OVERRIDES:-}"
 CHECKPOINT_GRACE_S=45   # a cut run's checkpoint of a 124M model takes seconds; leave it room
 start=$(date +%s)
@@ -90,7 +92,7 @@ for job in "$@"; do
       if python scripts/run_finished.py "$dir"; then summary+=("$(printf '%-40s finished before' "$job")"); continue; fi
       mkdir -p "$RUNS/logs"
       run_timed "$job" "$budget" python train.py "experiment=${STUDY}_$family" logging=disabled train.resume=auto \
-        "root=$RUNS/root" "out_dir=$dir" "data.corpus_dir=$CORPUS_DIR" train.seed="$seed" "${arm_overrides[@]}" \
+        "root=$RUNS/root" "out_dir=$dir" "${corpus[@]}" train.seed="$seed" "${arm_overrides[@]}" \
         "${overrides[@]}" </dev/null >>"$RUNS/logs/seed$seed-$family-$arm.log" 2>&1
       tail -n 2 "$RUNS/logs/seed$seed-$family-$arm.log" ;;
     *) summary+=("$job: unknown job (see scripts/gpu_session.sh's header)") ;;

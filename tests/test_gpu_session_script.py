@@ -1,0 +1,46 @@
+"""scripts/gpu_session.sh on the CPU at toy sizes: a study run, skipped once finished; a job that would start past
+the deadline is not started; test-log names the device tool returns (no '+'); unknown jobs and arms are named."""
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+TOY = ("train.max_steps=2 train.eval_every=1 train.eval_batches=1 model.n_layer=1 train.seq_len=64 "
+       "train.batch_tokens=256 train.micro_batch=4 optim.warmup_steps=1")
+
+
+def session(tmp_path, deadline: int, *jobs: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs"), "STUDY": "study",
+           "OVERRIDES": TOY, "GIT_COMMIT": "abc1234"}
+    return subprocess.run(["bash", "scripts/gpu_session.sh", str(deadline), *jobs], cwd=REPO, capture_output=True,
+                          text=True, env=env, timeout=600)
+
+
+def summary(done: subprocess.CompletedProcess) -> list[str]:
+    return done.stdout.split("== gpu_session.sh: commit abc1234", 1)[1].splitlines()[1:]
+
+
+@pytest.mark.slow
+def test_a_study_run_then_skipped_and_a_late_job_not_started(tmp_path):
+    done = session(tmp_path, 600, "gpt2:dense:1", "gpt2:dense:1")
+    lines = summary(done)
+    assert lines[0].split()[:2] == ["gpt2:dense:1", "rc=0"], done.stdout + done.stderr
+    assert lines[1].split()[1:] == ["finished", "before"]
+    config = (tmp_path / "runs" / "seed1" / "gpt2" / "dense" / "config.yaml").read_text()
+    assert "seed: 1" in config and "max_steps: 2" in config
+    assert (tmp_path / "out" / "runs.tgz").exists()
+    late = session(tmp_path, 30, "gpt2:sfa-k8:1")  # 30 s leave less than the checkpoint grace plus a run
+    assert summary(late)[0].split()[1:3] == ["not", "started:"]
+    assert not (tmp_path / "runs" / "seed1" / "gpt2" / "sfa-k8").exists()
+
+
+def test_bad_jobs_are_named_and_test_logs_have_plain_names(tmp_path):
+    done = session(tmp_path, 300, "bogus", "qwen3:nope:1", "tests:tests/test_topk.py,tests/test_sfa_errors.py")
+    lines = summary(done)
+    assert lines[0] == "bogus: unknown job (see scripts/gpu_session.sh's header)"
+    assert lines[1] == "qwen3:nope:1: no such arm in scripts/quality_study.sh --list-arms"
+    # gpu_tests.sh refuses a machine without CUDA; its log is still written, under a name of plain characters
+    assert (tmp_path / "out" / "gpu_tests_test_topk_test_sfa_errors.log").exists(), os.listdir(tmp_path / "out")
