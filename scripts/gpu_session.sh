@@ -13,6 +13,7 @@
 #                        compile or eager
 #   e2e_epilogue[:compile]   scripts/e2e_throughput.py, Qwen3 1k, dense vs masked SFA, fused vs unfused QK
 #                        epilogue, eager (default) or compiled
+#   bench_epilogue       scripts/bench_topk.py --epilogue-only: the fused QK epilogue against the unfused ops
 #   bench_generate_points    scripts/bench_generate.py at B=4, 32k: dense, short, SFA by graph and compile, and
 #                        HF generate at B=4, 4k (the points docs/inference.md lists as not run)
 # Environment: OUT (results folder, default workspace/gpu_session_out), STUDY (default study_pkg), CORPUS_DIR
@@ -78,6 +79,10 @@ for job in "$@"; do
       run_timed "$job" "$budget" python scripts/e2e_throughput.py --out "$OUT/$tag" --shapes qwen3_1k \
         --attention dense masked --compile $compile --qk-epilogue fused unfused --seconds 15 >"$OUT/$tag.txt" 2>&1
       tail -n 15 "$OUT/$tag.txt" ;;
+    bench_epilogue)
+      run_timed "$job" "$budget" python scripts/bench_topk.py --epilogue-only --out "$OUT/bench_epilogue.json" \
+        >"$OUT/bench_epilogue.txt" 2>&1
+      tail -n 20 "$OUT/bench_epilogue.txt" ;;
     bench_generate_points)
       run_timed "$job" "$budget" python scripts/bench_generate.py --models qwen3_0.6b --attentions dense,short,sfa \
         --batches 4 --contexts 32768 --compile-at 4:32768 --compile-attentions dense,short,sfa --hf-at 4:4096 \
