@@ -12,7 +12,8 @@ Shapes: gpt2_1k (GPT-2 small, 1,024 tokens, micro-batch 16, 32k tokens per step)
 micro-batch 2, 64k per step), qwen3_1k (the Qwen3 study shape of docs/results.md, experiment=study_large_qwen3:
 12 layers, d_model 768, head dim 128, GQA 6/3, at 1,024 tokens, micro-batch 16). SFA uses k = head dim / 8
 (8 for GPT-2, 16 for Qwen3). Every arm trains on the embedded corpus in bf16 (train.dtype=auto on CUDA) for
---seconds after its warm-up (--compile-warmup more seconds with compile), evaluates and checkpoints only
+--seconds after its warm-up (--eager-warmup more seconds, for Triton's one-time autotuning of the fused top-k
+and epilogue kernels in the first steps; --compile-warmup more with compile), evaluates and checkpoints only
 at the end (the checkpoint is deleted afterwards), and logs every 10 steps. Steady state: the median
 tokens/s of the records after the first fifth of the steps and after the first log window, which holds
 compilation and autotuning (scripts/summarize_throughput.py). MFU is against executed FLOPs
@@ -62,11 +63,11 @@ def arm_name(shape: str, attention: str, compiled: bool, epilogue: str = "unfuse
 
 
 def overrides(shape: str, attention: str, compiled: bool, seconds: float, warmup: float, out: Path,
-              extra=(), epilogue: str = "unfused") -> list[str]:
+              extra=(), epilogue: str = "unfused", eager_warmup: float = 0.0) -> list[str]:
     k, shape_overrides = SHAPES[shape]
     att = ["attention=dense"] if attention == "dense" else ["attention=sfa", f"attention.k={k}",
                                                             f"attention.backend={attention}"]
-    limit = seconds + (warmup if compiled else 0)
+    limit = seconds + (warmup if compiled else eager_warmup)
     return [*shape_overrides, *COMMON, *att, f"train.compile={str(compiled).lower()}", f"train.time_limit_s={limit}",
             f"root={out / 'root'}", f"out_dir={out / arm_name(shape, attention, compiled, epilogue)}", *extra]
 
@@ -77,7 +78,8 @@ def run_arm(shape, attention, compiled, epilogue, args) -> None:
     if run_dir.exists():
         shutil.rmtree(run_dir)  # a fresh run: an old arm's metrics must not mix in
     cmd = [sys.executable, str(REPO / "train.py"),
-           *overrides(shape, attention, compiled, args.seconds, args.compile_warmup, args.out, args.set, epilogue)]
+           *overrides(shape, attention, compiled, args.seconds, args.compile_warmup, args.out, args.set, epilogue,
+                      args.eager_warmup)]
     env = {**os.environ, "SFA_QK_EPILOGUE": EPILOGUES[epilogue]}
     started = time.perf_counter()
     done = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env)
@@ -157,11 +159,15 @@ def main(argv=None) -> None:
     parser.add_argument("--seconds", type=float, default=20.0, help="training seconds per arm after warm-up")
     parser.add_argument("--compile-warmup", type=float, default=40.0,
                         help="extra seconds for arms with compile (compilation happens inside the timed loop)")
+    parser.add_argument("--eager-warmup", type=float, default=10.0,
+                        help="extra seconds for arms without compile: Triton autotunes the SFA top-k and the fused "
+                             "epilogue in the first steps, which left the fused arms few steps to measure")
     parser.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                         help="train.py overrides for every arm, after the arm's own (e.g. train.compile_backend=...)")
     parser.add_argument("--summarize", action="store_true", help="run nothing; print the table of what OUT holds")
     args = parser.parse_args(argv)
-    for name, value in (("--seconds", args.seconds), ("--compile-warmup", args.compile_warmup)):
+    for name, value in (("--seconds", args.seconds), ("--compile-warmup", args.compile_warmup),
+                        ("--eager-warmup", args.eager_warmup)):
         if not value >= 0 or (name == "--seconds" and value == 0):
             parser.error(f"{name} must be a positive number of seconds, got {value}")
     args.out.mkdir(parents=True, exist_ok=True)
