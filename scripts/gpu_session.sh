@@ -16,10 +16,11 @@
 #   bench_epilogue       scripts/bench_topk.py --epilogue-only: the fused QK epilogue against the unfused ops
 #   bench_generate_points    scripts/bench_generate.py at B=4, 32k: dense, short, SFA by graph and compile, and
 #                        HF generate at B=4, 4k (the points docs/inference.md lists as not run)
-# Environment: OUT (results folder, default workspace/gpu_session_out), STUDY (default study_pkg), CORPUS_DIR
-# (pkg_corpus parts, default .carry/pkg_corpus for STUDY=study_pkg, none for the other studies' corpora), WHEELS (hydra/omegaconf wheels from scripts/gpu_wheels.sh, default .whl), RUNS (run dirs,
-# default workspace/rope/full), OVERRIDES (extra Hydra overrides for every training run), GIT_COMMIT (the commit
-# the copied tree is at; it travels without .git).
+# Environment: OUT (results folder, default workspace/gpu_session_out); STUDY (default study_pkg); CORPUS_DIR
+# (pkg_corpus parts, default .carry/pkg_corpus for STUDY=study_pkg, none for the other studies' corpora); WHEELS
+# (hydra/omegaconf wheels from scripts/gpu_wheels.sh, default .whl); RUNS (run dirs, default workspace/rope/full);
+# OVERRIDES (extra Hydra overrides for every training run); GIT_COMMIT (the commit the copied tree is at; it
+# travels without .git).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEADLINE_S=${1:?usage: scripts/gpu_session.sh DEADLINE_S JOB [JOB ...]}
@@ -54,9 +55,13 @@ run_timed() {  # NAME LIMIT_S COMMAND...: run with SIGTERM at LIMIT_S, SIGKILL a
   summary+=("$(printf '%-40s rc=%-4s %5ss' "$name" "$rc" $(($(date +%s) - t0)))")
 }
 
-for job in "$@"; do
+too_late() {  # NAME: true (and noted) when less than 20 s would be left for it before the checkpoint grace
   budget=$(($(left) - CHECKPOINT_GRACE_S))
-  if ((budget < 20)); then summary+=("$(printf '%-40s not started: %ss left' "$job" "$(left)")"); continue; fi
+  ((budget < 20)) && summary+=("$(printf '%-40s not started: %ss left' "$1" "$(left)")")
+}
+
+for job in "$@"; do
+  too_late "$job" && continue
   case $job in
     tests:*)
       IFS=, read -r -a paths <<<"${job#tests:}"
@@ -68,7 +73,8 @@ for job in "$@"; do
       mode=graph
       [[ $job == *:* ]] && mode=${job#*:}
       for a in dense sfa; do
-        run_timed "profile_generate $a $mode" "$(($(left) - CHECKPOINT_GRACE_S))" python scripts/profile_generate.py \
+        too_late "profile_generate $a $mode" && continue
+        run_timed "profile_generate $a $mode" "$budget" python scripts/profile_generate.py \
           --attention $a --batch 1 --context 32768 --mode "$mode" --out "$OUT/profile_generate_${a}_$mode.json" \
           >"$OUT/profile_generate_${a}_$mode.txt" 2>&1
         tail -n 25 "$OUT/profile_generate_${a}_$mode.txt"

@@ -30,6 +30,12 @@ def unpack(selection, d):
     return bits.flatten(-2)[..., :d].bool()
 
 
+def pack(mask):
+    """unpack's inverse for D a multiple of 8: a boolean (..., D) mask as the (..., D/8) uint8 record."""
+    weights = 1 << torch.arange(8, device=mask.device)
+    return (mask.unflatten(-1, (-1, 8)).long() * weights).sum(-1).to(torch.uint8)
+
+
 def rel_err(got, want):
     return ((got.double() - want).norm() / want.norm()).item()
 
@@ -150,10 +156,8 @@ def check_backward_follows_the_record(x, w, cos, sin, topk, dense_dims, tol):
     tail = other[..., dense_dims:]
     first_kept, first_dropped = tail.int().argmax(-1, keepdim=True), (~tail).int().argmax(-1, keepdim=True)
     tail.scatter_(-1, first_kept, False).scatter_(-1, first_dropped, True)
-    weights = 1 << torch.arange(8, device=x.device)
-    packed = (other.view(b, t, h, -1, 8).long() * weights).sum(-1).to(torch.uint8)
     grad = torch.randn(x.shape, device=x.device).to(x.dtype)
-    gx, gw = qk_norm_rope_bwd_op(grad, x, w, cos, sin, packed, EPS, topk, dense_dims)
+    gx, gw = qk_norm_rope_bwd_op(grad, x, w, cos, sin, pack(other), EPS, topk, dense_dims)
     x64, w64 = x.double().requires_grad_(), w.double().requires_grad_()
     ref, _ = oracle(x64, w64, cos, sin, topk, dense_dims, support=other)
     ref.backward(grad.double())

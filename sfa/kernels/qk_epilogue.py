@@ -11,7 +11,7 @@ sfa/kernels/topk.py (larger |value| first, then the lower column), so the kept c
 `sfa.topk_sparsify`'s on the unfused path's rows when both round the same values.
 
 Backward (straight-through, exact): the forward records its selection as a bitmask (one bit per column,
-D/8 bytes per row: 16 at D = 128, an eighth of the masked row's bytes) and the backward applies that record.
+D/8 bytes per row: 16 at D = 128, a sixteenth of a 16-bit row's 2·D) and the backward applies that record.
 Recomputing the mask from x instead would cost no memory, but a separately compiled kernel may round an entry
 one 16-bit ulp differently and resolve a near tie the other way, putting gradient on a coordinate the forward
 dropped. The output gradient is zeroed off the mask, then pulled back through RoPE (the transpose of the
@@ -239,8 +239,8 @@ def _backward(grad, x, weight, cos, sin, selection, eps: float, topk: int, dense
     partials = torch.empty((programs, d), dtype=torch.float32, device=x.device)
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
         _launch(_bwd_kernel, lambda br: programs,
-                x, weight, cos, sin, selection.contiguous() if topk else x, grad, gx, partials, n_rows, t, h, x.stride(0), x.stride(1), x.stride(2),
-                grad.stride(0), grad.stride(1), grad.stride(2), s_cos, eps,
+                x, weight, cos, sin, selection.contiguous() if topk else x, grad, gx, partials, n_rows, t, h,
+                x.stride(0), x.stride(1), x.stride(2), grad.stride(0), grad.stride(1), grad.stride(2), s_cos, eps,
                 **_meta(d, rotary, topk, dense_dims, grad.dtype))
     return gx, partials.sum(0).to(weight.dtype)
 
