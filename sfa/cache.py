@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from .topk import SparseCode, check_dense_dims, index_dtype_for, topk_sparsify
+from .topk import SparseCode, check_dense_dims, fast_topk_sparsify, index_dtype_for
 
 
 def _element_size(dtype: torch.dtype) -> int:
@@ -163,8 +163,9 @@ class LayerCache:
         return self.cached_keys(self.capacity), self.values
 
     def _code_of(self, k: torch.Tensor | SparseCode) -> SparseCode:
-        """The top-k code an SFA cache stores for keys k (dense keys are selected here)."""
-        code = k if isinstance(k, SparseCode) else topk_sparsify(k, self.topk, self.dense_dims)
+        """The top-k code an SFA cache stores for keys k (dense keys are selected here, by the fused kernel where
+        one is registered for their device: a decode step codes its new keys every layer)."""
+        code = k if isinstance(k, SparseCode) else fast_topk_sparsify(k, self.topk, self.dense_dims)
         if (code.k, code.dim, code.dense_dims) != (self.topk, self.head_dim, self.dense_dims):
             raise ValueError(
                 f"KV cache: key code has k={code.k}, dim={code.dim}, dense_dims={code.dense_dims}; the cache holds "

@@ -15,6 +15,7 @@ indices count from the start of the row, so they lie in [dense_dims, dim).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
@@ -150,6 +151,23 @@ def topk_sparsify(x: torch.Tensor, k: int, dense_dims: int = 0) -> SparseCode:
     idx = topk_indices(tail, k)
     code = SparseCode(values=tail.gather(-1, idx), indices=idx.to(index_dtype_for(tail.shape[-1])), dim=tail.shape[-1])
     return with_dense_prefix(x, code, dense_dims)
+
+
+# Faster implementations of `topk_sparsify` by device type, each bit-identical to it (same selection, ties
+# and index dtype): sfa/kernels registers the fused Triton kernel for CUDA when it imports. The dispatch lives
+# here, not in the callers, so code that must not import the kernels (the KV cache) still gets them.
+_FAST_TOPK_SPARSIFY: dict[str, Callable[[torch.Tensor, int, int], SparseCode]] = {}
+
+
+def register_topk_sparsify(device_type: str, fn: Callable[[torch.Tensor, int, int], SparseCode]) -> None:
+    """Make `fn(x, k, dense_dims)` what `fast_topk_sparsify` runs for tensors on `device_type`. It must return
+    exactly `topk_sparsify`'s code (and may fall back to it for inputs it does not take)."""
+    _FAST_TOPK_SPARSIFY[device_type] = fn
+
+
+def fast_topk_sparsify(x: torch.Tensor, k: int, dense_dims: int = 0) -> SparseCode:
+    """`topk_sparsify` by the implementation registered for x's device, else by the reference."""
+    return _FAST_TOPK_SPARSIFY.get(x.device.type, topk_sparsify)(x, k, dense_dims)
 
 
 def topk_mask(x: torch.Tensor, k: int, dense_dims: int = 0) -> torch.Tensor:

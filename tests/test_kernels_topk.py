@@ -116,3 +116,40 @@ def test_gpu_bit_exact_on_large_inputs(dtype, dim, k):
     assert torch.equal(indices, want.indices)
     assert torch.equal(values, want.values)
     assert torch.equal(masked, want.to_dense())
+
+
+def test_registered_as_the_cuda_key_coder_and_exact_with_dense_dims():
+    """sfa.kernels makes this kernel what the KV cache codes CUDA keys with (sfa.topk.fast_topk_sparsify); with
+    decoupled rows it must give the reference code exactly (leading dims kept, indices counted from the row start)."""
+    from sfa import topk as topk_module
+
+    assert topk_module._FAST_TOPK_SPARSIFY["cuda"] is fused_topk_sparsify
+    x = _with_ties(torch.randn(3, 5, 48))
+    for dense_dims, k in ((0, 6), (16, 6), (47, 1)):
+        code, want = fused_topk_sparsify(x, k, dense_dims), sfa.topk_sparsify(x, k, dense_dims)
+        assert code.indices.dtype == want.indices.dtype == torch.uint8
+        assert torch.equal(code.indices, want.indices) and torch.equal(code.values, want.values)
+        assert code.dense_dims == want.dense_dims == dense_dims
+        if dense_dims:
+            assert torch.equal(code.dense, want.dense)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dense_dims", [0, 32])
+def test_gpu_kv_cache_stores_the_reference_code(dense_dims):
+    """A CUDA SFA cache codes its keys with the fused kernel (prefill by append, decode steps by write): the
+    stored code must be the reference's, bit for bit, in bf16 with ties."""
+    from sfa.cache import LayerCache
+
+    b, h, t, d, k = 2, 8, 333, 128, 16
+    keys = _with_ties(torch.randn(b, h, t + 3, d, device="cuda").to(torch.bfloat16))
+    values = torch.randn(b, h, t + 3, d, device="cuda", dtype=torch.bfloat16)
+    cache = LayerCache(b, t + 3, h, d, d, topk=k, dtype=torch.bfloat16, device="cuda", dense_dims=dense_dims)
+    cache.append(keys[:, :, :t], values[:, :, :t])
+    for pos in range(t, t + 3):
+        cache.write(keys[:, :, pos : pos + 1], values[:, :, pos : pos + 1], torch.tensor([pos], device="cuda"))
+    want = sfa.topk_sparsify(keys, k, dense_dims)
+    assert torch.equal(cache.key_indices, want.indices)
+    assert torch.equal(cache.key_values, want.values)
+    if dense_dims:
+        assert torch.equal(cache.key_dense, want.dense)

@@ -109,3 +109,31 @@ def test_sparse_code_validates_its_fields():
         SparseCode(values=torch.randn(2, 3), indices=torch.zeros(2, 4, dtype=torch.uint8), dim=8)
     with pytest.raises(ValueError, match=r"k=3 must be in \[1, dim=2\]"):
         SparseCode(values=torch.randn(2, 3), indices=torch.zeros(2, 3, dtype=torch.uint8), dim=2)
+
+
+def test_fast_topk_sparsify_runs_what_is_registered_for_the_device(monkeypatch):
+    """The KV cache codes dense keys through `fast_topk_sparsify`: the registered implementation for the keys'
+    device when there is one (sfa/kernels registers the fused kernel for CUDA), else the reference."""
+    from sfa import topk as topk_module
+    from sfa.cache import LayerCache
+
+    keys = torch.randn(2, 3, 5, 16)
+    monkeypatch.delitem(topk_module._FAST_TOPK_SPARSIFY, "cpu", raising=False)
+    want = topk_sparsify(keys, 4, 6)
+    got = topk_module.fast_topk_sparsify(keys, 4, 6)
+    assert torch.equal(got.indices, want.indices) and torch.equal(got.values, want.values)
+    assert torch.equal(got.dense, want.dense)
+
+    calls = []
+
+    def spy(x, k, dense_dims):  # a correct implementation that records its calls
+        calls.append((tuple(x.shape), k, dense_dims))
+        return topk_sparsify(x, k, dense_dims)
+
+    monkeypatch.setitem(topk_module._FAST_TOPK_SPARSIFY, "cpu", spy)
+    cache = LayerCache(2, 8, 3, 16, 16, topk=4, dtype=torch.float32, dense_dims=6)
+    stored, _ = cache.append(keys, torch.randn(2, 3, 5, 16))
+    cache.write(keys[:, :, :1], torch.randn(2, 3, 1, 16), torch.tensor([5]))
+    assert calls == [((2, 3, 5, 16), 4, 6), ((2, 3, 1, 16), 4, 6)]
+    assert torch.equal(stored.indices, want.indices) and torch.equal(stored.values, want.values)
+    assert torch.equal(cache.key_indices[:, :, 5], want.indices[:, :, 0])

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..topk import SparseCode, check_dense_dims, index_dtype_for, topk_sparsify, with_dense_prefix
+from ..topk import SparseCode, check_dense_dims, index_dtype_for, register_topk_sparsify, topk_sparsify, with_dense_prefix
 from ._config import KERNEL_DTYPES, interpreting, kernel_can_run_on, next_pow2
 
 MAX_DIM = 256  # column numbers must fit the 8 low bits of the key and a uint8 index
@@ -243,3 +243,8 @@ def fused_topk_masked(x: torch.Tensor, k: int) -> tuple[SparseCode, torch.Tensor
     else:
         values, indices, masked = topk_code_masked_op(x, k)
     return SparseCode(values=values, indices=indices, dim=x.shape[-1]), masked
+
+
+# What `sfa.topk.fast_topk_sparsify` (the KV cache's key coding) runs on CUDA. Only CUDA: on CPU the
+# sort is faster than the interpreted kernel (tests that want the kernel on CPU call it by name).
+register_topk_sparsify("cuda", fused_topk_sparsify)
