@@ -1,8 +1,8 @@
 """Benchmark SFA decode over the compressed cache against dense decode: SDPA (cuDNN, flash), the masked SDPA
 the static-cache engine fell back to, and our split-KV dense decode kernel (the same kernel's dense-key mode).
 
-One query token per sequence (T=1; also T=4 at one point), GQA (32 query / 8 KV heads), D = Dv = 128,
-k = 16 (D/8), bf16, context 8k..128k, batch 1 and 8. Reports latency, the cache bytes each kernel must
+One query token per sequence (T=1; also T=4 at one point), GQA (32 query / 8 KV heads; --q-heads 16 gives
+Qwen3-0.6B's 16 / 8), D = Dv = 128, k = 16 (D/8), bf16, context 8k..128k, batch 1 and 8 (--batches). Reports latency, the cache bytes each kernel must
 read and the achieved GB/s against the measured device-to-device copy bandwidth (read + write), and
 KV-cache bytes per token. Launch-config sweeps pick the SFA kernel's config first (--no-sweep skips it) and,
 with --dense-sweep, the dense kernel's.
@@ -136,6 +136,12 @@ def sweep_configs() -> list[dict]:
                for block_l, warps, stages in ((64, 4, 3), (64, 4, 2))
                for per_sm, cap, min_keys in ((16, 128, 0), (16, 64, 0), (16, 32, 0), (16, 128, 1024), (16, 128, 2048),
                                              (8, 128, 0), (32, 128, 0))]
+    # Occupancy (docs/bench/topk_decode.md, Nsight Compute): 118 registers per thread let only 4 blocks of 128
+    # threads share an SM (65,536 registers), too few warps to hide the index -> gather -> softmax -> dot chain.
+    # ptx .maxnreg caps them (Triton's `maxnreg` launch option): 96, 80 and 64 fit 5, 6 and 8 blocks, if the
+    # compiler avoids spilling; more programs per SM give the extra blocks work.
+    configs += [dict(BLOCK_L=64, PROGRAMS_PER_SM=per_sm, SPLIT_CAP=64, num_warps=4, num_stages=2, maxnreg=regs)
+                for regs in (96, 80, 64) for per_sm in (16, 32)]
     return sweep(configs, lambda x, cfg: sfa_time(x[1], x[3], x[4], cfg, graph=True))
 
 
@@ -149,12 +155,19 @@ def sweep_dense_configs() -> list[dict]:
 
 
 def main():
+    global HQ
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default=None)
     p.add_argument("--no-sweep", action="store_true", help="skip the SFA kernel's config sweep")
     p.add_argument("--dense-sweep", action="store_true", help="also sweep the dense kernel's configs (~15 configs)")
     p.add_argument("--contexts", default="8192,16384,32768,65536,131072")
+    p.add_argument("--batches", default="1,8")
+    p.add_argument("--q-heads", type=int, default=HQ,
+                   help=f"query heads over the {HKV} KV heads (16: Qwen3-0.6B's GQA group of 2, the generate profile's)")
     args = p.parse_args()
+    if args.q_heads < HKV or args.q_heads % HKV:
+        p.error(f"--q-heads {args.q_heads} must be a multiple of the {HKV} KV heads")
+    HQ = args.q_heads  # every input and the row count of the programs follow it
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode.py: needs a CUDA GPU")
     torch.manual_seed(0)
@@ -185,7 +198,7 @@ def main():
     dense_bpt = HKV * (D + D) * 2
     sfa_bpt = HKV * (3 * K + 2 * D)
     table = []
-    for b in (1, 8):
+    for b in map(int, args.batches.split(",")):
         for n_keys in map(int, args.contexts.split(",")):
             for n_q in ((1, 4) if n_keys == 32768 else (1,)):
                 q, q_masked, keys, code, v = make_inputs(b, n_keys, n_q)

@@ -16,11 +16,14 @@
 #   bench_epilogue       scripts/bench_topk.py --epilogue-only: the fused QK epilogue against the unfused ops
 #   bench_generate_points    scripts/bench_generate.py at B=4, 32k: dense, short, SFA by graph and compile, and
 #                        HF generate at B=4, 4k (the points docs/inference.md lists as not run)
+#   bench_decode[:QHEADS]    scripts/bench_decode.py with QHEADS query heads over 8 KV heads (default 16, Qwen3-0.6B's),
+#                        B=1,4,16 at 32k and 128k, with its launch-config sweep
 # Environment: OUT (results folder, default workspace/gpu_session_out); STUDY (default study_pkg); CORPUS_DIR
 # (pkg_corpus parts, default .carry/pkg_corpus for STUDY=study_pkg, none for the other studies' corpora); WHEELS
 # (hydra/omegaconf wheels from scripts/gpu_wheels.sh, default .whl); RUNS (run dirs, default workspace/rope/full);
 # OVERRIDES (extra Hydra overrides for every training run); GIT_COMMIT (the commit the copied tree is at; it
-# travels without .git).
+# travels without .git); PACK_OUT=1 packs everything in OUT but runs.tgz into OUT/results.tgz at the end (for a
+# device tool that returns at most 8 files, 2 folders deep).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 DEADLINE_S=${1:?usage: scripts/gpu_session.sh DEADLINE_S JOB [JOB ...]}
@@ -89,6 +92,12 @@ for job in "$@"; do
       run_timed "$job" "$budget" python scripts/bench_topk.py --epilogue-only --out "$OUT/bench_epilogue.json" \
         >"$OUT/bench_epilogue.txt" 2>&1
       tail -n 20 "$OUT/bench_epilogue.txt" ;;
+    bench_decode | bench_decode:*)
+      qheads=16
+      [[ $job == *:* ]] && qheads=${job#*:}
+      run_timed "$job" "$budget" python scripts/bench_decode.py --q-heads "$qheads" --batches 1,4,16 \
+        --contexts 32768,131072 --out "$OUT/bench_decode_q$qheads.json" >"$OUT/bench_decode_q$qheads.txt" 2>&1
+      tail -n 25 "$OUT/bench_decode_q$qheads.txt" ;;
     bench_generate_points)
       run_timed "$job" "$budget" python scripts/bench_generate.py --models qwen3_0.6b --attentions dense,short,sfa \
         --batches 4 --contexts 32768 --compile-at 4:32768 --compile-attentions dense,short,sfa --hf-at 4:4096 \
@@ -112,5 +121,10 @@ done
 
 # Run dirs without checkpoints or prepared data: metrics, configs, logs.
 tar -czf "$OUT/runs.tgz" --exclude='*.pt' --exclude='checkpoint*' --exclude="$RUNS/root" "$RUNS" 2>/dev/null
+if [[ ${PACK_OUT:-0} == 1 ]]; then  # one archive instead of many files and deep folders; checkpoints stay behind
+  (cd "$OUT" && find . -mindepth 1 -maxdepth 1 ! -name runs.tgz ! -name results.tgz ! -name .packed -printf '%P\n' >.packed &&
+    tar -czf results.tgz --exclude='*.pt' --exclude='checkpoint*' --exclude='root' -T .packed &&
+    xargs -d '\n' rm -rf <.packed && rm -f .packed)
+fi
 echo "== gpu_session.sh: commit $GIT_COMMIT, $(($(date +%s) - start)) s of $DEADLINE_S"
 printf '%s\n' "${summary[@]}"

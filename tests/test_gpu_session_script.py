@@ -3,6 +3,7 @@ the deadline is not started; test-log names the device tool returns (no '+'); un
 
 import os
 import subprocess
+import tarfile
 from pathlib import Path
 
 import pytest
@@ -12,9 +13,9 @@ TOY = ("train.max_steps=2 train.eval_every=1 train.eval_batches=1 model.n_layer=
        "train.batch_tokens=256 train.micro_batch=4 optim.warmup_steps=1")
 
 
-def session(tmp_path, deadline: int, *jobs: str) -> subprocess.CompletedProcess:
+def session(tmp_path, deadline: int, *jobs: str, **extra_env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "OUT": str(tmp_path / "out"), "RUNS": str(tmp_path / "runs"), "STUDY": "study",
-           "OVERRIDES": TOY, "GIT_COMMIT": "abc1234"}
+           "OVERRIDES": TOY, "GIT_COMMIT": "abc1234", **extra_env}
     return subprocess.run(["bash", "scripts/gpu_session.sh", str(deadline), *jobs], cwd=REPO, capture_output=True,
                           text=True, env=env, timeout=600)
 
@@ -44,3 +45,19 @@ def test_bad_jobs_are_named_and_test_logs_have_plain_names(tmp_path):
     assert lines[1] == "qwen3:nope:1: no such arm in scripts/quality_study.sh --list-arms"
     # gpu_tests.sh refuses a machine without CUDA; its log is still written, under a name of plain characters
     assert (tmp_path / "out" / "gpu_tests_test_topk_test_sfa_errors.log").exists(), os.listdir(tmp_path / "out")
+
+
+def test_pack_out_leaves_two_archives_with_every_result_inside(tmp_path):
+    """The device tool returns at most 8 files, 2 folders deep: PACK_OUT=1 leaves runs.tgz and results.tgz only."""
+    out = tmp_path / "out"
+    (out / "arm" / "run" / "checkpoints").mkdir(parents=True)  # a result 3 folders down, and a checkpoint
+    (out / "arm" / "run" / "metrics.jsonl").write_text("{}\n")
+    (out / "arm" / "run" / "checkpoints" / "step_1.pt").write_text("weights")
+    done = session(tmp_path, 300, "bogus", "tests:tests/test_topk.py", PACK_OUT="1")
+    assert summary(done)[0].startswith("bogus: unknown job"), done.stdout + done.stderr
+    assert sorted(os.listdir(out)) == ["results.tgz", "runs.tgz"]
+    with tarfile.open(out / "results.tgz") as tar:
+        names = tar.getnames()
+    assert "gpu_tests_test_topk.log" in names and "stdout_tests_test_topk.txt" in names
+    assert "arm/run/metrics.jsonl" in names
+    assert not any(n.endswith(".pt") for n in names) and ".packed" not in names
