@@ -105,17 +105,20 @@ def cudnn_graph_time(q, keys, v) -> float:
     return bench_graph(fn)
 
 
-SWEEP_SHAPES = ((1, 131072, 1), (8, 32768, 1), (8, 131072, 1), (8, 32768, 4), (1, 32768, 1))  # [3]: 16 rows/program
+def sweep_shapes() -> tuple:
+    """(batch, context, queries) of the sweep; [3] has 16 rows per program (queries x the GQA group of HQ)."""
+    return ((1, 131072, 1), (8, 32768, 1), (8, 131072, 1), (8, 32768, max(1, 16 // (HQ // HKV))), (1, 32768, 1))
 
 
 def sweep(configs, time_of) -> list[dict]:
     """CUDA-graph timings (the kernels' GPU time; eager batch-1 timings are launch-bound on some hosts) of each
-    config at SWEEP_SHAPES, fastest first by the total over the < 16-row shapes."""
+    config at sweep_shapes(), fastest first by the total over the < 16-row shapes."""
     rows = []
-    inputs = {s: make_inputs(*s) for s in SWEEP_SHAPES}
+    shapes = sweep_shapes()
+    inputs = {s: make_inputs(*s) for s in shapes}
     for cfg in configs:
         try:
-            times = [time_of(inputs[s], dict(cfg)) for s in SWEEP_SHAPES]
+            times = [time_of(inputs[s], dict(cfg)) for s in shapes]
         except Exception as e:  # out of resources for this config
             print("config failed", cfg, str(e).splitlines()[0][:100])
             continue

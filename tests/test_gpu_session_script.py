@@ -58,6 +58,7 @@ def test_pack_out_leaves_two_archives_with_every_result_inside(tmp_path):
     assert sorted(os.listdir(out)) == ["results.tgz", "runs.tgz"]
     with tarfile.open(out / "results.tgz") as tar:
         names = tar.getnames()
+    names = [n.removeprefix("./") for n in names]
     assert "gpu_tests_test_topk.log" in names and "stdout_tests_test_topk.txt" in names
     assert "arm/run/metrics.jsonl" in names
     assert not any(n.endswith(".pt") for n in names) and ".packed" not in names

@@ -124,7 +124,7 @@ def test_registered_as_the_cuda_key_coder_and_exact_with_dense_dims():
     from sfa import topk as topk_module
 
     assert topk_module._FAST_TOPK_SPARSIFY["cuda"] is fused_topk_sparsify
-    x = _with_ties(torch.randn(3, 5, 48))
+    x = _with_ties(torch.randn(3, 5, 48, device="cuda" if torch.cuda.is_available() else "cpu"))  # else interpreted
     for dense_dims, k in ((0, 6), (16, 6), (47, 1)):
         code, want = fused_topk_sparsify(x, k, dense_dims), sfa.topk_sparsify(x, k, dense_dims)
         assert code.indices.dtype == want.indices.dtype == torch.uint8
