@@ -2,8 +2,8 @@
 the static-cache engine fell back to, and our split-KV dense decode kernel (the same kernel's dense-key mode).
 
 One query token per sequence (T=1; also T=4 at one point), GQA (32 query / 8 KV heads; --q-heads 16 gives
-Qwen3-0.6B's 16 / 8), D = Dv = 128, k = 16 (D/8), bf16, context 8k..128k, batch 1 and 8 (--batches). Reports latency, the cache bytes each kernel must
-read and the achieved GB/s against the measured device-to-device copy bandwidth (read + write), and
+Qwen3-0.6B's 16 / 8), D = Dv = 128, k = 16 (D/8), bf16, context 8k..128k, batch 1 and 8 (--batches).
+Reports latency, the cache bytes each kernel must read and the achieved GB/s against the measured device-to-device copy bandwidth (read + write), and
 KV-cache bytes per token. Launch-config sweeps pick the SFA kernel's config first (--no-sweep skips it) and,
 with --dense-sweep, the dense kernel's.
 Prints tables, writes JSON (--out, and $OUT/decode.json when $OUT is set). GPU only.
@@ -166,7 +166,8 @@ def main():
     p.add_argument("--contexts", default="8192,16384,32768,65536,131072")
     p.add_argument("--batches", default="1,8")
     p.add_argument("--q-heads", type=int, default=HQ,
-                   help=f"query heads over the {HKV} KV heads (16: Qwen3-0.6B's GQA group of 2, the generate profile's)")
+                   help=f"query heads over the {HKV} KV heads (16: Qwen3-0.6B's GQA group of 2, as in "
+                        "scripts/profile_generate.py)")
     args = p.parse_args()
     if args.q_heads < HKV or args.q_heads % HKV:
         p.error(f"--q-heads {args.q_heads} must be a multiple of the {HKV} KV heads")

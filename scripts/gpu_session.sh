@@ -120,12 +120,14 @@ for job in "$@"; do
 done
 
 # Run dirs without checkpoints or prepared data: metrics, configs, logs.
-tar -czf "$OUT/runs.tgz" --exclude='*.pt' --exclude='checkpoint*' --exclude="$RUNS/root" "$RUNS" 2>/dev/null
+no_weights=(--exclude='*.pt' --exclude='checkpoint*')
+tar -czf "$OUT/runs.tgz" "${no_weights[@]}" --exclude="$RUNS/root" "$RUNS" 2>/dev/null
 # One archive instead of many files and deep folders. Checkpoints and prepared data (root/) are not packed and are
 # deleted with the rest: the run dirs that need them for a resume live under $RUNS, not $OUT.
 if [[ ${PACK_OUT:-0} == 1 ]]; then
-  (cd "$OUT" && find . -mindepth 1 -maxdepth 1 ! -name runs.tgz ! -name results.tgz ! -name .packed -printf './%P\n' >.packed &&
-    tar -czf results.tgz --exclude='*.pt' --exclude='checkpoint*' --exclude='root' -T .packed &&
+  (cd "$OUT" &&
+    find . -mindepth 1 -maxdepth 1 ! -name runs.tgz ! -name results.tgz ! -name .packed -printf './%P\n' >.packed &&
+    tar -czf results.tgz "${no_weights[@]}" --exclude='root' -T .packed &&
     xargs -d '\n' rm -rf -- <.packed && rm -f .packed) || summary+=("PACK_OUT: packing failed, $OUT left as it was")
 fi
 echo "== gpu_session.sh: commit $GIT_COMMIT, $(($(date +%s) - start)) s of $DEADLINE_S"

@@ -19,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ..topk import SparseCode, check_dense_dims, index_dtype_for, register_topk_sparsify, topk_sparsify, with_dense_prefix
+from ..topk import (SparseCode, check_dense_dims, index_dtype_for, register_topk_sparsify, topk_sparsify,
+                    with_dense_prefix)
 from ._config import KERNEL_DTYPES, interpreting, kernel_can_run_on, next_pow2
 
 MAX_DIM = 256  # column numbers must fit the 8 low bits of the key and a uint8 index
