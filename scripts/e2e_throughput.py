@@ -136,6 +136,20 @@ def versions() -> dict:
     return info
 
 
+def run_versions(out: Path, summarize_only: bool) -> dict:
+    """The versions the arms ran with. --summarize may run on another machine (a laptop reading a GPU run's
+    folder): there the versions of the run that wrote OUT/e2e_throughput.json are kept, or, without one, this
+    machine's are marked as the summarizer's, not the runs'."""
+    here = versions()
+    if not summarize_only:
+        return here
+    previous = out / "e2e_throughput.json"
+    if previous.is_file():
+        ran = json.loads(previous.read_text())
+        return {key: ran.get(key) for key in here}
+    return {key: None for key in here} | {"device": "unknown (summarized only)", "summarized_with": here}
+
+
 def print_table(rows: list[dict]) -> None:
     ratio = lambda x: f"{x:.2f}" if x is not None else "-"  # noqa: E731
     print(f"{'shape':<9} {'attention':<7} {'compile':<8} {'epilogue':<9} {'tokens/s':>10} {'x dense':>8} "
@@ -182,7 +196,7 @@ def main(argv=None) -> None:
     rows = summarize(args.out)
     if not rows:
         raise SystemExit(f"{args.out}: no arm with metrics to summarize")
-    result = {**versions(), "seconds_per_arm": args.seconds, "rows": rows}
+    result = {**run_versions(args.out, args.summarize), "seconds_per_arm": args.seconds, "rows": rows}
     (args.out / "e2e_throughput.json").write_text(json.dumps(result, indent=2))
     print(f"{result['device']}, torch {result['torch']}, triton {result['triton']}, commit {result['commit']}")
     print_table(rows)
