@@ -61,3 +61,12 @@ def test_hf_generate_is_the_peer_on_the_same_weights(result):
         short = [r for r in hf if (r["model"], r["attention"], r["mode"]) == (model, "short", "hf")]
         assert short[0]["note"].startswith("HF cannot run it: to_hf: the short-embedding baseline")
     assert any(line.startswith("ours / HF tokens/s qwen3_tiny sfa") for line in result["summary"])
+
+
+def test_the_first_prefill_of_each_model_is_run_cold_before_the_timed_one(result):
+    rows = [r for r in result["rows"] if not r["batch_label"].startswith("hf")]
+    for model in ("gpt2_tiny", "qwen3_tiny"):
+        for attention in ("dense", "sfa", "short"):
+            mine = [r for r in rows if (r["model"], r["attention"]) == (model, attention)]
+            assert "prefill_cold_ms" in mine[0] and mine[0]["prefill_cold_ms"] > 0
+            assert not any("prefill_cold_ms" in r for r in mine[1:])
