@@ -9,10 +9,12 @@
 # JOBs:
 #   FAMILY:ARM:SEED      one arm of scripts/quality_study.sh --list-arms (STUDY, default study_pkg), e.g. qwen3:dense:2
 #   tests:PATH[,PATH]    scripts/gpu_tests.sh on those test files (log to $OUT/gpu_tests_<files>.log)
-#   profile_generate[:MODE]  scripts/profile_generate.py, dense and SFA, B=1, 32k context, MODE graph (default),
-#                        compile or eager
+#   profile_generate[:MODE[:BATCH]]  scripts/profile_generate.py, dense and SFA, 32k context, MODE graph (default),
+#                        compile or eager, BATCH sequences (default 1)
 #   e2e_epilogue[:compile]   scripts/e2e_throughput.py, Qwen3 1k, dense vs masked SFA, fused vs unfused QK
 #                        epilogue, eager (default) or compiled
+#   e2e_gpt2[:compile]   scripts/e2e_throughput.py, GPT-2 small at 1k and 8k, dense vs SFA masked and flash, eager
+#                        (default) or compiled
 #   bench_epilogue       scripts/bench_topk.py --epilogue-only: the fused QK epilogue against the unfused ops
 #   bench_generate_points    scripts/bench_generate.py at B=4, 32k: dense, short, SFA by graph and compile, and
 #                        HF generate at B=4, 4k (the points docs/inference.md lists as not run)
@@ -73,15 +75,22 @@ for job in "$@"; do
         >"$OUT/stdout_tests_$tag.txt" 2>&1
       tail -n 3 "$OUT/stdout_tests_$tag.txt" ;;
     profile_generate | profile_generate:*)
-      mode=graph
-      [[ $job == *:* ]] && mode=${job#*:}
+      IFS=: read -r _ mode batch <<<"$job"
+      mode=${mode:-graph} batch=${batch:-1}
       for a in dense sfa; do
-        too_late "profile_generate $a $mode" && continue
-        run_timed "profile_generate $a $mode" "$budget" python scripts/profile_generate.py \
-          --attention $a --batch 1 --context 32768 --mode "$mode" --out "$OUT/profile_generate_${a}_$mode.json" \
-          >"$OUT/profile_generate_${a}_$mode.txt" 2>&1
-        tail -n 25 "$OUT/profile_generate_${a}_$mode.txt"
+        tag=${a}_${mode}_b$batch
+        too_late "profile_generate $a $mode B=$batch" && continue
+        run_timed "profile_generate $a $mode B=$batch" "$budget" python scripts/profile_generate.py \
+          --attention $a --batch "$batch" --context 32768 --mode "$mode" --out "$OUT/profile_generate_$tag.json" \
+          >"$OUT/profile_generate_$tag.txt" 2>&1
+        tail -n 25 "$OUT/profile_generate_$tag.txt"
       done ;;
+    e2e_gpt2 | e2e_gpt2:compile)
+      compile=off tag=e2e_gpt2
+      [[ $job == *:compile ]] && compile=on tag=e2e_gpt2_compiled
+      run_timed "$job" "$budget" python scripts/e2e_throughput.py --out "$OUT/$tag" --shapes gpt2_1k gpt2_8k \
+        --attention dense masked flash --compile $compile --seconds 15 >"$OUT/$tag.txt" 2>&1
+      tail -n 15 "$OUT/$tag.txt" ;;
     e2e_epilogue | e2e_epilogue:compile)
       compile=off tag=e2e_epilogue
       [[ $job == *:compile ]] && compile=on tag=e2e_epilogue_compiled

@@ -62,3 +62,17 @@ def test_pack_out_leaves_two_archives_with_every_result_inside(tmp_path):
     assert "gpu_tests_test_topk.log" in names and "stdout_tests_test_topk.txt" in names
     assert "arm/run/metrics.jsonl" in names
     assert not any(n.endswith(".pt") for n in names) and ".packed" not in names
+
+
+def test_profile_generate_takes_a_mode_and_a_batch(tmp_path):
+    """profile_generate:MODE:BATCH runs dense and SFA at that batch; on the CPU the script refuses (no CUDA) after
+    its log has a name that says the mode and the batch."""
+    done = session(tmp_path, 300, "profile_generate:eager:4", "profile_generate")
+    lines = summary(done)
+    assert [line.split("rc=")[0].split() for line in lines] == [
+        ["profile_generate", "dense", "eager", "B=4"], ["profile_generate", "sfa", "eager", "B=4"],
+        ["profile_generate", "dense", "graph", "B=1"], ["profile_generate", "sfa", "graph", "B=1"]], done.stdout
+    logs = sorted(p.name for p in (tmp_path / "out").glob("profile_generate_*.txt"))
+    assert logs == ["profile_generate_dense_eager_b4.txt", "profile_generate_dense_graph_b1.txt",
+                    "profile_generate_sfa_eager_b4.txt", "profile_generate_sfa_graph_b1.txt"]
+    assert "no CUDA device" in (tmp_path / "out" / "profile_generate_sfa_eager_b4.txt").read_text()
