@@ -165,6 +165,9 @@ def main():
     p.add_argument("--dense-sweep", action="store_true", help="also sweep the dense kernel's configs (~15 configs)")
     p.add_argument("--contexts", default="8192,16384,32768,65536,131072")
     p.add_argument("--batches", default="1,8")
+    p.add_argument("--query-rows", default="1,4",
+                   help="query rows per sequence timed at 32k context (speculative or chunked decoding; other "
+                        "contexts time 1 row)")
     p.add_argument("--q-heads", type=int, default=HQ,
                    help=f"query heads over the {HKV} KV heads (16: Qwen3-0.6B's GQA group of 2, as in "
                         "scripts/profile_generate.py)")
@@ -172,6 +175,9 @@ def main():
     if args.q_heads < HKV or args.q_heads % HKV:
         p.error(f"--q-heads {args.q_heads} must be a multiple of the {HKV} KV heads")
     HQ = args.q_heads  # every input and the row count of the programs follow it
+    query_rows = tuple(map(int, args.query_rows.split(",")))
+    if not query_rows or min(query_rows) < 1:
+        p.error(f"--query-rows {args.query_rows} must be positive row counts, e.g. 1,4,8")
     if not torch.cuda.is_available():
         raise SystemExit("bench_decode.py: needs a CUDA GPU")
     torch.manual_seed(0)
@@ -204,7 +210,7 @@ def main():
     table = []
     for b in map(int, args.batches.split(",")):
         for n_keys in map(int, args.contexts.split(",")):
-            for n_q in ((1, 4) if n_keys == 32768 else (1,)):
+            for n_q in (query_rows if n_keys == 32768 else (1,)):
                 q, q_masked, keys, code, v = make_inputs(b, n_keys, n_q)
                 dense = dense_times(q, keys, v)
                 best_dense = min(t for name, t in dense.items() if isinstance(t, float))
@@ -222,7 +228,7 @@ def main():
                     t_kernel_graph = t_cudnn_graph = t_dense_kernel_graph = t_masked_graph = float("nan")
                 decode_mod.GPU_DECODE_CONFIG.update(best)
                 decode_mod.GPU_DECODE_CONFIG_WIDE.update(best_wide)
-                t_backend = bench(lambda: sfa.sfa_attention(q, code, v, topk_q=K, backend="decode"))
+                t_backend = bench(lambda q=q, code=code, v=v: sfa.sfa_attention(q, code, v, topk_q=K, backend="decode"))
                 dense_bytes, sfa_bytes = b * n_keys * dense_bpt, b * n_keys * sfa_bpt
                 table.append(dict(
                     batch=b, context=n_keys, queries=n_q, dense_ms=dense, best_dense_ms=best_dense,

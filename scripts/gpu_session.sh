@@ -19,7 +19,7 @@
 #   bench_generate_points    scripts/bench_generate.py at B=4, 32k: dense, short, SFA by graph and compile, and
 #                        HF generate at B=4, 4k (the points docs/inference.md lists as not run)
 #   bench_decode[:QHEADS]    scripts/bench_decode.py with QHEADS query heads over 8 KV heads (default 16, Qwen3-0.6B's),
-#                        B=1,4,16 at 32k and 128k, with its launch-config sweep
+#                        B=1,4,8,16 at 32k and 128k (1, 4 and 8 query rows at 32k), with its launch-config sweep
 # Environment: OUT (results folder, default workspace/gpu_session_out); STUDY (default study_pkg); CORPUS_DIR
 # (pkg_corpus parts, default .carry/pkg_corpus for STUDY=study_pkg, none for the other studies' corpora); WHEELS
 # (hydra/omegaconf wheels from scripts/gpu_wheels.sh, default .whl); RUNS (run dirs, default workspace/rope/full);
@@ -104,8 +104,9 @@ for job in "$@"; do
     bench_decode | bench_decode:*)
       qheads=16
       [[ $job == *:* ]] && qheads=${job#*:}
-      run_timed "$job" "$budget" python scripts/bench_decode.py --q-heads "$qheads" --batches 1,4,16 \
-        --contexts 32768,131072 --out "$OUT/bench_decode_q$qheads.json" >"$OUT/bench_decode_q$qheads.txt" 2>&1
+      run_timed "$job" "$budget" python scripts/bench_decode.py --q-heads "$qheads" --batches 1,4,8,16 \
+        --query-rows 1,4,8 --contexts 32768,131072 --out "$OUT/bench_decode_q$qheads.json" \
+        >"$OUT/bench_decode_q$qheads.txt" 2>&1
       tail -n 25 "$OUT/bench_decode_q$qheads.txt" ;;
     bench_generate_points)
       run_timed "$job" "$budget" python scripts/bench_generate.py --models qwen3_0.6b --attentions dense,short,sfa \
