@@ -37,9 +37,8 @@ except ImportError:
 # auto: on CUDA | on: wherever the kernel runs (also CPU under TRITON_INTERPRET=1, for the tests) | off: the
 # readable ops of Qwen3Attention.forward, which are its reference and the CPU path. Cached decoding keeps them.
 # From SFA_QK_EPILOGUE, so that scripts/e2e_throughput.py --qk-epilogue can measure one against the other.
-# Off by default: eager it is 1.2-1.3x faster end to end on the H200, and compiled SFA with it trains 1.10x dense,
-# but under torch.compile (where auto fuses too) it has not yet been measured against inductor's own fusion of the
-# norm and RoPE (docs/benchmarks.md).
+# Off by default: eager it is 1.2-1.3x faster end to end on the H200, but under torch.compile (where auto fuses too)
+# it gains nothing over inductor's own fusion of the norm and RoPE (0.96x dense, 1.01x SFA; docs/benchmarks.md).
 QK_EPILOGUE = os.environ.get("SFA_QK_EPILOGUE", "off")
 QK_EPILOGUE_MODES = ("auto", "on", "off")
 

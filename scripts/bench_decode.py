@@ -175,7 +175,10 @@ def main():
     if args.q_heads < HKV or args.q_heads % HKV:
         p.error(f"--q-heads {args.q_heads} must be a multiple of the {HKV} KV heads")
     HQ = args.q_heads  # every input and the row count of the programs follow it
-    query_rows = tuple(map(int, args.query_rows.split(",")))
+    try:
+        query_rows = tuple(map(int, args.query_rows.split(",")))
+    except ValueError:
+        query_rows = ()
     if not query_rows or min(query_rows) < 1:
         p.error(f"--query-rows {args.query_rows} must be positive row counts, e.g. 1,4,8")
     if not torch.cuda.is_available():

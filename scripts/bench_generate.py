@@ -205,7 +205,8 @@ def ready_decoder(model, batch: int, context: int, steps: int, mode: str, *, rea
 
 def cold_prefill_ms(model, batch: int, context: int) -> float:
     """Prefill a throwaway cache once and return its ms. The first prefill of a model in the process pays one-time
-    costs, Triton's autotuning of SFA's kernels above all (7.2 s against a warm 2.3 s at B=1, 32k on an H200), so
+    costs, Triton's autotuning of SFA's kernels above all (on an H200, SFA's first prefill at B=4, 32k took 14.4 s; in
+    another run, where it came after a B=1 row, 2.3 s), so
     the first real-prefill row of each model runs this first and reports it beside its warm prefill."""
     device = model.lm_head.weight.device
     decoder = Decoder(model, batch, context + 1, mode="eager")

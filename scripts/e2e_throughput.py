@@ -136,6 +136,12 @@ def versions() -> dict:
     return info
 
 
+def previous_result(out: Path) -> dict:
+    """OUT/e2e_throughput.json as the last run wrote it, or {}."""
+    path = out / "e2e_throughput.json"
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
 def run_versions(out: Path, summarize_only: bool) -> dict:
     """The versions the arms ran with. --summarize may run on another machine (a laptop reading a GPU run's
     folder): there the versions of the run that wrote OUT/e2e_throughput.json are kept, or, without one, this
@@ -143,9 +149,8 @@ def run_versions(out: Path, summarize_only: bool) -> dict:
     here = versions()
     if not summarize_only:
         return here
-    previous = out / "e2e_throughput.json"
-    if previous.is_file():
-        ran = json.loads(previous.read_text())
+    ran = previous_result(out)
+    if ran:
         return {key: ran.get(key) for key in here}
     return {key: None for key in here} | {"device": "unknown (summarized only)", "summarized_with": here}
 
@@ -196,7 +201,10 @@ def main(argv=None) -> None:
     rows = summarize(args.out)
     if not rows:
         raise SystemExit(f"{args.out}: no arm with metrics to summarize")
-    result = {**run_versions(args.out, args.summarize), "seconds_per_arm": args.seconds, "rows": rows}
+    seconds = args.seconds
+    if args.summarize:  # what the arms ran with, not this command's default
+        seconds = previous_result(args.out).get("seconds_per_arm", None)
+    result = {**run_versions(args.out, args.summarize), "seconds_per_arm": seconds, "rows": rows}
     (args.out / "e2e_throughput.json").write_text(json.dumps(result, indent=2))
     print(f"{result['device']}, torch {result['torch']}, triton {result['triton']}, commit {result['commit']}")
     print_table(rows)

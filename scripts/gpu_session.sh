@@ -13,8 +13,8 @@
 #                        compile or eager, BATCH sequences (default 1)
 #   e2e_epilogue[:compile]   scripts/e2e_throughput.py, Qwen3 1k, dense vs masked SFA, fused vs unfused QK
 #                        epilogue, eager (default) or compiled
-#   e2e_gpt2[:compile]   scripts/e2e_throughput.py, GPT-2 small at 1k and 8k, dense vs SFA masked and flash, eager
-#                        (default) or compiled
+#   e2e_gpt2:SHAPE[:compile]  scripts/e2e_throughput.py, GPT-2 small at SHAPE (1k or 8k), dense vs SFA masked and
+#                        flash, eager (default) or compiled (3 compiled arms take ~7 min: one shape per call)
 #   bench_epilogue       scripts/bench_topk.py --epilogue-only: the fused QK epilogue against the unfused ops
 #   bench_generate_points    scripts/bench_generate.py at B=4, 32k: dense, short, SFA by graph and compile, and
 #                        HF generate at B=4, 4k (the points docs/inference.md lists as not run)
@@ -85,10 +85,11 @@ for job in "$@"; do
           >"$OUT/profile_generate_$tag.txt" 2>&1
         tail -n 25 "$OUT/profile_generate_$tag.txt"
       done ;;
-    e2e_gpt2 | e2e_gpt2:compile)
-      compile=off tag=e2e_gpt2
-      [[ $job == *:compile ]] && compile=on tag=e2e_gpt2_compiled
-      run_timed "$job" "$budget" python scripts/e2e_throughput.py --out "$OUT/$tag" --shapes gpt2_1k gpt2_8k \
+    e2e_gpt2:1k | e2e_gpt2:8k | e2e_gpt2:1k:compile | e2e_gpt2:8k:compile)
+      IFS=: read -r _ shape compiled <<<"$job"
+      compile=off tag=e2e_gpt2_$shape
+      [[ -n $compiled ]] && compile=on tag=e2e_gpt2_${shape}_compiled
+      run_timed "$job" "$budget" python scripts/e2e_throughput.py --out "$OUT/$tag" --shapes "gpt2_$shape" \
         --attention dense masked flash --compile $compile --seconds 15 >"$OUT/$tag.txt" 2>&1
       tail -n 15 "$OUT/$tag.txt" ;;
     e2e_epilogue | e2e_epilogue:compile)

@@ -114,13 +114,14 @@ def test_the_script_runs_arms_and_writes_the_table_on_cpu(tmp_path, capsys):
 def test_summarize_keeps_the_versions_of_the_machine_that_ran_the_arms(tmp_path, capsys):
     fake_run(tmp_path, "qwen3_1k", "dense", True, 100.0)
     ran_on = {"torch": "2.11.0+cu130", "cuda": "13.0", "device": "NVIDIA H200", "triton": "3.6.0", "commit": "abc1234"}
-    (tmp_path / "e2e_throughput.json").write_text(json.dumps({**ran_on, "rows": []}))
+    (tmp_path / "e2e_throughput.json").write_text(json.dumps({**ran_on, "seconds_per_arm": 15.0, "rows": []}))
     e2e.main(["--out", str(tmp_path), "--summarize"])
     result = json.loads((tmp_path / "e2e_throughput.json").read_text())
     assert {key: result[key] for key in ran_on} == ran_on and len(result["rows"]) == 1
+    assert result["seconds_per_arm"] == 15.0  # not --seconds' default of 20
     assert "NVIDIA H200, torch 2.11.0+cu130" in capsys.readouterr().out
     (tmp_path / "e2e_throughput.json").unlink()  # without a record of the run, this machine is not passed off as it
     e2e.main(["--out", str(tmp_path), "--summarize"])
     result = json.loads((tmp_path / "e2e_throughput.json").read_text())
-    assert result["device"].startswith("unknown") and result["torch"] is None
+    assert result["device"].startswith("unknown") and result["torch"] is None and result["seconds_per_arm"] is None
     assert result["summarized_with"]["torch"] == e2e.versions()["torch"]
