@@ -271,16 +271,26 @@ def test_tiny_top_p_sampling_is_greedy():
 
 def test_eos_stops_and_pads_finished_sequences():
     m = small("gpt2", "dense")
-    prompt = torch.randint(0, 97, (2, 3))
+    with torch.no_grad():  # at a random init the tiny model repeats one token, and an eos test would prove nothing
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())) * 0.2)
+    prompt = torch.randint(0, 97, (2, 3), generator=torch.Generator().manual_seed(0))
     free = generate(m, prompt, 10)
-    eos = int(free[0, 5])  # the token row 0 produces at its third step
+    new0, new1 = free[0, 3:].tolist(), free[1, 3:].tolist()
+    # eos: a token row 0 first produces after its first new token and row 1 never produces, followed in row 0 by
+    # other tokens (so that stopping there changes row 0's output and must not change row 1's)
+    at = next(j for j in range(1, 9)
+              if new0[j] not in new0[:j] + new1 and any(t != new0[j] for t in new0[j + 1:]))
+    eos = new0[at]
     out = generate(m, prompt, 10, eos_token_id=eos)
-    first = (free[0, 3:] == eos).nonzero()[0].item()
-    assert torch.equal(out[0, : 3 + first + 1], free[0, : 3 + first + 1])
-    assert (out[0, 3 + first :] == eos).all()
-    row1_eos = (free[1, 3:] == eos).nonzero()
-    if len(row1_eos) == 0:
-        assert out.shape[1] == 13 and torch.equal(out[1], free[1])
+    assert torch.equal(out[0, : 3 + at + 1], free[0, : 3 + at + 1])  # identical up to its eos
+    assert (out[0, 3 + at :] == eos).all() and not torch.equal(out[0], free[0])  # then eos only
+    assert torch.equal(out[1], free[1])  # the unfinished row goes on as if there were no eos
+    # both rows finish: generation ends early, as on the uncached path (its own loop)
+    both = prompt[[0, 0]]
+    early = generate(m, both, 10, eos_token_id=eos, eos_check_every=1)
+    assert early.shape == (2, 3 + at + 1) and (early[:, -1] == eos).all()
+    assert torch.equal(early, generate(m, both, 10, eos_token_id=eos, use_cache=False))
 
 
 def test_generate_restores_training_mode_and_checks_arguments():

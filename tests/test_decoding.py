@@ -159,7 +159,8 @@ def test_decoder_steps_by_hand_and_checks_its_inputs():
         for _ in range(5):
             decoder.step()
     assert decoder.position.tolist() == [9]
-    assert torch.equal(decoder.tokens[:, :10], generate(m, prompt, 6))
+    # against the uncached path (a full forward per token), not generate(), which runs this same Decoder
+    assert torch.equal(decoder.tokens[:, :10], generate(m, prompt, 6, use_cache=False))
     with pytest.raises(ValueError, match="already prefilled"):
         decoder.prefill(prompt)
     with pytest.raises(ValueError, match=r"prompts \(3, 4\) need batch 2 and at most 9 positions"):
