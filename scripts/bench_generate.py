@@ -52,6 +52,30 @@ TIMED_WARMUP = WARMUP_STEPS + 3  # eager warm-up, then capture (graph) or compil
 FIT_MARGIN = 0.9, 2 * 2**30  # a "max" batch may use 90% of the free memory less 2 GiB (activations, graphs)
 
 
+PLAN_KEYS = ("BLOCK_L", "PROGRAMS_PER_SM", "SPLIT_CAP", "MIN_KEYS_PER_SPLIT", "num_warps", "num_stages", "maxnreg")
+
+
+def decode_plan(text: str) -> dict:
+    """'SPLIT_CAP=128,num_stages=3' -> {'SPLIT_CAP': 128, 'num_stages': 3}; ValueError naming what is wrong."""
+    plan = {}
+    for item in filter(None, text.split(",")):
+        key, sep, value = item.partition("=")
+        least = 0 if key == "MIN_KEYS_PER_SPLIT" else 1  # 0: no minimum chunk per split
+        if not sep or key not in PLAN_KEYS or not value.isdigit() or int(value) < least:
+            raise ValueError(f"{item!r} must be KEY=INT (>= 1; MIN_KEYS_PER_SPLIT >= 0) with KEY one of "
+                             f"{', '.join(PLAN_KEYS)}")
+        plan[key] = int(value)
+    return plan
+
+
+def apply_decode_plan(plan: dict) -> None:
+    """Run this process's SFA decode steps (one query row per sequence) with `plan` over the shipped launch plan."""
+    if plan:
+        from sfa.kernels import decode as decode_kernel  # lazy: the override is all this script needs of it
+
+        decode_kernel.GPU_DECODE_CONFIG.update(plan)
+
+
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="tiny shapes on CPU (seconds); other flags still apply")
@@ -71,8 +95,16 @@ def parse_args(argv=None):
     p.add_argument("--max-batch", type=int, help="cap on the 'max' batch (default 1024)")
     p.add_argument("--dtype", choices=("bf16", "fp32"))
     p.add_argument("--device")
+    p.add_argument("--decode-plan", default="",
+                   help="KEY=INT,... overrides of the SFA decode kernel's launch plan for this run "
+                        "(sfa.kernels.decode.GPU_DECODE_CONFIG, e.g. SPLIT_CAP=128,num_stages=3: the plan "
+                        "scripts/bench_decode.py's sweep found best for Qwen3-0.6B's heads); CUDA only")
     p.add_argument("--out", help="JSON file to write")
     args = p.parse_args(argv)
+    try:
+        args.decode_plan = decode_plan(args.decode_plan)
+    except ValueError as e:
+        p.error(f"--decode-plan {args.decode_plan!r}: {e}")
     base = {**DEFAULTS, **(QUICK if args.quick else {})}
     for key, value in base.items():
         if getattr(args, key) is None:
@@ -330,6 +362,7 @@ def main(argv=None) -> dict:
     batches, contexts = args.batches.split(","), int_list(args.contexts)
     compile_at, hf_at = points(args.compile_at), points(args.hf_at)
     max_len = max([*contexts, *(c for _, c in compile_at + hf_at)]) + TIMED_WARMUP + args.steps + 1
+    apply_decode_plan(args.decode_plan)
     env = environment(device, dtype)
     copy_gbps = copy_bandwidth_gbps(device)
     print(json.dumps(env), f"copy bandwidth {copy_gbps:.0f} GB/s", flush=True)

@@ -18,6 +18,8 @@
 #   bench_epilogue       scripts/bench_topk.py --epilogue-only: the fused QK epilogue against the unfused ops
 #   bench_generate_points    scripts/bench_generate.py at B=4, 32k: dense, short, SFA by graph and compile, and
 #                        HF generate at B=4, 4k (the points docs/inference.md lists as not run)
+#   bench_generate_plan  scripts/bench_generate.py at B=4, 32k, compiled: SFA with the shipped decode launch plan,
+#                        SFA with bench_decode's best for Qwen3-0.6B's heads (SPLIT_CAP=128, num_stages=3), dense
 #   bench_decode[:QHEADS]    scripts/bench_decode.py with QHEADS query heads over 8 KV heads (default 16, Qwen3-0.6B's),
 #                        B=1,4,8,16 at 32k and 128k (1, 4 and 8 query rows at 32k), with its launch-config sweep
 # Environment: OUT (results folder, default workspace/gpu_session_out); STUDY (default study_pkg); CORPUS_DIR
@@ -114,6 +116,17 @@ for job in "$@"; do
         --batches 4 --contexts 32768 --compile-at 4:32768 --compile-attentions dense,short,sfa --hf-at 4:4096 \
         --out "$OUT/bench_generate_points.json" >"$OUT/bench_generate_points.txt" 2>&1
       tail -n 20 "$OUT/bench_generate_points.txt" ;;
+    bench_generate_plan)
+      for plan in shipped SPLIT_CAP=128,num_stages=3; do
+        attentions=sfa tag=shipped
+        [[ $plan == shipped ]] || { tag=swept; attentions=sfa,dense; }
+        too_late "bench_generate_plan $tag" && continue
+        run_timed "bench_generate_plan $tag" "$budget" python scripts/bench_generate.py --models qwen3_0.6b \
+          --attentions $attentions --batches 4 --contexts 32768 --modes compile --compile-at '' --hf-at '' \
+          --decode-plan "${plan/shipped/}" --out "$OUT/bench_generate_plan_$tag.json" \
+          >"$OUT/bench_generate_plan_$tag.txt" 2>&1
+        tail -n 6 "$OUT/bench_generate_plan_$tag.txt"
+      done ;;
     *:*:*)
       IFS=: read -r family arm seed <<<"$job"
       line=$(bash scripts/quality_study.sh --list-arms | awk -v f="$family" -v a="$arm" '$1 == f && $2 == a')

@@ -70,3 +70,22 @@ def test_the_first_prefill_of_each_model_is_run_cold_before_the_timed_one(result
             mine = [r for r in rows if (r["model"], r["attention"]) == (model, attention)]
             assert "prefill_cold_ms" in mine[0] and mine[0]["prefill_cold_ms"] > 0
             assert not any("prefill_cold_ms" in r for r in mine[1:])
+
+
+def test_a_decode_plan_override_is_parsed_or_refused_by_name(capsys):
+    args = bench.parse_args(["--quick", "--decode-plan", "SPLIT_CAP=128,num_stages=3,MIN_KEYS_PER_SPLIT=0"])
+    assert args.decode_plan == {"SPLIT_CAP": 128, "num_stages": 3, "MIN_KEYS_PER_SPLIT": 0}
+    assert bench.parse_args(["--quick"]).decode_plan == {}
+    for bad in ("SPLITCAP=128", "SPLIT_CAP=0", "num_stages=two", "SPLIT_CAP"):
+        with pytest.raises(SystemExit):
+            bench.parse_args(["--quick", "--decode-plan", bad])
+        assert f"--decode-plan '{bad}'" in capsys.readouterr().err
+
+
+def test_the_decode_plan_override_reaches_the_kernels_launch_plan(monkeypatch):
+    from sfa.kernels import decode as decode_kernel
+
+    shipped = dict(decode_kernel.GPU_DECODE_CONFIG)
+    monkeypatch.setattr(decode_kernel, "GPU_DECODE_CONFIG", dict(shipped))
+    bench.apply_decode_plan({"SPLIT_CAP": 128, "num_stages": 3})
+    assert decode_kernel.GPU_DECODE_CONFIG == {**shipped, "SPLIT_CAP": 128, "num_stages": 3}
