@@ -215,7 +215,6 @@ def ready_decoder(model, batch: int, context: int, steps: int, mode: str, *, rea
                   sampler=None) -> tuple[Decoder, float | None]:
     """A Decoder whose cache holds `context` positions (a real prefill, or a random fill), past its
     warm-up/capture steps, with room for `steps` more; and the prefill's ms (None for a random fill)."""
-    device = model.lm_head.weight.device
     capacity = context + TIMED_WARMUP + steps + 1
     if mode == "compile":
         torch._dynamo.reset()  # every Decoder compiles the same step code: do not run into the recompile limit
@@ -223,11 +222,7 @@ def ready_decoder(model, batch: int, context: int, steps: int, mode: str, *, rea
     prefill_ms = None
     with torch.no_grad():
         if real_prefill or prompt is not None:
-            if prompt is None:
-                prompt = torch.randint(1, model.config.vocab_size, (batch, context), device=device)
-            start = now(device)
-            decoder.prefill(prompt)
-            prefill_ms = 1e3 * (now(device) - start)
+            prefill_ms = timed_prefill(decoder, context, prompt)
         else:
             fill_randomly(decoder, context)
         for _ in range(TIMED_WARMUP):
@@ -235,17 +230,24 @@ def ready_decoder(model, batch: int, context: int, steps: int, mode: str, *, rea
     return decoder, prefill_ms
 
 
+def timed_prefill(decoder: Decoder, context: int, prompt=None) -> float:
+    """ms of the decoder's prefill of `prompt` (default: random tokens, `context` per sequence)."""
+    device = decoder.device
+    if prompt is None:
+        prompt = torch.randint(1, decoder.model.config.vocab_size, (decoder.batch_size, context), device=device)
+    start = now(device)
+    decoder.prefill(prompt)
+    return 1e3 * (now(device) - start)
+
+
 def cold_prefill_ms(model, batch: int, context: int) -> float:
     """Prefill a throwaway cache once and return its ms. The first prefill of a model in the process pays one-time
     costs, Triton's autotuning of SFA's kernels above all (on an H200, SFA's first prefill at B=4, 32k took 14.4 s; in
-    another run, where it came after a B=1 row, 2.3 s), so
-    the first real-prefill row of each model runs this first and reports it beside its warm prefill."""
-    device = model.lm_head.weight.device
+    another run, where it came after a B=1 row, 2.3 s), so the first real-prefill row of each model runs this first
+    and reports it beside its warm prefill."""
     decoder = Decoder(model, batch, context + 1, mode="eager")
-    prompt = torch.randint(1, model.config.vocab_size, (batch, context), device=device)
-    start = now(device)
-    decoder.prefill(prompt)
-    elapsed = 1e3 * (now(device) - start)
+    elapsed = timed_prefill(decoder, context)
+    device = decoder.device
     del decoder
     if device.type == "cuda":
         torch.cuda.empty_cache()

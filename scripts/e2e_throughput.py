@@ -142,14 +142,13 @@ def previous_result(out: Path) -> dict:
     return json.loads(path.read_text()) if path.is_file() else {}
 
 
-def run_versions(out: Path, summarize_only: bool) -> dict:
-    """The versions the arms ran with. --summarize may run on another machine (a laptop reading a GPU run's
-    folder): there the versions of the run that wrote OUT/e2e_throughput.json are kept, or, without one, this
-    machine's are marked as the summarizer's, not the runs'."""
+def run_versions(ran: dict | None) -> dict:
+    """The versions the arms ran with: this machine's, or under --summarize (`ran`: what the run that wrote
+    OUT/e2e_throughput.json recorded) those of the run, since a summary may be made on another machine (a laptop
+    reading a GPU run's folder); without that record this machine's are marked as the summarizer's."""
     here = versions()
-    if not summarize_only:
+    if ran is None:
         return here
-    ran = previous_result(out)
     if ran:
         return {key: ran.get(key) for key in here}
     return {key: None for key in here} | {"device": "unknown (summarized only)", "summarized_with": here}
@@ -201,10 +200,9 @@ def main(argv=None) -> None:
     rows = summarize(args.out)
     if not rows:
         raise SystemExit(f"{args.out}: no arm with metrics to summarize")
-    seconds = args.seconds
-    if args.summarize:  # what the arms ran with, not this command's default
-        seconds = previous_result(args.out).get("seconds_per_arm", None)
-    result = {**run_versions(args.out, args.summarize), "seconds_per_arm": seconds, "rows": rows}
+    ran = previous_result(args.out) if args.summarize else None
+    seconds = args.seconds if ran is None else ran.get("seconds_per_arm")  # what the arms ran with, not a default
+    result = {**run_versions(ran), "seconds_per_arm": seconds, "rows": rows}
     (args.out / "e2e_throughput.json").write_text(json.dumps(result, indent=2))
     print(f"{result['device']}, torch {result['torch']}, triton {result['triton']}, commit {result['commit']}")
     print_table(rows)

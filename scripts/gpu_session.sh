@@ -117,13 +117,12 @@ for job in "$@"; do
         --out "$OUT/bench_generate_points.json" >"$OUT/bench_generate_points.txt" 2>&1
       tail -n 20 "$OUT/bench_generate_points.txt" ;;
     bench_generate_plan)
-      for plan in shipped SPLIT_CAP=128,num_stages=3; do
-        attentions=sfa tag=shipped
-        [[ $plan == shipped ]] || { tag=swept; attentions=sfa,dense; }
+      for spec in "shipped sfa" "swept sfa,dense SPLIT_CAP=128,num_stages=3"; do
+        read -r tag attentions plan <<<"$spec"
         too_late "bench_generate_plan $tag" && continue
         run_timed "bench_generate_plan $tag" "$budget" python scripts/bench_generate.py --models qwen3_0.6b \
           --attentions $attentions --batches 4 --contexts 32768 --modes compile --compile-at '' --hf-at '' \
-          --decode-plan "${plan/shipped/}" --out "$OUT/bench_generate_plan_$tag.json" \
+          --decode-plan "${plan:-}" --out "$OUT/bench_generate_plan_$tag.json" \
           >"$OUT/bench_generate_plan_$tag.txt" 2>&1
         tail -n 6 "$OUT/bench_generate_plan_$tag.txt"
       done ;;
