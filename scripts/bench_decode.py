@@ -106,8 +106,10 @@ def cudnn_graph_time(q, keys, v) -> float:
 
 
 def sweep_shapes() -> tuple:
-    """(batch, context, queries) of the sweep; [3] has 16 rows per program (queries x the GQA group of HQ)."""
-    return ((1, 131072, 1), (8, 32768, 1), (8, 131072, 1), (8, 32768, max(1, 16 // (HQ // HKV))), (1, 32768, 1))
+    """(batch, context, queries) of the sweep; [3] has 16 rows per program (queries x the GQA group of HQ), [5]
+    8 rows (4 queries at Qwen3-0.6B's group of 2)."""
+    return ((1, 131072, 1), (8, 32768, 1), (8, 131072, 1), (8, 32768, max(1, 16 // (HQ // HKV))), (1, 32768, 1),
+            (4, 32768, max(1, 8 // (HQ // HKV))))
 
 
 def sweep(configs, time_of) -> list[dict]:
@@ -122,7 +124,8 @@ def sweep(configs, time_of) -> list[dict]:
         except Exception as e:  # out of resources for this config
             print("config failed", cfg, str(e).splitlines()[0][:100])
             continue
-        rows.append(dict(config=cfg, ms=times, total=sum(times[:3]) + times[4], wide_rows_ms=times[3]))
+        rows.append(dict(config=cfg, ms=times, total=sum(times[:3]) + times[4], wide_rows_ms=times[3],
+                         eight_rows_ms=times[5]))
     rows.sort(key=lambda r: r["total"])
     del inputs
     torch.cuda.empty_cache()
@@ -139,12 +142,14 @@ def sweep_configs() -> list[dict]:
                for block_l, warps, stages in ((64, 4, 3), (64, 4, 2))
                for per_sm, cap, min_keys in ((16, 128, 0), (16, 64, 0), (16, 32, 0), (16, 128, 1024), (16, 128, 2048),
                                              (8, 128, 0), (32, 128, 0))]
-    # Occupancy (docs/bench/topk_decode.md, Nsight Compute): 118 registers per thread let only 4 blocks of 128
-    # threads share an SM (65,536 registers), too few warps to hide the index -> gather -> softmax -> dot chain.
-    # ptx .maxnreg caps them (Triton's `maxnreg` launch option): 96, 80 and 64 fit 5, 6 and 8 blocks, if the
-    # compiler avoids spilling; more programs per SM give the extra blocks work.
-    configs += [dict(BLOCK_L=64, PROGRAMS_PER_SM=per_sm, SPLIT_CAP=64, num_warps=4, num_stages=2, maxnreg=regs)
-                for regs in (96, 80, 64) for per_sm in (16, 32)]
+    # Capping registers (ptx .maxnreg 96/80/64, for 5-8 resident blocks instead of 4) helped at no shape on the
+    # H200 (docs/bench/results/decode_2026-12-03_h200_c36837b_q16.json), so it is no longer swept.
+    # The transposed-query gather (QUERY_COLUMNS: one vector load per code entry instead of one load per query
+    # row) against the same plans, and with smaller tiles / more warps for the many-row shapes.
+    configs += [dict(BLOCK_L=block_l, PROGRAMS_PER_SM=per_sm, SPLIT_CAP=cap, num_warps=warps, num_stages=stages,
+                     QUERY_COLUMNS=True)
+                for block_l, warps, stages, per_sm, cap in ((64, 4, 2, 16, 64), (64, 4, 3, 16, 128), (64, 4, 2, 8, 128),
+                                                            (32, 4, 2, 16, 64), (64, 8, 2, 16, 64), (128, 8, 2, 16, 64))]
     return sweep(configs, lambda x, cfg: sfa_time(x[1], x[3], x[4], cfg, graph=True))
 
 
@@ -251,14 +256,15 @@ def main():
                   kv_bytes_per_token_per_layer=dict(dense=dense_bpt, sfa=sfa_bpt, ratio=sfa_bpt / dense_bpt),
                   byte_ratio_cap=dense_bpt / sfa_bpt, decode_config=best, decode_config_wide_rows=best_wide, rel_err_vs_fp32=rel_err,
                   dense_decode_config=dense_best, dense_decode_config_wide_rows=dense_best_wide,
-                  dense_rel_err_vs_fp32=dense_rel_err, sweep_top10=sweep[:10], dense_sweep_top10=dense_sweep[:10],
+                  dense_rel_err_vs_fp32=dense_rel_err, sweep=sweep, dense_sweep_top10=dense_sweep[:10],
                   table=table)
     for path in filter(None, (args.out, os.environ.get("OUT") and os.path.join(os.environ["OUT"], "decode.json"))):
         with open(path, "w") as f:
             json.dump(result, f, indent=1)
     print(json.dumps(env), f"copy {copy_gbps:.0f} GB/s", "config", best, f"rel_err {rel_err:.2e}")
     print(f"KV bytes/token/layer: dense {dense_bpt}, sfa {sfa_bpt} (cap {dense_bpt / sfa_bpt:.2f}x)")
-    for r in sweep[:6]:
+    print("sweep ms at (B, L, T) =", sweep_shapes())
+    for r in sweep:
         print("sweep", r["config"], [round(t, 4) for t in r["ms"]])
     print("best for >= 16 rows/program:", best_wide)
     print(f"{'B':>2} {'L':>7} {'T':>2} {'cudnn':>8} {'flash':>8} {'effic':>8} {'sfa':>8} {'sfa+topk':>8} {'x':>5} {'sfaGB/s':>8} {'%copy':>6} {'g:cudnn':>8} {'g:sfa':>8} {'g:x':>5}")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import sfa
-from sfa.kernels.decode import decode_into, decode_sfa_attention
+from sfa.kernels.decode import GPU_DECODE_CONFIG, INTERPRETER_DECODE_CONFIG, decode_into
 from sfa.reference import sfa_attention_reference
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -41,15 +41,22 @@ CASES = [  # b, hq, hkv, n_q, n_keys, d, dv, k, causal
 ]
 
 
+def _config(base: dict, query_columns: bool) -> dict | None:
+    """The default launch (None) or `base` with the score gather reading the transposed query rows."""
+    return dict(base, QUERY_COLUMNS=True) if query_columns else None
+
+
+@pytest.mark.parametrize("query_columns", [False, True], ids=["query_rows", "query_columns"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_decode_matches_reference(dtype, case):
+def test_decode_matches_reference(dtype, case, query_columns):
     b, hq, hkv, n_q, n_keys, d, dv, k, causal = case
     keys, code, v = _cache_views(b, hkv, n_keys, d, dv, k, dtype)
     q = torch.randn(b, hq, n_q, d).to(dtype)
     q_masked = sfa.topk_mask(q, k)
     out = torch.full((b, hq, n_q, dv), float("nan"), dtype=dtype)
-    decode_into(q_masked, code.values, code.indices, v, out, scale=1 / math.sqrt(d), causal=causal)
+    decode_into(q_masked, code.values, code.indices, v, out, scale=1 / math.sqrt(d), causal=causal,
+                config=_config(INTERPRETER_DECODE_CONFIG, query_columns))
     ref = sfa_attention_reference(q.float(), keys.float(), v.float(), topk_q=k, topk_k=k, causal=causal)
     assert not out.isnan().any(), "some output elements were never written"
     assert rel_err(out, ref) < TOL[dtype]
@@ -100,13 +107,15 @@ def test_too_many_query_rows_is_a_clear_error():
 @pytest.mark.parametrize(
     "b,hq,hkv,n_q,n_keys,d,k,causal",
     [(2, 32, 8, 1, 5003, 128, 16, True), (1, 16, 8, 4, 20011, 128, 16, True), (3, 8, 8, 2, 777, 64, 8, False),
-     (1, 32, 4, 1, 9000, 128, 64, True), (2, 8, 2, 16, 3001, 64, 1, True)],
+     (1, 32, 4, 1, 9000, 128, 64, True), (2, 8, 2, 16, 3001, 64, 1, True), (2, 16, 8, 8, 4099, 128, 16, True)],
 )
-def test_gpu_decode_matches_reference(dtype, b, hq, hkv, n_q, n_keys, d, k, causal):
+@pytest.mark.parametrize("query_columns", [False, True], ids=["query_rows", "query_columns"])
+def test_gpu_decode_matches_reference(dtype, b, hq, hkv, n_q, n_keys, d, k, causal, query_columns):
     keys, code, v = _cache_views(b, hkv, n_keys, d, d, k, dtype, device="cuda")
     q = torch.randn(b, hq, n_q, d, device="cuda").to(dtype)
     out = torch.full((b, hq, n_q, d), float("nan"), dtype=dtype, device="cuda")
-    decode_into(sfa.topk_mask(q, k), code.values, code.indices, v, out, scale=1 / math.sqrt(d), causal=causal)
+    decode_into(sfa.topk_mask(q, k), code.values, code.indices, v, out, scale=1 / math.sqrt(d), causal=causal,
+                config=_config(GPU_DECODE_CONFIG, query_columns))
     ref = sfa_attention_reference(q.float(), keys.float(), v.float(), topk_q=k, topk_k=k, causal=causal)
     assert not out.isnan().any()
     assert rel_err(out, ref) < TOL[dtype]
@@ -124,6 +133,26 @@ def test_n_valid_reads_only_each_sequences_valid_keys(n_q, dense_dims, causal):
     q = torch.randn(b, hq, n_q, d)
     lengths = torch.tensor([19, 53])
     out = sfa.sfa_attention(q, code, v, topk_q=k, backend="decode", kv_length=lengths, causal=causal)
+    _assert_matches_each_valid_prefix(out, q, keys, v, lengths, k, dense_dims, causal)
+
+
+@pytest.mark.parametrize("dense_dims", [0, 6])
+def test_query_columns_with_decoupled_codes_and_n_valid(dense_dims):
+    """The transposed-query gather beside a decoupled code's dense part, on a static cache with 3 causal queries
+    (GROUP x T = 6 real rows padded to 8: the padding columns must score nothing)."""
+    b, hq, hkv, cap, d, k, n_q = 2, 4, 2, 70, 32, 4, 3
+    keys, v = torch.randn(b, hkv, cap, d), torch.randn(b, hkv, cap, d)
+    code = sfa.topk_sparsify(keys, k, dense_dims)
+    q = torch.randn(b, hq, n_q, d)
+    lengths = torch.tensor([19, 53])
+    out = torch.full((b, hq, n_q, d), float("nan"))
+    decode_into(sfa.topk_mask(q, k, dense_dims), code.values, code.indices, v, out, scale=1 / math.sqrt(d),
+                causal=True, k_dense=code.dense, n_valid=lengths, config=_config(INTERPRETER_DECODE_CONFIG, True))
+    _assert_matches_each_valid_prefix(out, q, keys, v, lengths, k, dense_dims, True)
+
+
+def _assert_matches_each_valid_prefix(out, q, keys, v, lengths, k, dense_dims, causal):
+    assert not out.isnan().any(), "some output elements were never written"
     for i, n in enumerate(lengths.tolist()):
         ref = sfa_attention_reference(q[i : i + 1], keys[i : i + 1, :, :n], v[i : i + 1, :, :n], topk_q=k, topk_k=k,
                                       dense_dims=dense_dims, causal=causal)

@@ -8,6 +8,9 @@ Decode is bandwidth-bound: per key the kernel reads k values + k uint8 indices +
     cache byte is read once, not once per query head.
   * the scores gather the query (dense, top-k masked, L1/L2-resident, a few hundred bytes) at each
     key's k indices: score[r, j] = sum_u q~[r, idx[j, u]] * val[j, u]. No dense key is formed.
+    With QUERY_COLUMNS the query arrives transposed, (D, ROWS) per KV head, so the ROWS values one code
+    entry needs are adjacent: one vector load per entry instead of ROWS scattered ones (the gather's load
+    count grows with the rows, which is what makes many-row programs slow).
   * decoupled codes (decoupled RoPE) add their always-kept leading dims as a plain dot product:
     score[r, j] += sum_{u < DENSE_DIMS} q[r, u] * k_dense[j, u] (2 * DENSE_DIMS more bytes per key).
   * P·V runs on the tensor cores (the query rows are padded to 16, the minimum dot size).
@@ -28,6 +31,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 import triton
 import triton.language as tl
 
@@ -54,7 +58,7 @@ def _replicate_rows(x, REP: tl.constexpr):
 
 @triton.jit
 def _decode_split_kernel(
-    Q, K_VAL, K_IDX, K_DENSE, V, O_PART, LSE_PART, N_VALID, stride_nb,
+    Q, Q_COLS, K_VAL, K_IDX, K_DENSE, V, O_PART, LSE_PART, N_VALID, stride_nb, stride_cbh,
     stride_qb, stride_qh, stride_qt,
     stride_kb, stride_kh, stride_kl,
     stride_ib, stride_ih, stride_il,
@@ -64,13 +68,15 @@ def _decode_split_kernel(
     GROUP: tl.constexpr, ROWS: tl.constexpr, KSEL: tl.constexpr, KSEL_PAD: tl.constexpr,
     DENSE_DIMS: tl.constexpr, DENSE_PAD: tl.constexpr,
     DV: tl.constexpr, DV_PAD: tl.constexpr, BLOCK_L: tl.constexpr,
-    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_N_VALID: tl.constexpr,
+    CAUSAL: tl.constexpr, DOT_PRECISION: tl.constexpr, HAS_N_VALID: tl.constexpr, QUERY_COLUMNS: tl.constexpr,
 ):
     # ROWS = real query rows (heads of this KV head x query tokens), padded to a power of two; the
     # score gather runs on these only. P·V runs on DOT_ROWS = max(16, ROWS) replicated rows.
     # KSEL == 0 is dense attention: K_DENSE holds whole keys (DENSE_DIMS = D) and the scores are a
     # tensor-core dot as well, so the softmax state holds DOT_ROWS rows from the start (the rows past the
     # real ones are zero queries, never stored) and P·V needs no replication (PV_REP = 1).
+    # QUERY_COLUMNS: Q_COLS holds this KV head's query rows transposed, (D, ROWS) with zero padding rows
+    # (stride_cbh apart per (batch, KV head)); the score gather reads it instead of Q.
     DOT_ROWS: tl.constexpr = 16 if ROWS < 16 else ROWS
     REP: tl.constexpr = DOT_ROWS // ROWS
     DENSE_KEYS: tl.constexpr = KSEL == 0
@@ -100,6 +106,7 @@ def _decode_split_kernel(
     k_val_base = K_VAL + b.to(tl.int64) * stride_kb + h_kv.to(tl.int64) * stride_kh
     k_idx_base = K_IDX + b.to(tl.int64) * stride_ib + h_kv.to(tl.int64) * stride_ih
     v_base = V + b.to(tl.int64) * stride_vb + h_kv.to(tl.int64) * stride_vh
+    q_cols_base = Q_COLS + bh.to(tl.int64) * stride_cbh
     if DENSE_DIMS > 0:  # the query rows' always-kept leading dims, loaded once
         dd = tl.arange(0, DENSE_PAD)
         dd_ok = dd < DENSE_DIMS
@@ -129,10 +136,15 @@ def _decode_split_kernel(
             val = tl.load(k_val_base + keys64[:, None] * stride_kl + sel[None, :], mask=code_ok, other=0.0).to(tl.float32)
             # Gathered from L1 (the query rows are a few hundred bytes). Holding them in registers and using
             # tl.gather measured slower, and crashed Triton 3.6 for 2-row programs (docs/bench/notes_topk_decode.md).
-            q_at_idx = tl.load(
-                q_base + (q_row_off[:, None, None] + idx[None, :, :]),
-                mask=row_ok[:, None, None] & code_ok[None, :, :], other=0.0,
-            ).to(tl.float32)
+            if QUERY_COLUMNS:  # the ROWS values of one entry are adjacent: one vector load, padding rows are 0
+                q_at_idx = tl.load(
+                    q_cols_base + (idx[None, :, :] * ROWS + rows[:, None, None]), mask=code_ok[None, :, :], other=0.0,
+                ).to(tl.float32)
+            else:
+                q_at_idx = tl.load(
+                    q_base + (q_row_off[:, None, None] + idx[None, :, :]),
+                    mask=row_ok[:, None, None] & code_ok[None, :, :], other=0.0,
+                ).to(tl.float32)
             s = tl.sum(q_at_idx * val[None, :, :], axis=2)  # (ROWS, BLOCK_L)
             if DENSE_DIMS > 0:
                 k_dense = tl.load(
@@ -284,6 +296,13 @@ def _launch(q, k_values, k_indices, k_dense, v, out, *, scale: float, causal: bo
     if dense_keys:  # never read in the dense-key mode
         k_values = k_indices = k_dense
     block_l = cfg.pop("BLOCK_L")
+    rows = next_pow2(group * n_q)
+    query_columns = cfg.pop("QUERY_COLUMNS", False) and not dense_keys
+    if query_columns:  # (B, Hkv, D, ROWS): this KV head's query rows as columns, zero past the real ones
+        q_rows = q.reshape(b, hkv, group * n_q, q.shape[-1])
+        q_cols = F.pad(q_rows, (0, 0, 0, rows - group * n_q)).transpose(2, 3).contiguous()
+    else:
+        q_cols = q  # never read
     combine_block = cfg.pop("COMBINE_BLOCK", COMBINE_BLOCK)
     n_splits, keys_per_split = _split_plan(
         b * hkv, n_keys, block_l, v.device, cfg.pop("PROGRAMS_PER_SM", 4), cfg.pop("SPLIT_CAP", 128),
@@ -299,17 +318,18 @@ def _launch(q, k_values, k_indices, k_dense, v, out, *, scale: float, causal: bo
     n_valid_arg = lse_part if n_valid is None else n_valid  # never read without HAS_N_VALID
     n_valid_stride = 0 if n_valid is None or n_valid.shape[0] == 1 else n_valid.stride(0)
     _decode_split_kernel[(b * hkv, n_splits)](
-        q, k_values, k_indices, dense_arg, v, o_part, lse_part, n_valid_arg, n_valid_stride,
+        q, q_cols, k_values, k_indices, dense_arg, v, o_part, lse_part, n_valid_arg, n_valid_stride,
+        q_cols.shape[-2] * rows if query_columns else 0,
         q.stride(0), q.stride(1), q.stride(2),
         k_values.stride(0), k_values.stride(1), k_values.stride(2),
         k_indices.stride(0), k_indices.stride(1), k_indices.stride(2),
         dense_arg.stride(0), dense_arg.stride(1), dense_arg.stride(2),
         v.stride(0), v.stride(1), v.stride(2),
         hkv, n_keys, n_q, keys_per_split, n_splits, scale * LOG2E.value,
-        GROUP=group, ROWS=next_pow2(group * n_q), KSEL=ksel, KSEL_PAD=next_pow2(ksel),
+        GROUP=group, ROWS=rows, KSEL=ksel, KSEL_PAD=next_pow2(ksel),
         DENSE_DIMS=dense_dims, DENSE_PAD=dense_pad,
         DV=dv, DV_PAD=dv_pad, BLOCK_L=block_l, CAUSAL=causal,
-        DOT_PRECISION=dot_precision(v.dtype), HAS_N_VALID=n_valid is not None,
+        DOT_PRECISION=dot_precision(v.dtype), HAS_N_VALID=n_valid is not None, QUERY_COLUMNS=query_columns,
         **cfg,
     )
     _combine_kernel[(b * hq * n_q,)](
