@@ -41,22 +41,23 @@ CASES = [  # b, hq, hkv, n_q, n_keys, d, dv, k, causal
 ]
 
 
-def _config(base: dict, query_columns: bool) -> dict | None:
-    """The default launch (None) or `base` with the score gather reading the transposed query rows."""
-    return dict(base, QUERY_COLUMNS=True) if query_columns else None
+def _config(base: dict, gather: str) -> dict | None:
+    """The launch of one score gather: "default" = the shipped dispatch (None), "query_rows" / "query_columns" =
+    `base` with the gather reading the query rows as they are or transposed."""
+    return None if gather == "default" else dict(base, QUERY_COLUMNS=gather == "query_columns")
 
 
-@pytest.mark.parametrize("query_columns", [False, True], ids=["query_rows", "query_columns"])
+@pytest.mark.parametrize("gather", ["query_rows", "query_columns"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("case", CASES, ids=[f"case{i}" for i in range(len(CASES))])
-def test_decode_matches_reference(dtype, case, query_columns):
+def test_decode_matches_reference(dtype, case, gather):
     b, hq, hkv, n_q, n_keys, d, dv, k, causal = case
     keys, code, v = _cache_views(b, hkv, n_keys, d, dv, k, dtype)
     q = torch.randn(b, hq, n_q, d).to(dtype)
     q_masked = sfa.topk_mask(q, k)
     out = torch.full((b, hq, n_q, dv), float("nan"), dtype=dtype)
     decode_into(q_masked, code.values, code.indices, v, out, scale=1 / math.sqrt(d), causal=causal,
-                config=_config(INTERPRETER_DECODE_CONFIG, query_columns))
+                config=_config(INTERPRETER_DECODE_CONFIG, gather))
     ref = sfa_attention_reference(q.float(), keys.float(), v.float(), topk_q=k, topk_k=k, causal=causal)
     assert not out.isnan().any(), "some output elements were never written"
     assert rel_err(out, ref) < TOL[dtype]
@@ -109,13 +110,13 @@ def test_too_many_query_rows_is_a_clear_error():
     [(2, 32, 8, 1, 5003, 128, 16, True), (1, 16, 8, 4, 20011, 128, 16, True), (3, 8, 8, 2, 777, 64, 8, False),
      (1, 32, 4, 1, 9000, 128, 64, True), (2, 8, 2, 16, 3001, 64, 1, True), (2, 16, 8, 8, 4099, 128, 16, True)],
 )
-@pytest.mark.parametrize("query_columns", [False, True], ids=["query_rows", "query_columns"])
-def test_gpu_decode_matches_reference(dtype, b, hq, hkv, n_q, n_keys, d, k, causal, query_columns):
+@pytest.mark.parametrize("gather", ["default", "query_rows", "query_columns"])
+def test_gpu_decode_matches_reference(dtype, b, hq, hkv, n_q, n_keys, d, k, causal, gather):
     keys, code, v = _cache_views(b, hkv, n_keys, d, d, k, dtype, device="cuda")
     q = torch.randn(b, hq, n_q, d, device="cuda").to(dtype)
     out = torch.full((b, hq, n_q, d), float("nan"), dtype=dtype, device="cuda")
     decode_into(sfa.topk_mask(q, k), code.values, code.indices, v, out, scale=1 / math.sqrt(d), causal=causal,
-                config=_config(GPU_DECODE_CONFIG, query_columns))
+                config=_config(GPU_DECODE_CONFIG, gather))
     ref = sfa_attention_reference(q.float(), keys.float(), v.float(), topk_q=k, topk_k=k, causal=causal)
     assert not out.isnan().any()
     assert rel_err(out, ref) < TOL[dtype]
@@ -147,7 +148,8 @@ def test_query_columns_with_decoupled_codes_and_n_valid(dense_dims):
     lengths = torch.tensor([19, 53])
     out = torch.full((b, hq, n_q, d), float("nan"))
     decode_into(sfa.topk_mask(q, k, dense_dims), code.values, code.indices, v, out, scale=1 / math.sqrt(d),
-                causal=True, k_dense=code.dense, n_valid=lengths, config=_config(INTERPRETER_DECODE_CONFIG, True))
+                causal=True, k_dense=code.dense, n_valid=lengths,
+                config=_config(INTERPRETER_DECODE_CONFIG, "query_columns"))
     _assert_matches_each_valid_prefix(out, q, keys, v, lengths, k, dense_dims, True)
 
 
