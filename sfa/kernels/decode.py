@@ -229,10 +229,12 @@ def _split_plan(batch_heads: int, n_keys: int, block_l: int, device: torch.devic
 # "sweep_top10": the top six plans are within 2%); the interpreter's is small so the tests cover several splits,
 # a partial block and several (and partial) chunks of the combine loop.
 GPU_DECODE_CONFIG = dict(BLOCK_L=64, PROGRAMS_PER_SM=16, SPLIT_CAP=64, num_warps=4, num_stages=2)
-# For programs of >= 16 query rows (e.g. 4 query heads per KV head x 4 tokens), where the gather is 4x wider: the
-# transposed-query gather, 3.3x faster there (16 query heads over 8 KV heads, 8 tokens: 0.41 against 1.35-1.40 ms
-# at B = 8, 32k) and slower below 16 rows (2x at 2 rows, 1.5x at 8: docs/inference.md, "Many query rows").
-GPU_DECODE_CONFIG_WIDE = dict(BLOCK_L=64, PROGRAMS_PER_SM=8, num_warps=4, num_stages=2, QUERY_COLUMNS=True)
+# For programs of >= 16 query rows (e.g. 4 query heads per KV head x 4 tokens), where the gather is 4x wider.
+# bench_decode measured the transposed-query gather (QUERY_COLUMNS=True) 3.3x faster with this plan at 16 rows
+# (16 query heads over 8 KV heads, 8 tokens: 0.41 against 1.35-1.40 ms at B = 8, 32k) and slower below 16 rows
+# (2x at 2 rows, 1.5x at 8: docs/inference.md, "Many query rows"). Its GPU tests passed with the narrow plan; it
+# becomes this plan's default once they have run with this one (a dispatch change needs its GPU test log).
+GPU_DECODE_CONFIG_WIDE = dict(BLOCK_L=64, PROGRAMS_PER_SM=8, num_warps=4, num_stages=2)
 # fp32 caches (e.g. fp32 weights under autocast): the 3-stage bf16 pipeline needs ~300 KB of shared memory
 # for 4-byte elements, over the 227 KB a block may take on Hopper, so halve the tile and do not pipeline.
 GPU_DECODE_CONFIG_FP32 = dict(BLOCK_L=32, PROGRAMS_PER_SM=8, num_warps=4, num_stages=1)
