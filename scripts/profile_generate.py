@@ -75,11 +75,19 @@ RULES = (
     ("sfa_topk", r"topk|sort"),
     ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|splitkreduce|cublas|matmul|^triton_tem_|aten::(linear|mm|addmm|bmm)$"),
     ("sampling", r"argmax|softmax|scan|cumsum|exponential|distribution|multinomial"),
-    ("cache_write_copy", r"^triton_\w*fused\w*(index_put|index_copy)"),
-    ("norm_rope_elementwise", r"^triton_(poi|red|per)_|catarray|aten::cat$"),  # cat: RoPE's rotate_half
+    ("norm_rope_elementwise", r"catarray|aten::cat$"),  # cat: RoPE's rotate_half
     ("cache_write_copy", r"index_copy|index_put|memcpy|memset|copy|aten::(clone|contiguous|to)$"),
     ("norm_rope_elementwise", r"elementwise|reduce_kernel|norm|index_?select|aten::(add|sub|mul|div|neg|pow|rsqrt|"
                               r"mean|silu|gelu|tanh|exp|where|masked_fill|embedding|eq|ne|lt|le|gt|ge|arange)_?$"),
+)
+# Inductor's fused kernels (triton_poi/red/per_fused_<ops>) list the ops they fuse, and also name the ops they feed
+# or follow (a custom op: "..._dense_decode_attention_...", "..._topk_code_masked_..."); those must not make a
+# fused norm/RoPE kernel "attention" or "SFA top-k". So they are classed by their own work only.
+INDUCTOR_FUSED = r"^triton_(poi|red|per)_"
+INDUCTOR_RULES = (
+    ("sampling", r"argmax|softmax|scan|cumsum|exponential|multinomial"),
+    ("cache_write_copy", r"index_put|index_copy"),
+    ("norm_rope_elementwise", r""),
 )
 OTHER = "other"
 DEVICE_CATEGORIES = ("kernel", "gpu_memcpy", "gpu_memset")
@@ -113,7 +121,8 @@ def parse_args(argv=None):
 
 
 def kernel_class(name: str) -> str:
-    for cls, pattern in RULES:
+    rules = INDUCTOR_RULES if re.match(INDUCTOR_FUSED, name) else RULES
+    for cls, pattern in rules:
         if re.search(pattern, name, re.IGNORECASE):
             return cls
     return OTHER

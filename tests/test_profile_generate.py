@@ -119,6 +119,13 @@ def test_floors_follow_the_byte_formula(runs):
     ("triton_red_fused__to_copy_add_mean_mul_pow_rsqrt_0", "norm_rope_elementwise"),
     ("triton_poi_fused_index_put_3", "cache_write_copy"),
     ("triton_red_fused_argmax_7", "sampling"),
+    # ... classed by their own work, not by the custom ops their names mention (names from an H200 profile)
+    ("triton_per_fused__fused_rms_norm__to_copy__unsafe_view_add_cat_dense_decode_attention_index_select_m",
+     "norm_rope_elementwise"),
+    ("triton_per_fused__fused_rms_norm__to_copy__unsafe_view_add_cat_index_select_mm_mul_neg_split_topk_code_masked_"
+     "transpose_view_2", "norm_rope_elementwise"),
+    ("triton_per_fused__fused_rms_norm__to_copy__unsafe_view_add_cat_index_copy_index_select_mm_mul_neg_sp",
+     "cache_write_copy"),
     # CPU: aten ops
     ("aten::linear", "gemm"), ("aten::scaled_dot_product_attention", "attention"),
     ("aten::rms_norm", "norm_rope_elementwise"),
