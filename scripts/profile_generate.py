@@ -73,7 +73,7 @@ RULES = (
     # Before the LM head a sort is SFA's selection: the cache write codes the new keys with sfa.topk_sparsify,
     # two sorts per row; q's goes through the fused top-k kernel.
     ("sfa_topk", r"topk|sort"),
-    ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|splitkreduce|cublas|matmul|^triton_tem_|aten::(linear|mm|addmm|bmm)$"),
+    ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|splitkreduce|cublas|matmul|aten::(linear|mm|addmm|bmm)$"),
     ("sampling", r"argmax|softmax|scan|cumsum|exponential|distribution|multinomial"),
     ("norm_rope_elementwise", r"catarray|aten::cat$"),  # cat: RoPE's rotate_half
     ("cache_write_copy", r"index_copy|index_put|memcpy|memset|copy|aten::(clone|contiguous|to)$"),
@@ -83,8 +83,11 @@ RULES = (
 # Inductor's fused kernels (triton_poi/red/per_fused_<ops>) list the ops they fuse, and also name the ops they feed
 # or follow (a custom op: "..._dense_decode_attention_...", "..._topk_code_masked_..."); those must not make a
 # fused norm/RoPE kernel "attention" or "SFA top-k". So they are classed by their own work only.
-INDUCTOR_FUSED = r"^triton_(poi|red|per)_"
+# Inductor's sort is lowered into the kernel itself, so "sort" in its name is real work (the reference top-k).
+INDUCTOR_FUSED = r"^triton_(poi|red|per|for|spl|unk|tem)_"
 INDUCTOR_RULES = (
+    ("gemm", r"^triton_tem_"),
+    ("sfa_topk", r"sort"),
     ("sampling", r"argmax|softmax|scan|cumsum|exponential|multinomial"),
     ("cache_write_copy", r"index_put|index_copy"),
     ("norm_rope_elementwise", r""),

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import sfa
-from sfa.kernels.decode import GPU_DECODE_CONFIG, INTERPRETER_DECODE_CONFIG, decode_into
+from sfa.kernels import decode as decode_kernel
+from sfa.kernels.decode import GPU_DECODE_CONFIG, GPU_DECODE_CONFIG_WIDE, INTERPRETER_DECODE_CONFIG, decode_into
 from sfa.reference import sfa_attention_reference
 
 TOL = {torch.float32: 2e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
@@ -43,8 +44,34 @@ CASES = [  # b, hq, hkv, n_q, n_keys, d, dv, k, causal
 
 def _config(base: dict, gather: str) -> dict | None:
     """The launch of one score gather: "default" = the shipped dispatch (None), "query_rows" / "query_columns" =
-    `base` with the gather reading the query rows as they are or transposed."""
-    return None if gather == "default" else dict(base, QUERY_COLUMNS=gather == "query_columns")
+    `base` with the gather reading the query rows as they are or transposed, "wide_columns" = the plan for
+    >= 16-row programs with the transposed gather."""
+    if gather == "default":
+        return None
+    if gather == "wide_columns":
+        return dict(GPU_DECODE_CONFIG_WIDE, QUERY_COLUMNS=True)
+    return dict(base, QUERY_COLUMNS=gather == "query_columns")
+
+
+@pytest.mark.parametrize("query_columns", [False, True])
+def test_the_query_columns_option_reaches_the_kernel(monkeypatch, query_columns):
+    """Both gathers give the same result, so the reference tests alone would pass with the option ignored."""
+    launched = []
+    kernel = decode_kernel._decode_split_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                launched.append(kwargs["QUERY_COLUMNS"])
+                return kernel[grid](*args, **kwargs)
+            return launch
+
+    monkeypatch.setattr(decode_kernel, "_decode_split_kernel", Spy())
+    keys, code, v = _cache_views(1, 2, 40, 32, 32, 4, torch.float32)
+    q = sfa.topk_mask(torch.randn(1, 4, 2, 32), 4)
+    decode_into(q, code.values, code.indices, v, torch.empty(1, 4, 2, 32), scale=0.2, causal=True,
+                config=dict(INTERPRETER_DECODE_CONFIG, QUERY_COLUMNS=query_columns))
+    assert launched == [query_columns]
 
 
 @pytest.mark.parametrize("gather", ["query_rows", "query_columns"])
@@ -110,7 +137,7 @@ def test_too_many_query_rows_is_a_clear_error():
     [(2, 32, 8, 1, 5003, 128, 16, True), (1, 16, 8, 4, 20011, 128, 16, True), (3, 8, 8, 2, 777, 64, 8, False),
      (1, 32, 4, 1, 9000, 128, 64, True), (2, 8, 2, 16, 3001, 64, 1, True), (2, 16, 8, 8, 4099, 128, 16, True)],
 )
-@pytest.mark.parametrize("gather", ["default", "query_rows", "query_columns"])
+@pytest.mark.parametrize("gather", ["default", "query_rows", "query_columns", "wide_columns"])
 def test_gpu_decode_matches_reference(dtype, b, hq, hkv, n_q, n_keys, d, k, causal, gather):
     keys, code, v = _cache_views(b, hkv, n_keys, d, d, k, dtype, device="cuda")
     q = torch.randn(b, hq, n_q, d, device="cuda").to(dtype)
@@ -151,6 +178,28 @@ def test_query_columns_with_decoupled_codes_and_n_valid(dense_dims):
                 causal=True, k_dense=code.dense, n_valid=lengths,
                 config=_config(INTERPRETER_DECODE_CONFIG, "query_columns"))
     _assert_matches_each_valid_prefix(out, q, keys, v, lengths, k, dense_dims, True)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dense_dims", [0, 32])
+@pytest.mark.parametrize("gather", ["query_columns", "wide_columns"])
+def test_gpu_query_columns_with_decoupled_codes_and_n_valid(dtype, dense_dims, gather):
+    """As the engine calls it (a static cache's n_valid), 16 query heads over 8 KV heads, 8 tokens (16 rows)."""
+    b, hq, hkv, cap, d, k, n_q = 2, 16, 8, 3000, 128, 16, 8
+    keys = torch.randn(b, hkv, cap, d, device="cuda").to(dtype)
+    v = torch.randn(b, hkv, cap, d, device="cuda").to(dtype)
+    code = sfa.topk_sparsify(keys, k, dense_dims)
+    q = torch.randn(b, hq, n_q, d, device="cuda").to(dtype)
+    lengths = torch.tensor([1001, 2999], device="cuda")
+    out = torch.full((b, hq, n_q, d), float("nan"), dtype=dtype, device="cuda")
+    decode_into(sfa.topk_mask(q, k, dense_dims), code.values, code.indices, v, out, scale=1 / math.sqrt(d),
+                causal=True, k_dense=code.dense, n_valid=lengths, config=_config(GPU_DECODE_CONFIG, gather))
+    assert not out.isnan().any()
+    for i, n in enumerate(lengths.tolist()):
+        ref = sfa_attention_reference(q[i : i + 1].float(), keys[i : i + 1, :, :n].float(), v[i : i + 1, :, :n].float(),
+                                      topk_q=k, topk_k=k, dense_dims=dense_dims, causal=True)
+        assert rel_err(out[i : i + 1], ref) < TOL[dtype]
 
 
 def _assert_matches_each_valid_prefix(out, q, keys, v, lengths, k, dense_dims, causal):

@@ -126,6 +126,8 @@ def test_floors_follow_the_byte_formula(runs):
      "transpose_view_2", "norm_rope_elementwise"),
     ("triton_per_fused__fused_rms_norm__to_copy__unsafe_view_add_cat_index_copy_index_select_mm_mul_neg_sp",
      "cache_write_copy"),
+    ("triton_tem_fused_mm_dense_decode_attention_5", "gemm"), ("triton_per_fused_sort_3", "sfa_topk"),
+    ("triton_for_fused__to_copy_0", "norm_rope_elementwise"),
     # CPU: aten ops
     ("aten::linear", "gemm"), ("aten::scaled_dot_product_attention", "attention"),
     ("aten::rms_norm", "norm_rope_elementwise"),
