@@ -67,6 +67,7 @@ LABELS = dict(gemm="GEMM / matmul (incl. LM head)", attention="attention decode 
 # (the function's name) and inductor's (triton_poi/red/per_fused_<the ops fused>, triton_tem_ for templated
 # GEMMs: "_to_copy" in a fused name is a cast, not a copy); CPU names are aten ops. The sampler is found by
 # position instead (see breakdown), since most of its kernels have generic names.
+SAMPLING = r"argmax|softmax|scan|cumsum|exponential|distribution|multinomial"
 RULES = (
     ("attention", r"_decode_split_kernel|flash|fmha|sdpa|scaled_dot_product|decode_attention"),
     ("combine", r"_combine_kernel"),
@@ -74,21 +75,22 @@ RULES = (
     # two sorts per row; q's goes through the fused top-k kernel.
     ("sfa_topk", r"topk|sort"),
     ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|splitkreduce|cublas|matmul|aten::(linear|mm|addmm|bmm)$"),
-    ("sampling", r"argmax|softmax|scan|cumsum|exponential|distribution|multinomial"),
+    ("sampling", SAMPLING),
     ("norm_rope_elementwise", r"catarray|aten::cat$"),  # cat: RoPE's rotate_half
     ("cache_write_copy", r"index_copy|index_put|memcpy|memset|copy|aten::(clone|contiguous|to)$"),
     ("norm_rope_elementwise", r"elementwise|reduce_kernel|norm|index_?select|aten::(add|sub|mul|div|neg|pow|rsqrt|"
                               r"mean|silu|gelu|tanh|exp|where|masked_fill|embedding|eq|ne|lt|le|gt|ge|arange)_?$"),
 )
-# Inductor's fused kernels (triton_poi/red/per_fused_<ops>) list the ops they fuse, and also name the ops they feed
-# or follow (a custom op: "..._dense_decode_attention_...", "..._topk_code_masked_..."); those must not make a
-# fused norm/RoPE kernel "attention" or "SFA top-k". So they are classed by their own work only.
-# Inductor's sort is lowered into the kernel itself, so "sort" in its name is real work (the reference top-k).
-INDUCTOR_FUSED = r"^triton_(poi|red|per|for|spl|unk|tem)_"
+# Inductor's kernels (triton_poi/red/per/for/spl/unk_fused_<ops>, triton_tem_ templates) list the ops they fuse,
+# and also name the ops they feed or follow (a custom op: "..._dense_decode_attention_...",
+# "..._topk_code_masked_..."); those must not make a fused norm/RoPE kernel "attention" or "SFA top-k". So they
+# are classed by their own work only. Inductor's sort is lowered into the kernel itself, so "sort" in its name is
+# real work (the reference top-k).
+INDUCTOR_KERNEL = r"^triton_(poi|red|per|for|spl|unk|tem)_"
 INDUCTOR_RULES = (
     ("gemm", r"^triton_tem_"),
     ("sfa_topk", r"sort"),
-    ("sampling", r"argmax|softmax|scan|cumsum|exponential|multinomial"),
+    ("sampling", SAMPLING),
     ("cache_write_copy", r"index_put|index_copy"),
     ("norm_rope_elementwise", r""),
 )
@@ -124,7 +126,7 @@ def parse_args(argv=None):
 
 
 def kernel_class(name: str) -> str:
-    rules = INDUCTOR_RULES if re.match(INDUCTOR_FUSED, name) else RULES
+    rules = INDUCTOR_RULES if re.match(INDUCTOR_KERNEL, name) else RULES
     for cls, pattern in rules:
         if re.search(pattern, name, re.IGNORECASE):
             return cls

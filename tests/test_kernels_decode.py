@@ -195,19 +195,16 @@ def test_gpu_query_columns_with_decoupled_codes_and_n_valid(dtype, dense_dims, g
     out = torch.full((b, hq, n_q, d), float("nan"), dtype=dtype, device="cuda")
     decode_into(sfa.topk_mask(q, k, dense_dims), code.values, code.indices, v, out, scale=1 / math.sqrt(d),
                 causal=True, k_dense=code.dense, n_valid=lengths, config=_config(GPU_DECODE_CONFIG, gather))
-    assert not out.isnan().any()
-    for i, n in enumerate(lengths.tolist()):
-        ref = sfa_attention_reference(q[i : i + 1].float(), keys[i : i + 1, :, :n].float(), v[i : i + 1, :, :n].float(),
-                                      topk_q=k, topk_k=k, dense_dims=dense_dims, causal=True)
-        assert rel_err(out[i : i + 1], ref) < TOL[dtype]
+    _assert_matches_each_valid_prefix(out, q, keys, v, lengths, k, dense_dims, True)
 
 
 def _assert_matches_each_valid_prefix(out, q, keys, v, lengths, k, dense_dims, causal):
+    """Each sequence's output against the fp32 reference over its first lengths[i] keys, within out's dtype's TOL."""
     assert not out.isnan().any(), "some output elements were never written"
     for i, n in enumerate(lengths.tolist()):
-        ref = sfa_attention_reference(q[i : i + 1], keys[i : i + 1, :, :n], v[i : i + 1, :, :n], topk_q=k, topk_k=k,
-                                      dense_dims=dense_dims, causal=causal)
-        assert rel_err(out[i : i + 1], ref) < TOL[torch.float32]
+        ref = sfa_attention_reference(q[i : i + 1].float(), keys[i : i + 1, :, :n].float(), v[i : i + 1, :, :n].float(),
+                                      topk_q=k, topk_k=k, dense_dims=dense_dims, causal=causal)
+        assert rel_err(out[i : i + 1], ref) < TOL[out.dtype]
 
 
 def test_kv_length_is_refused_by_a_backend_without_it_and_auto_falls_back():

@@ -323,7 +323,7 @@ def _launch(q, k_values, k_indices, k_dense, v, out, *, scale: float, causal: bo
     n_valid_stride = 0 if n_valid is None or n_valid.shape[0] == 1 else n_valid.stride(0)
     _decode_split_kernel[(b * hkv, n_splits)](
         q, q_cols, k_values, k_indices, dense_arg, v, o_part, lse_part, n_valid_arg, n_valid_stride,
-        q_cols.shape[-2] * rows if query_columns else 0,
+        q_cols.stride(1) if query_columns else 0,  # contiguous (B, Hkv, D, ROWS): one (batch, KV head) apart
         q.stride(0), q.stride(1), q.stride(2),
         k_values.stride(0), k_values.stride(1), k_values.stride(2),
         k_indices.stride(0), k_indices.stride(1), k_indices.stride(2),
