@@ -138,11 +138,15 @@ def sweep_configs() -> list[dict]:
     # Earlier sweeps (docs/bench/notes_topk_decode.md) found BLOCK_L=64, 4 warps, 3 stages best of BLOCK_L
     # {32, 64, 128} x warps {4, 8}; 16/SM of {8, 16, 32}, 4 stages no better; lifting the 128-split cap slows batch 1
     # (264 splits: +11% at 128k); 2 stages ~ 3. So this one tries fewer, longer splits.
+    # MIN_PROGRAMS_PER_SM floors the minimum chunk: at B = 4, 32k the shipped plan's programs of 512 keys read at
+    # 83% of copy bandwidth where B = 8's of 1024 read at 92% (docs/inference.md), yet batch 1 needs its 512
+    # programs (1024-key chunks, 256 programs, were 20% slower there).
     configs = [dict(BLOCK_L=block_l, PROGRAMS_PER_SM=per_sm, SPLIT_CAP=cap, MIN_KEYS_PER_SPLIT=min_keys,
-                    num_warps=warps, num_stages=stages)
+                    MIN_PROGRAMS_PER_SM=min_programs, num_warps=warps, num_stages=stages)
                for block_l, warps, stages in ((64, 4, 3), (64, 4, 2))
-               for per_sm, cap, min_keys in ((16, 128, 0), (16, 64, 0), (16, 32, 0), (16, 128, 1024), (16, 128, 2048),
-                                             (8, 128, 0), (32, 128, 0))]
+               for per_sm, cap, min_keys, min_programs in (
+                   (16, 128, 0, 0), (16, 64, 0, 0), (16, 32, 0, 0), (16, 128, 1024, 0), (16, 128, 2048, 0), (8, 128, 0, 0),
+                   (32, 128, 0, 0), (16, 64, 768, 4), (16, 64, 1024, 4), (16, 128, 1024, 4), (16, 64, 2048, 4))]
     # Capping registers (ptx .maxnreg 96/80/64, for 5-8 resident blocks instead of 4) helped at no shape on the
     # H200 (docs/bench/results/decode_2026-12-03_h200_c36837b_q16.json), so it is no longer swept.
     # The transposed-query gather (QUERY_COLUMNS: one vector load per code entry instead of one load per query

@@ -52,7 +52,9 @@ TIMED_WARMUP = WARMUP_STEPS + 3  # eager warm-up, then capture (graph) or compil
 FIT_MARGIN = 0.9, 2 * 2**30  # a "max" batch may use 90% of the free memory less 2 GiB (activations, graphs)
 
 
-PLAN_KEYS = ("BLOCK_L", "PROGRAMS_PER_SM", "SPLIT_CAP", "MIN_KEYS_PER_SPLIT", "num_warps", "num_stages", "maxnreg")
+PLAN_KEYS = ("BLOCK_L", "PROGRAMS_PER_SM", "SPLIT_CAP", "MIN_KEYS_PER_SPLIT", "MIN_PROGRAMS_PER_SM", "num_warps",
+             "num_stages", "maxnreg")
+MAY_BE_ZERO = ("MIN_KEYS_PER_SPLIT", "MIN_PROGRAMS_PER_SM")  # 0: no minimum chunk, no floor on the programs
 
 
 def decode_plan(text: str) -> dict:
@@ -60,9 +62,9 @@ def decode_plan(text: str) -> dict:
     plan = {}
     for item in filter(None, text.split(",")):
         key, sep, value = item.partition("=")
-        least = 0 if key == "MIN_KEYS_PER_SPLIT" else 1  # 0: no minimum chunk per split
+        least = 0 if key in MAY_BE_ZERO else 1
         if not sep or key not in PLAN_KEYS or not value.isdigit() or int(value) < least:
-            raise ValueError(f"{item!r} must be KEY=INT (>= 1; MIN_KEYS_PER_SPLIT >= 0) with KEY one of "
+            raise ValueError(f"{item!r} must be KEY=INT (>= 1; {' and '.join(MAY_BE_ZERO)} >= 0) with KEY one of "
                              f"{', '.join(PLAN_KEYS)}")
         plan[key] = int(value)
     return plan

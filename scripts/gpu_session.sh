@@ -18,8 +18,9 @@
 #   bench_epilogue       scripts/bench_topk.py --epilogue-only: the fused QK epilogue against the unfused ops
 #   bench_generate_points    scripts/bench_generate.py at B=4, 32k: dense, short, SFA by graph and compile, and
 #                        HF generate at B=4, 4k (the points docs/inference.md lists as not run)
-#   bench_generate_plan  scripts/bench_generate.py at B=4, 32k, compiled: SFA with the shipped decode launch plan,
-#                        SFA with bench_decode's best for Qwen3-0.6B's heads (SPLIT_CAP=128, num_stages=3), dense
+#   bench_generate_plan[:PLAN]  scripts/bench_generate.py at B=4, 32k, compiled: SFA with the shipped decode launch
+#                        plan, SFA with PLAN (--decode-plan KEY=INT,...; default SPLIT_CAP=128,num_stages=3, an
+#                        earlier bench_decode best for Qwen3-0.6B's heads), dense
 #   bench_decode[:QHEADS]    scripts/bench_decode.py with QHEADS query heads over 8 KV heads (default 16, Qwen3-0.6B's),
 #                        B=1,4,8,16 at 32k and 128k (1, 4 and 8 query rows at 32k), with its launch-config sweep
 # Environment: OUT (results folder, default workspace/gpu_session_out); STUDY (default study_pkg); CORPUS_DIR
@@ -116,8 +117,10 @@ for job in "$@"; do
         --batches 4 --contexts 32768 --compile-at 4:32768 --compile-attentions dense,short,sfa --hf-at 4:4096 \
         --out "$OUT/bench_generate_points.json" >"$OUT/bench_generate_points.txt" 2>&1
       tail -n 20 "$OUT/bench_generate_points.txt" ;;
-    bench_generate_plan)
-      for spec in "shipped sfa" "swept sfa,dense SPLIT_CAP=128,num_stages=3"; do
+    bench_generate_plan | bench_generate_plan:*)
+      plan=SPLIT_CAP=128,num_stages=3
+      [[ $job == *:* ]] && plan=${job#*:}
+      for spec in "shipped sfa" "swept sfa,dense $plan"; do
         read -r tag attentions plan <<<"$spec"
         too_late "bench_generate_plan $tag" && continue
         run_timed "bench_generate_plan $tag" "$budget" python scripts/bench_generate.py --models qwen3_0.6b \

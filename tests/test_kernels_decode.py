@@ -90,6 +90,24 @@ def test_decode_matches_reference(dtype, case, gather):
     assert rel_err(out, ref) < TOL[dtype]
 
 
+@pytest.mark.parametrize("batch_heads, n_keys, plan, expected", [
+    (32, 32768, dict(programs_per_sm=16, split_cap=64, min_keys_per_split=0), (64, 512)),  # capped at 64 splits
+    (64, 32768, dict(programs_per_sm=16, split_cap=64, min_keys_per_split=0), (32, 1024)),  # 33 wanted, rounded
+    (32, 32768, dict(programs_per_sm=16, split_cap=64, min_keys_per_split=1024), (32, 1024)),  # chunk minimum
+    (8, 32768, dict(programs_per_sm=16, split_cap=64, min_keys_per_split=1024), (32, 1024)),  # ... even at batch 1
+    # the floor: 4 programs per SM = 66 splits at 8 KV heads, capped at 64, so the minimum chunk gives way
+    (8, 32768, dict(programs_per_sm=16, split_cap=64, min_keys_per_split=1024, min_programs_per_sm=4), (64, 512)),
+    (32, 32768, dict(programs_per_sm=16, split_cap=64, min_keys_per_split=1024, min_programs_per_sm=4), (32, 1024)),
+    (32, 32768, dict(programs_per_sm=16, split_cap=64, min_keys_per_split=768, min_programs_per_sm=4), (40, 832)),
+    (4, 100, dict(programs_per_sm=16, split_cap=64, min_keys_per_split=0), (2, 64)),  # never below one block
+])
+def test_split_plan_on_a_132_sm_gpu(monkeypatch, batch_heads, n_keys, plan, expected):
+    """The GPU split plan's arithmetic (the interpreter always uses 2-block chunks, so no kernel test reaches it)."""
+    monkeypatch.setattr(decode_kernel, "interpreting", lambda: False)
+    monkeypatch.setattr(decode_kernel, "num_sms", lambda device: 132)
+    assert decode_kernel._split_plan(batch_heads, n_keys, 64, torch.device("cpu"), **plan) == expected
+
+
 @pytest.mark.parametrize("n_q", [1, 3])
 def test_many_splits_merged_in_several_combine_chunks(n_q):
     """150 keys in splits of 32 (interpreter config) = 5 splits, merged 2 at a time: two full chunks and a

@@ -210,17 +210,22 @@ def _combine_kernel(
 
 
 def _split_plan(batch_heads: int, n_keys: int, block_l: int, device: torch.device, programs_per_sm: int,
-                split_cap: int, min_keys_per_split: int):
+                split_cap: int, min_keys_per_split: int, min_programs_per_sm: int = 0):
     """(n_splits, keys_per_split): about `programs_per_sm` programs per SM, at most `split_cap` splits per
-    (batch, KV head), chunks of at least `min_keys_per_split` keys and a multiple of the block.
+    (batch, KV head), chunks of at least `min_keys_per_split` keys and a multiple of the block. The chunk minimum
+    never leaves fewer than `min_programs_per_sm` programs per SM (0: no floor): long chunks amortise a program's
+    fixed cost (its first loads, its partials) where there are programs to spare, but not where they fill the GPU.
 
     More splits is not always faster: docs/bench/notes_topk_decode.md measured batch 1 at 128k slower
     with 264 splits than with 128, so the cap and the minimum chunk are launch parameters."""
     if interpreting():
         keys_per_split = 2 * block_l  # several splits even at tiny L, so the combine path is tested
     else:
-        want = math.ceil(programs_per_sm * num_sms(device) / batch_heads)
-        want = max(1, min(MAX_SPLITS, split_cap, want, n_keys // max(1, min_keys_per_split)))
+        sms = num_sms(device)
+        want = math.ceil(programs_per_sm * sms / batch_heads)
+        by_length = n_keys // max(1, min_keys_per_split)
+        by_length = max(by_length, math.ceil(min_programs_per_sm * sms / batch_heads))
+        want = max(1, min(MAX_SPLITS, split_cap, want, by_length))
         keys_per_split = max(block_l, math.ceil(math.ceil(n_keys / want) / block_l) * block_l)
     return math.ceil(n_keys / keys_per_split), keys_per_split
 
@@ -230,11 +235,10 @@ def _split_plan(batch_heads: int, n_keys: int, block_l: int, device: torch.devic
 # a partial block and several (and partial) chunks of the combine loop.
 GPU_DECODE_CONFIG = dict(BLOCK_L=64, PROGRAMS_PER_SM=16, SPLIT_CAP=64, num_warps=4, num_stages=2)
 # For programs of >= 16 query rows (e.g. 4 query heads per KV head x 4 tokens), where the gather is 4x wider.
-# bench_decode measured the transposed-query gather (QUERY_COLUMNS=True) 3.3x faster with this plan at 16 rows
-# (16 query heads over 8 KV heads, 8 tokens: 0.41 against 1.35-1.40 ms at B = 8, 32k) and slower below 16 rows
-# (2x at 2 rows, 1.5x at 8: docs/inference.md, "Many query rows"). Its GPU tests passed with the narrow plan; it
-# becomes this plan's default once they have run with this one (a dispatch change needs its GPU test log).
-GPU_DECODE_CONFIG_WIDE = dict(BLOCK_L=64, PROGRAMS_PER_SM=8, num_warps=4, num_stages=2)
+# The transposed-query gather (QUERY_COLUMNS) measured 3.3x faster with this plan at 16 rows (16 query heads over
+# 8 KV heads, 8 tokens: 0.41 against 1.35-1.40 ms at B = 8, 32k) and slower below 16 rows (2x at 2 rows, 1.5x at
+# 8: docs/inference.md, "Many query rows"), so only this plan takes it.
+GPU_DECODE_CONFIG_WIDE = dict(BLOCK_L=64, PROGRAMS_PER_SM=8, num_warps=4, num_stages=2, QUERY_COLUMNS=True)
 # fp32 caches (e.g. fp32 weights under autocast): the 3-stage bf16 pipeline needs ~300 KB of shared memory
 # for 4-byte elements, over the 227 KB a block may take on Hopper, so halve the tile and do not pipeline.
 GPU_DECODE_CONFIG_FP32 = dict(BLOCK_L=32, PROGRAMS_PER_SM=8, num_warps=4, num_stages=1)
@@ -310,7 +314,7 @@ def _launch(q, k_values, k_indices, k_dense, v, out, *, scale: float, causal: bo
     combine_block = cfg.pop("COMBINE_BLOCK", COMBINE_BLOCK)
     n_splits, keys_per_split = _split_plan(
         b * hkv, n_keys, block_l, v.device, cfg.pop("PROGRAMS_PER_SM", 4), cfg.pop("SPLIT_CAP", 128),
-        cfg.pop("MIN_KEYS_PER_SPLIT", 0),
+        cfg.pop("MIN_KEYS_PER_SPLIT", 0), cfg.pop("MIN_PROGRAMS_PER_SM", 0),
     )
     o_part = torch.empty((b * hq * n_q * n_splits, dv), dtype=torch.float32, device=v.device)
     lse_part = torch.empty((b * hq * n_q * n_splits,), dtype=torch.float32, device=v.device)
