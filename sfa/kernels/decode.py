@@ -233,7 +233,8 @@ def _split_plan(batch_heads: int, n_keys: int, block_l: int, device: torch.devic
 # Launch config. GPU: best of the sweep in scripts/bench_decode.py on H200 (docs/bench/results/decode_h200_v5.json,
 # "sweep_top10": the top six plans are within 2%); the interpreter's is small so the tests cover several splits,
 # a partial block and several (and partial) chunks of the combine loop.
-GPU_DECODE_CONFIG = dict(BLOCK_L=64, PROGRAMS_PER_SM=16, SPLIT_CAP=64, num_warps=4, num_stages=2)
+GPU_DECODE_CONFIG = dict(BLOCK_L=64, PROGRAMS_PER_SM=16, SPLIT_CAP=64, MIN_KEYS_PER_SPLIT=2048, MIN_PROGRAMS_PER_SM=4,
+                         num_warps=4, num_stages=3)
 # For programs of >= 16 query rows (e.g. 4 query heads per KV head x 4 tokens), where the gather is 4x wider.
 # The transposed-query gather (QUERY_COLUMNS) measured 3.3x faster with this plan at 16 rows (16 query heads over
 # 8 KV heads, 8 tokens: 0.41 against 1.35-1.40 ms at B = 8, 32k) and slower below 16 rows (2x at 2 rows, 1.5x at
