@@ -230,11 +230,14 @@ def _split_plan(batch_heads: int, n_keys: int, block_l: int, device: torch.devic
     return math.ceil(n_keys / keys_per_split), keys_per_split
 
 
-# Launch config. GPU: best of the sweep in scripts/bench_decode.py on H200 (docs/bench/results/decode_h200_v5.json,
-# "sweep_top10": the top six plans are within 2%); the interpreter's is small so the tests cover several splits,
-# a partial block and several (and partial) chunks of the combine loop.
-GPU_DECODE_CONFIG = dict(BLOCK_L=64, PROGRAMS_PER_SM=16, SPLIT_CAP=64, MIN_KEYS_PER_SPLIT=2048, MIN_PROGRAMS_PER_SM=4,
-                         num_warps=4, num_stages=3)
+# Launch config. GPU: chosen end to end, not by the kernel sweep alone. scripts/bench_decode.py's sweep on the H200
+# ranks 3 stages first (with 2048-key chunks and a floor of 4 programs per SM, 5-12% faster than this plan at its
+# one-query shapes: docs/bench/results/decode_2026-12-03_h200_f9afebb_split_floor/), yet in the compiled engine
+# (scripts/bench_generate.py, Qwen3-0.6B, B = 4, 32k) that plan took 5.47 ms per step against this one's 4.99 in
+# the same call, as 3 stages with 128 splits did the day before (4.92 vs 4.78): docs/inference.md, "Launch plan".
+# The interpreter's is small so the tests cover several splits, a partial block and several (and partial) chunks
+# of the combine loop.
+GPU_DECODE_CONFIG = dict(BLOCK_L=64, PROGRAMS_PER_SM=16, SPLIT_CAP=64, num_warps=4, num_stages=2)
 # For programs of >= 16 query rows (e.g. 4 query heads per KV head x 4 tokens), where the gather is 4x wider.
 # The transposed-query gather (QUERY_COLUMNS) measured 3.3x faster with this plan at 16 rows (16 query heads over
 # 8 KV heads, 8 tokens: 0.41 against 1.35-1.40 ms at B = 8, 32k) and slower below 16 rows (2x at 2 rows, 1.5x at
