@@ -234,7 +234,8 @@ def _split_plan(batch_heads: int, n_keys: int, block_l: int, device: torch.devic
 # ranks 3 stages first (with 2048-key chunks and a floor of 4 programs per SM, 5-12% faster than this plan at its
 # one-query shapes: docs/bench/results/decode_2026-12-03_h200_f9afebb_split_floor/), yet in the compiled engine
 # (scripts/bench_generate.py, Qwen3-0.6B, B = 4, 32k) that plan took 5.47 ms per step against this one's 4.99 in
-# the same call, as 3 stages with 128 splits did the day before (4.92 vs 4.78): docs/inference.md, "Launch plan".
+# the same call, as 3 stages with 128 splits did the day before (4.92 vs 4.78): docs/inference.md, "Launch plan,
+# second look".
 # The interpreter's is small so the tests cover several splits, a partial block and several (and partial) chunks
 # of the combine loop.
 GPU_DECODE_CONFIG = dict(BLOCK_L=64, PROGRAMS_PER_SM=16, SPLIT_CAP=64, num_warps=4, num_stages=2)
