@@ -93,6 +93,11 @@ def masked_sdpa_graph_time(q, keys, v) -> float:
     return bench_graph(lambda: static_dense_sdpa(q, keys, v, mask))
 
 
+def plan_for(q, k, v, narrow: dict, wide: dict) -> dict:
+    """The plan of `narrow` and `wide` that the library's dispatch would launch for these inputs (bf16 here)."""
+    return decode_mod._launch_config(None, q, k, v, narrow, wide, decode_mod.GPU_DECODE_CONFIG_FP32)
+
+
 def bench_graph(fn) -> float:
     """GPU time without launch overhead (CUDA graph replays). No L2 flush: short contexts fit in L2."""
     fn()
@@ -199,7 +204,7 @@ def main():
                cudnn=torch.backends.cudnn.version())
     copy_gbps = copy_bandwidth_gbps()
     # The plans the library ships, kept apart from the sweep's best: the table times both, since the sweep's best
-    # in isolation has been slower in the engine (docs/inference.md, "Launch plan").
+    # in isolation has been slower in the engine (docs/inference.md, "Launch plan, second look").
     shipped, shipped_wide = dict(decode_mod.GPU_DECODE_CONFIG), dict(decode_mod.GPU_DECODE_CONFIG_WIDE)
     sweep = [] if args.no_sweep else sweep_configs()
     best = sweep[0]["config"] if sweep else dict(decode_mod.GPU_DECODE_CONFIG)
@@ -231,9 +236,10 @@ def main():
                 q, q_masked, keys, code, v = make_inputs(b, n_keys, n_q)
                 dense = dense_times(q, keys, v)
                 best_dense = min(t for name, t in dense.items() if isinstance(t, float))
-                cfg = best if HQ // HKV * n_q < 16 else best_wide
-                shipped_cfg = shipped if HQ // HKV * n_q < 16 else shipped_wide
-                dense_cfg = dense_best if HQ // HKV * n_q < 16 else dense_best_wide
+                # the library's own choice between each pair of plans (narrow or wide by rows per program)
+                cfg = plan_for(q_masked, code.values, v, best, best_wide)
+                shipped_cfg = plan_for(q_masked, code.values, v, shipped, shipped_wide)
+                dense_cfg = plan_for(q, keys, v, dense_best, dense_best_wide)
                 t_kernel = sfa_time(q_masked, code, v, dict(cfg))
                 t_dense_kernel = dense_kernel_time(q, keys, v, dict(dense_cfg))
                 try:

@@ -118,9 +118,9 @@ for job in "$@"; do
         --out "$OUT/bench_generate_points.json" >"$OUT/bench_generate_points.txt" 2>&1
       tail -n 20 "$OUT/bench_generate_points.txt" ;;
     bench_generate_plan | bench_generate_plan:*)
-      plan=SPLIT_CAP=128,num_stages=3
-      [[ $job == *:* ]] && plan=${job#*:}
-      for spec in "shipped sfa" "swept sfa,dense $plan"; do
+      alternative=SPLIT_CAP=128,num_stages=3
+      [[ $job == *:* ]] && alternative=${job#*:}
+      for spec in "shipped sfa" "swept sfa,dense $alternative"; do
         read -r tag attentions plan <<<"$spec"
         too_late "bench_generate_plan $tag" && continue
         run_timed "bench_generate_plan $tag" "$budget" python scripts/bench_generate.py --models qwen3_0.6b \
