@@ -11,6 +11,8 @@
 #   tests:PATH[,PATH]    scripts/gpu_tests.sh on those test files (log to $OUT/gpu_tests_<files>.log)
 #   profile_generate[:MODE[:BATCH]]  scripts/profile_generate.py, dense and SFA, 32k context, MODE graph (default),
 #                        compile or eager, BATCH sequences (default 1)
+#   profile_train[:SHAPE[:eager]]  scripts/profile_train.py: the kernels of dense, SFA masked and flash training
+#                        steps at SHAPE (default gpt2_1k), compiled unless "eager"
 #   e2e_epilogue[:compile]   scripts/e2e_throughput.py, Qwen3 1k, dense vs masked SFA, fused vs unfused QK
 #                        epilogue, eager (default) or compiled
 #   e2e_gpt2:SHAPE[:compile]  scripts/e2e_throughput.py, GPT-2 small at SHAPE (1k or 8k), dense vs SFA masked and
@@ -88,6 +90,14 @@ for job in "$@"; do
           >"$OUT/profile_generate_$tag.txt" 2>&1
         tail -n 25 "$OUT/profile_generate_$tag.txt"
       done ;;
+    profile_train | profile_train:*)
+      IFS=: read -r _ shape compiled <<<"$job"
+      shape=${shape:-gpt2_1k} compile=on
+      [[ $compiled == eager ]] && compile=off
+      tag=profile_train_${shape}_compile_$compile
+      run_timed "$job" "$budget" python scripts/profile_train.py --shape "$shape" --attention dense masked flash \
+        --compile $compile --out "$OUT/$tag.json" >"$OUT/$tag.txt" 2>&1
+      tail -n 60 "$OUT/$tag.txt" ;;
     e2e_gpt2:1k | e2e_gpt2:8k | e2e_gpt2:1k:compile | e2e_gpt2:8k:compile)
       IFS=: read -r _ shape compiled <<<"$job"
       compile=off tag=e2e_gpt2_$shape
