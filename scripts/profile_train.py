@@ -46,7 +46,7 @@ from training.run_setup import setup  # noqa: E402
 INDUCTOR_KERNEL = r"^triton_(poi|red|per|for|spl|unk)_"
 RULES = (
     ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|splitkreduce|cublas|^triton_tem_|aten::(linear|mm|addmm|bmm|matmul)$"),
-    ("sfa_kernels", r"^_topk_rows_kernel|^flash_fwd_kernel|^flash_bwd_|^_fwd_kernel|^_bwd_kernel"),
+    ("sfa_kernels", r"^_topk_rows_kernel|^_straight_through_kernel|^flash_fwd_kernel|^flash_bwd_|^_fwd_kernel|^_bwd_kernel"),
     ("attention", r"fmha|flash|sdpa|cudnn|scaled_dot_product|attention"),
     ("scatter_gather", r"scatter|gather|index_put|index_add|embedding_dense_backward|sort"),
     ("optimizer", r"multi_tensor|adam|foreach|_amp_"),
@@ -121,6 +121,18 @@ def breakdown(events: list[dict], steps: int) -> dict:
     return dict(kernel_ms=total, kernels=len(events) / steps, classes=classes, by_name=by_name)
 
 
+def host_ops(trace: list[dict], steps: int) -> list[dict]:
+    """The host's ops by name, inclusive time (an op's own and what it calls), largest first: where the host spends
+    a step when the device waits for it (wall ms well above kernel ms)."""
+    per_name = defaultdict(lambda: [0, 0.0])
+    for e in trace:
+        if e.get("ph") == "X" and e.get("cat") in ("cpu_op", "user_annotation", "python_function"):
+            per_name[e["name"]][0] += 1
+            per_name[e["name"]][1] += e["dur"]
+    return [dict(name=n, count=k / steps, ms=us / 1e3 / steps)
+            for n, (k, us) in sorted(per_name.items(), key=lambda item: -item[1][1])]
+
+
 def profile_arm(args, attention: str, work: Path) -> dict:
     cfg, k = arm_config(args, attention, work / "root")
     info = dist.setup(cfg.dist, cfg.train.device)
@@ -146,10 +158,12 @@ def profile_arm(args, attention: str, work: Path) -> dict:
         prof.export_chrome_trace(str(trace_path))
         trace = json.loads(trace_path.read_text())["traceEvents"]
         events = device_activity(trace) if device.type == "cuda" else top_level_ops(trace)
+        host = host_ops(trace, args.steps)
         tokens = cfg.train.batch_tokens
         peak = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
         result = dict(attention=attention, k=None if attention == "dense" else k, wall_ms=wall_ms,
-                      tokens_per_s=tokens / wall_ms * 1e3, peak_gib=peak, **breakdown(events, args.steps))
+                      tokens_per_s=tokens / wall_ms * 1e3, peak_gib=peak, **breakdown(events, args.steps),
+                      host_ops=host)
         del run
         return result
     finally:
@@ -178,6 +192,10 @@ def print_tables(arms: list[dict]) -> None:
             continue
         deltas = [a["classes"][c]["ms"] - dense["classes"][c]["ms"] for a in arms if dense and a is not dense]
         print(f"{c:<22}" + "".join(f"{x:>10.3f}" for x in row) + "".join(f"{d:>+13.3f}" for d in deltas))
+    for a in arms:
+        print(f"\n{a['attention']}: the host's 12 largest ops, inclusive (ms per step, count per step)")
+        for e in a["host_ops"][:12]:
+            print(f"  {e['ms']:8.3f} {e['count']:6.0f}  {e['name'][:100]}")
     for a in arms:
         print(f"\n{a['attention']}: the 12 largest kernels (ms per step, count per step)")
         for e in a["by_name"][:12]:

@@ -212,18 +212,18 @@ def test_gpu_projection_views_and_straight_through(dtype, b, t, h, d, k):
         code, masked = fused_topk_masked(x, k)
         ref = sfa.topk_sparsify(x.detach(), k)
         assert torch.equal(code.indices, ref.indices) and torch.equal(masked, ref.to_dense())
-        assert _memory_order(masked) == _memory_order(x) == [0, 2, 1, 3]
+        assert _memory_order(masked) == _memory_order(x) == [i for i in (0, 2, 1, 3) if x.shape[i] > 1]
         g = torch.randn_like(masked)
         (dx,) = torch.autograd.grad(masked, x, g)
         assert torch.equal(dx, torch.where(ref.mask(), g, 0))
-        assert _memory_order(dx) == [0, 2, 1, 3]
+        assert _memory_order(dx) == _memory_order(x)
         x_ref, x2 = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
         w_values = torch.randn((*x.shape[:-1], k), dtype=dtype, device="cuda")
         code2, masked2 = fused_topk_masked(x2, k)
         ((code2.values.float() * w_values).sum() + (masked2.float() * g).sum()).backward()
         ref2 = sfa.topk_sparsify(x_ref.float(), k)
         ((ref2.values * w_values).sum() + (ref2.to_dense() * g).sum()).backward()
-        torch.testing.assert_close(x2.grad.float(), x_ref.grad, rtol=1e-2 if dtype != torch.float32 else 1e-6,
+        torch.testing.assert_close(x2.grad.float(), x_ref.grad.float(), rtol=1e-2 if dtype != torch.float32 else 1e-6,
                                    atol=1e-2 if dtype != torch.float32 else 1e-6)
 
 

@@ -27,17 +27,17 @@ def pair(preset, attention):
 
 def backends_used(fn):
     used = []
-    original = sfa.ops.choose_backend
+    original = sfa.backends.choose_backend  # what resolve_backend calls for "auto"
 
     def spy(*args, **kw):
         used.append(original(*args, **kw))
         return used[-1]
 
-    sfa.ops.choose_backend = spy
+    sfa.backends.choose_backend = spy
     try:
         fn()
     finally:
-        sfa.ops.choose_backend = original
+        sfa.backends.choose_backend = original
     return used
 
 

@@ -174,70 +174,75 @@ def _padded_d(d: int) -> int:
     return max(8, next_pow2(d))  # >= 8: the selection record packs eight columns to a byte
 
 
-# ---- layout: rows through three leading dims, in the memory order of x
+# ---- layout: rows through three leading dims, in the memory order of x. Plain Python on sizes and strides, no
+# tensor views: these run on every call of the op (eagerly even inside a compiled graph, where the op is opaque).
 
 
-def _rows3(x: torch.Tensor) -> torch.Tensor:
-    """x with exactly three leading dims, its last stride 1: a view when x has at most three (size-1 dims in
-    front), else x's rows flattened (a copy where they cannot be)."""
-    if x.dim() > 4:
-        x = x.reshape(-1, x.shape[-1])
-    if x.stride(-1) != 1:
-        x = x.contiguous()
-    return x[(None,) * (4 - x.dim())]
+def _flat_rows(t: torch.Tensor) -> torch.Tensor:
+    """t as the kernels take it: at most three leading dims and a last stride of 1 (a copy where needed)."""
+    if t.dim() > 4:
+        t = t.reshape(-1, t.shape[-1])
+    return t if t.stride(-1) == 1 else t.contiguous()
 
 
-def _row_order(x3: torch.Tensor) -> list[int]:
-    """The leading dims of x3 from the outermost in memory to the innermost (size-1 dims first)."""
-    # the flag as a Python int (one guard under torch.compile's symbolic shapes), not a SymBool to order by
-    return sorted(range(3), key=lambda i: (0 if x3.shape[i] == 1 else 1, -x3.stride(i)))
+def _lead3(t: torch.Tensor) -> tuple[tuple, tuple]:
+    """Sizes and strides of the leading dims of t (at most three), padded in front to three (size 1, stride 0)."""
+    pad = 4 - t.dim()
+    return (1,) * pad + tuple(t.shape[:-1]), (0,) * pad + tuple(t.stride()[:-1])
+
+
+def _row_order(x: torch.Tensor) -> list[int]:
+    """x's three leading dims (as _lead3 pads them) from the outermost in memory to the innermost, size-1
+    dims first; the flag is a Python int (one guard under compile's symbolic shapes), not a SymBool."""
+    sizes, strides = _lead3(x)
+    return sorted(range(3), key=lambda i: (0 if sizes[i] == 1 else 1, -strides[i]))
 
 
 def _empty_in_row_order(x: torch.Tensor, width: int, dtype: torch.dtype) -> torch.Tensor:
-    """(*x.shape[:-1], width) of `dtype`, its rows laid out in the order _rows3(x) has them in memory."""
-    if x.dim() > 4 or x.stride(-1) != 1:  # _rows3 copies these into contiguous rows
+    """(*x.shape[:-1], width) of `dtype`, its rows laid out in the order _flat_rows(x) has them in memory."""
+    if x.dim() > 4 or x.stride(-1) != 1:  # _flat_rows copies these into contiguous rows
         return torch.empty((*x.shape[:-1], width), dtype=dtype, device=x.device)
-    x3 = _rows3(x)
-    order = _row_order(x3)
-    fresh = torch.empty([x3.shape[i] for i in order] + [width], dtype=dtype, device=x.device)
-    inverse = [order.index(i) for i in range(3)]
-    return fresh.permute(*inverse, 3).reshape(*x.shape[:-1], width)
+    sizes, _ = _lead3(x)
+    strides, step = [0, 0, 0], width
+    for i in reversed(_row_order(x)):
+        strides[i], step = step, step * sizes[i]
+    n = x.dim() - 1
+    return torch.empty_strided((*x.shape[:-1], width), (*strides[3 - n:], 1), dtype=dtype, device=x.device)
 
 
-def _in_row_order(order: list[int], *tensors: torch.Tensor) -> list[torch.Tensor]:
-    """The tensors (same leading shape) with three leading dims, permuted into `order` (the kernels walk
-    rows in that order and address each tensor by its own strides)."""
-    return [_rows3(t).permute(*order, 3) for t in tensors]
-
-
-def _strides3(t: torch.Tensor) -> tuple[int, int, int]:
-    return t.stride(0), t.stride(1), t.stride(2)
+def _walk(order: list[int], t: torch.Tensor) -> tuple:
+    """t's three row strides in `order` (the kernels walk rows in that order, each tensor by its strides)."""
+    _, strides = _lead3(t)
+    return tuple(strides[i] for i in order)
 
 
 def topk_rows_into(x: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor,
                    masked: torch.Tensor | None, bits: torch.Tensor | None = None):
     """Run the kernel into preallocated outputs (tests poison them first to catch unwritten slots).
 
-    x (..., D), any strides; values (..., k) in x's dtype and indices (..., k) uint8, last stride 1; masked
-    (..., D) and bits (..., selection_bytes(D)) uint8 (given together, or masked alone: bits go to scratch
-    memory), last stride 1, or None for the code alone.
+    x (..., D), any strides; values (..., k) in x's dtype and indices (..., k) uint8 with the same strides;
+    masked (..., D) and bits (..., selection_bytes(D)) uint8 (given together, or masked alone: bits go to scratch
+    memory), or None for the code alone. Outputs with more than three leading dims must be contiguous.
     """
     d = x.shape[-1]
     if masked is not None and bits is None:
         bits = _empty_in_row_order(x, selection_bytes(d), torch.uint8)
-    x3 = _rows3(x)
-    order = _row_order(x3)
-    xp, vp, ip = _in_row_order(order, x3, values, indices)
-    if vp.stride() != ip.stride():
+    x = _flat_rows(x)
+    outputs = [values, indices] + ([masked, bits] if masked is not None else [])
+    if x.dim() == 2 and values.dim() > 2:  # x's rows were flattened: so are the outputs' (views)
+        outputs = [t.view(-1, t.shape[-1]) for t in outputs]
+    order = _row_order(x)
+    walks = [_walk(order, t) for t in (x, *outputs)]
+    if walks[1] != walks[2]:
         raise ValueError("topk_rows_into: values and indices must have the same strides")
-    if masked is not None:
-        mp, bp = _in_row_order(order, masked, bits)
-    else:
-        mp, bp = vp, ip  # never written when WRITE_MASKED is False
-    n_rows = xp.shape[0] * xp.shape[1] * xp.shape[2]
+    if masked is None:
+        outputs += outputs[:2]  # never written when WRITE_MASKED is False
+        walks += walks[1:3]
+    sizes, _ = _lead3(x)
+    n_rows = sizes[0] * sizes[1] * sizes[2]
     with torch.cuda.device(x.device) if x.is_cuda else contextlib.nullcontext():
-        _launch(_topk_rows_kernel, n_rows, xp, vp, ip, mp, bp, n_rows, xp.shape[1], xp.shape[2],
-                *_strides3(xp), *_strides3(vp), *_strides3(mp), *_strides3(bp),
+        _launch(_topk_rows_kernel, n_rows, x, *outputs, n_rows, sizes[order[1]], sizes[order[2]],
+                *walks[0], *walks[1], *walks[3], *walks[4],
                 D=d, D_PAD=_padded_d(d), K=k, K_PAD=next_pow2(k), KEY64=x.dtype == torch.float32,
                 WRITE_MASKED=masked is not None, NB=selection_bytes(d),
                 key=["D_PAD", "K_PAD", "KEY64", "WRITE_MASKED"])
@@ -272,16 +277,21 @@ def _compute(x: torch.Tensor, k: int, with_masked: bool):
 def _straight_through_into(bits: torch.Tensor, grad_masked: torch.Tensor | None, grad_values: torch.Tensor | None,
                            dx: torch.Tensor) -> None:
     d = dx.shape[-1]
-    order = _row_order(_rows3(bits))
-    bp, dp = _in_row_order(order, bits, dx)
-    gp = _in_row_order(order, grad_masked)[0] if grad_masked is not None else dp  # never read when absent
-    vp = _in_row_order(order, grad_values)[0] if grad_values is not None else dp
-    n_rows = bp.shape[0] * bp.shape[1] * bp.shape[2]
+    tensors = [_flat_rows(t) for t in (bits, dx)]
+    given = [_flat_rows(g) for g in (grad_masked, grad_values) if g is not None]
+    if tensors[0].dim() == 2 and bits.dim() > 2:
+        tensors, given = [t.reshape(-1, t.shape[-1]) for t in tensors], [g.reshape(-1, g.shape[-1]) for g in given]
+    bits, dx = tensors
+    grad_masked = given.pop(0) if grad_masked is not None else dx  # never read when absent
+    grad_values = given.pop(0) if grad_values is not None else dx
+    order = _row_order(bits)
+    sizes, _ = _lead3(bits)
+    n_rows = sizes[0] * sizes[1] * sizes[2]
     with torch.cuda.device(dx.device) if dx.is_cuda else contextlib.nullcontext():
-        _launch(_straight_through_kernel, n_rows, bp, gp, vp, dp, n_rows, bp.shape[1], bp.shape[2],
-                *_strides3(bp), *_strides3(gp), *_strides3(vp), *_strides3(dp),
-                D=d, D_PAD=_padded_d(d), HAS_MASKED=grad_masked is not None, HAS_VALUES=grad_values is not None,
-                key=["D_PAD", "HAS_MASKED", "HAS_VALUES"])
+        _launch(_straight_through_kernel, n_rows, bits, grad_masked, grad_values, dx, n_rows, sizes[order[1]],
+                sizes[order[2]], *_walk(order, bits), *_walk(order, grad_masked), *_walk(order, grad_values),
+                *_walk(order, dx), D=d, D_PAD=_padded_d(d), HAS_MASKED=grad_masked is not dx,
+                HAS_VALUES=grad_values is not dx, key=["D_PAD", "HAS_MASKED", "HAS_VALUES"])
 
 
 # ---- custom ops: opaque to torch.compile, with fake (meta) kernels and the straight-through backward
