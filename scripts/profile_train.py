@@ -46,7 +46,7 @@ from training.run_setup import setup  # noqa: E402
 INDUCTOR_KERNEL = r"^triton_(poi|red|per|for|spl|unk)_"
 RULES = (
     ("gemm", r"gemm|gemv|nvjet|cutlass|xmma|splitkreduce|cublas|^triton_tem_|aten::(linear|mm|addmm|bmm|matmul)$"),
-    ("sfa_kernels", r"^_topk_rows_kernel|^_straight_through_kernel|^flash_fwd_kernel|^flash_bwd_|^_fwd_kernel|^_bwd_kernel"),
+    ("sfa_kernels", r"^_topk_rows_kernel|^flash_fwd_kernel|^flash_bwd_|^_fwd_kernel|^_bwd_kernel"),
     ("attention", r"fmha|flash|sdpa|cudnn|scaled_dot_product|attention"),
     ("scatter_gather", r"scatter|gather|index_put|index_add|embedding_dense_backward|sort"),
     ("optimizer", r"multi_tensor|adam|foreach|_amp_"),

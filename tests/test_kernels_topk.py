@@ -85,72 +85,6 @@ def test_gradient_is_straight_through_at_selected_coordinates():
     assert (x.grad != 0).sum() <= 2 * 3 * 7 * 4
 
 
-def _projection_heads(b, t, h, d, dtype, device="cpu"):
-    """q and k as a model makes them: (B, H, T, D) views transposed out of one (B, T, 3 H D) projection output,
-    not contiguous and not a single row stride (the kernel must read them in place); ties planted in both."""
-    proj = torch.empty(b, t, 3 * h * d, device=device, dtype=dtype)
-    heads = [z.view(b, t, h, d).transpose(1, 2) for z in proj.split(h * d, dim=-1)]
-    for z in heads:
-        z.copy_(_with_ties(torch.randn(b, h, t, d, device=device).to(dtype)))
-    return heads[:2]
-
-
-def _memory_order(t):
-    """t's dims of size > 1 from the largest stride to the smallest (the order its elements lie in memory)."""
-    return sorted((i for i in range(t.dim()) if t.shape[i] > 1), key=lambda i: -t.stride(i))
-
-
-def _straight_through_case(x, k):
-    """fused_topk_masked's and the reference's gradients of (values · w_values + masked · w_masked) at x, as
-    autograd hands them to x's producer (a leaf's .grad would be re-laid out by AccumulateGrad)."""
-    x = x.detach().requires_grad_()
-    w_values = torch.randn((*x.shape[:-1], k), dtype=x.dtype, device=x.device)
-    w_masked = torch.randn(x.shape, dtype=x.dtype, device=x.device)
-    code, masked = fused_topk_masked(x, k)
-    (dx,) = torch.autograd.grad((code.values * w_values).sum() + (masked * w_masked).sum(), x)
-    x_ref = x.detach().clone().requires_grad_()
-    ref = sfa.topk_sparsify(x_ref, k)
-    (dx_ref,) = torch.autograd.grad((ref.values * w_values).sum() + (ref.to_dense() * w_masked).sum(), x_ref)
-    return dx, dx_ref, code, masked, ref
-
-
-@pytest.mark.parametrize("dtype", CPU_DTYPES)
-@pytest.mark.parametrize("b,t,h,d,k", [(2, 13, 3, 48, 5), (1, 7, 2, 64, 8), (2, 5, 1, 32, 32)],
-                         ids=["odd", "D64-k8", "k=D"])
-def test_projection_views_are_read_in_place_and_written_in_their_memory_order(dtype, b, t, h, d, k):
-    """q from the model's head split: the code and the masked rows are the reference's, the masked rows and
-    the gradient of x lie in memory as x does (B, T, H, D), and the gradient is the reference's exactly (each
-    coordinate takes one gradient, or the sum of two in the reference's dtype: fp32 here, so exact to rounding)."""
-    q, _ = _projection_heads(b, t, h, d, dtype)
-    assert not q.is_contiguous()
-    dx, dx_ref, code, masked, ref = _straight_through_case(q, k)
-    assert torch.equal(code.indices, ref.indices) and torch.equal(code.values, ref.values)
-    assert torch.equal(masked, ref.to_dense())
-    assert code.values.is_contiguous() and code.indices.is_contiguous()
-    assert _memory_order(masked) == _memory_order(dx) == _memory_order(q) == [i for i in (0, 2, 1, 3) if q.shape[i] > 1]
-    torch.testing.assert_close(dx, dx_ref, rtol=1e-3 if dtype == torch.float16 else 1e-6, atol=1e-6)
-    assert ((dx != 0).sum(-1) <= k).all()
-
-
-def test_more_than_three_leading_dims_and_a_single_row():
-    for shape in ((2, 3, 2, 5, 32), (32,)):
-        dx, dx_ref, code, masked, ref = _straight_through_case(torch.randn(shape), 4)
-        assert torch.equal(code.indices, ref.indices) and torch.equal(masked, ref.to_dense())
-        assert masked.shape == dx.shape == shape
-        torch.testing.assert_close(dx, dx_ref, rtol=0, atol=1e-6)
-
-
-def test_backward_applies_the_forward_record_not_a_new_selection():
-    """Changing x after the forward must not move the gradient: it goes where the forward kept coordinates."""
-    x = torch.randn(4, 6, 32, requires_grad=True)
-    code, masked = fused_topk_masked(x, 4)
-    kept = masked != 0
-    with torch.no_grad():
-        x.mul_(-1).add_(torch.randn_like(x))  # a different top-k now
-    masked.backward(torch.ones_like(masked))
-    assert torch.equal(x.grad != 0, kept)
-
-
 @pytest.mark.parametrize(
     "x,k,error,message",
     [
@@ -198,33 +132,6 @@ def test_registered_as_the_cuda_key_coder_and_exact_with_dense_dims():
         assert code.dense_dims == want.dense_dims == dense_dims
         if dense_dims:
             assert torch.equal(code.dense, want.dense)
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize("b,t,h,d,k", [(4, 1024, 12, 64, 8), (2, 777, 6, 128, 16), (1, 300, 5, 96, 12)])
-def test_gpu_projection_views_and_straight_through(dtype, b, t, h, d, k):
-    """The training path on the GPU: q and k as views of one projection, read in place; the code, the masked
-    rows and their memory order, and the gradient (from the masked rows alone: bit-exact; with the values' too:
-    one fp32 sum, rounded once) against the reference."""
-    for x in _projection_heads(b, t, h, d, dtype, "cuda"):
-        x = x.detach().requires_grad_()
-        code, masked = fused_topk_masked(x, k)
-        ref = sfa.topk_sparsify(x.detach(), k)
-        assert torch.equal(code.indices, ref.indices) and torch.equal(masked, ref.to_dense())
-        assert _memory_order(masked) == _memory_order(x) == [i for i in (0, 2, 1, 3) if x.shape[i] > 1]
-        g = torch.randn_like(masked)
-        (dx,) = torch.autograd.grad(masked, x, g)
-        assert torch.equal(dx, torch.where(ref.mask(), g, 0))
-        assert _memory_order(dx) == _memory_order(x)
-        x_ref, x2 = x.detach().clone().requires_grad_(), x.detach().clone().requires_grad_()
-        w_values = torch.randn((*x.shape[:-1], k), dtype=dtype, device="cuda")
-        code2, masked2 = fused_topk_masked(x2, k)
-        ((code2.values.float() * w_values).sum() + (masked2.float() * g).sum()).backward()
-        ref2 = sfa.topk_sparsify(x_ref.float(), k)
-        ((ref2.values * w_values).sum() + (ref2.to_dense() * g).sum()).backward()
-        torch.testing.assert_close(x2.grad.float(), x_ref.grad.float(), rtol=1e-2 if dtype != torch.float32 else 1e-6,
-                                   atol=1e-2 if dtype != torch.float32 else 1e-6)
 
 
 @pytest.mark.gpu

@@ -11,8 +11,7 @@ sfa/kernels/topk.py (larger |value| first, then the lower column), so the kept c
 `sfa.topk_sparsify`'s on the unfused path's rows when both round the same values.
 
 Backward (straight-through, exact): the forward records its selection as a bitmask (one bit per column,
-D/8 bytes per row: 16 at D = 128, a sixteenth of a 16-bit row's 2·D; sfa/kernels/topk.py's record) and the
-backward applies that record.
+D/8 bytes per row: 16 at D = 128, a sixteenth of a 16-bit row's 2·D) and the backward applies that record.
 Recomputing the mask from x instead would cost no memory, but a separately compiled kernel may round an entry
 one 16-bit ulp differently and resolve a near tie the other way, putting gradient on a coordinate the forward
 dropped. The output gradient is zeroed off the mask, then pulled back through RoPE (the transpose of the
@@ -33,7 +32,7 @@ import triton
 import triton.language as tl
 
 from ._config import KERNEL_DTYPES, interpreting, kernel_can_run_on, next_pow2, num_sms
-from .topk import MAX_DIM, keep_top_k, load_selection_bits, selection_bytes, store_selection_bits
+from .topk import MAX_DIM, keep_top_k
 
 
 @triton.jit
@@ -83,6 +82,23 @@ def _keep(zo, cols, col_ok, D: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexp
 
 
 @triton.jit
+def _store_bits(BITS, keep, rows64, row_ok, NB: tl.constexpr, D_PAD: tl.constexpr, BLOCK_R: tl.constexpr):
+    """keep (BLOCK_R, D_PAD) as NB bytes per row: bit j of byte c is column 8c + j."""
+    weights = 1 << (tl.arange(0, D_PAD) % 8)
+    packed = tl.sum(tl.reshape(tl.where(keep, weights[None, :], 0), (BLOCK_R, D_PAD // 8, 8)), axis=2)
+    byte_cols = tl.arange(0, D_PAD // 8)
+    tl.store(BITS + rows64[:, None] * NB + byte_cols[None, :], packed.to(tl.uint8),
+             mask=row_ok[:, None] & (byte_cols < NB)[None, :])
+
+
+@triton.jit
+def _load_bits(BITS, rows64, at_cols, ok, NB: tl.constexpr):
+    """The recorded keep mask at columns at_cols (BLOCK_R, D_PAD) of each row."""
+    byte = tl.load(BITS + rows64[:, None] * NB + (at_cols // 8)[None, :], mask=ok, other=0).to(tl.int32)
+    return ((byte >> (at_cols % 8)[None, :]) & 1) != 0
+
+
+@triton.jit
 def _fwd_kernel(
     X, W, COS, SIN, OUT, BITS, n_rows, T, H, sx_b, sx_t, sx_h, s_cos, eps,
     D: tl.constexpr, D_PAD: tl.constexpr, R: tl.constexpr, K: tl.constexpr, K_PAD: tl.constexpr,
@@ -97,7 +113,7 @@ def _fwd_kernel(
     if K > 0:
         keep = _keep(zo, cols, col_ok, D, K, K_PAD, DENSE, KEY64)
         zo = tl.where(keep, zo, 0.0)
-        store_selection_bits(BITS, keep, rows64 * NB, row_ok, NB, D_PAD, BLOCK_R)
+        _store_bits(BITS, keep, rows64, row_ok, NB, D_PAD, BLOCK_R)
     tl.store(OUT + rows64[:, None] * D + cols[None, :], zo, mask=row_ok[:, None] & col_ok[None, :])
 
 
@@ -120,7 +136,7 @@ def _bwd_kernel(
         g_base = b * sg_b + t * sg_t + h * sg_h
         gz = tl.load(GO + g_base[:, None] + cols[None, :], mask=ok, other=0.0).to(tl.float32)
         if K > 0:  # straight-through: the gradient passes at the coordinates the forward kept only
-            gz = tl.where(load_selection_bits(BITS, rows64 * NB, cols, ok), gz, 0.0)
+            gz = tl.where(_load_bits(BITS, rows64, cols, ok, NB), gz, 0.0)
         if R > 0:
             # The transpose of the rotation: gy_j = gz_j c_j + ss_p gz_p (p the partner of j, ss the signed
             # sine). gz_p is loaded again at the partner columns, masked by the record at those columns.
@@ -132,7 +148,7 @@ def _bwd_kernel(
             ssp = tl.where((cols < R // 2)[None, :], sp, -sp)  # the partner's signed sine
             gzp = tl.load(GO + g_base[:, None] + partner[None, :], mask=ok, other=0.0).to(tl.float32)
             if K > 0:
-                gzp = tl.where(load_selection_bits(BITS, rows64 * NB, partner, ok), gzp, 0.0)
+                gzp = tl.where(_load_bits(BITS, rows64, partner, ok, NB), gzp, 0.0)
             gy = gz * c + ssp * gzp
         else:
             gy = gz
@@ -159,6 +175,11 @@ def _launch(kernel, grid_rows, *args, **meta):
         _tuned[kernel] = triton.autotune(_GPU_CONFIGS, key=["D_PAD", "R", "K_PAD", "DENSE", "KEY64"])(kernel)
     grid = lambda cfg: (grid_rows(cfg["BLOCK_R"]),)  # noqa: E731
     _tuned[kernel][grid](*args, **meta)
+
+
+def selection_bytes(d: int) -> int:
+    """Bytes per row of the forward's recorded selection (one bit per column)."""
+    return triton.cdiv(d, 8)
 
 
 def _meta(d: int, rotary_dims: int, topk: int, dense_dims: int, out_dtype: torch.dtype) -> dict:
