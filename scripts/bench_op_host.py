@@ -1,0 +1,124 @@
+"""Host time per call of SFA's top-k custom ops: what a step pays on the CPU before the GPU sees a kernel.
+
+At GPT-2 small, 1k context, a training step calls the masked top-k op 48 times (q and k, 12 layers, 2
+micro-batches) and, with the in-place straight-through backward, its backward op 48 times more. When the
+host's work per call exceeds the kernel's device time, the step becomes host bound (scripts/profile_train.py:
+wall ms well above kernel ms). This prints, per entry point, host microseconds per call on inputs so small that
+the device never holds the host back, then the functions where the time goes (cProfile, by own time).
+
+Baselines in the same run: one aten op (x.mul(2)) and a trivial torch.library custom op returning a fresh
+tensor: the floor a custom op pays for the dispatcher and autograd wrapper before any of our code runs.
+
+  python scripts/bench_op_host.py [--calls 3000] [--out FILE]
+Prints a table and writes JSON (--out, and $OUT/bench_op_host.json when $OUT is set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from e2e_throughput import versions  # noqa: E402  (one owner of the run's versions)
+from sfa.kernels import topk as topk_kernels  # noqa: E402
+
+
+@torch.library.custom_op("bench_op_host::fresh_like", mutates_args=())
+def fresh_like(x: torch.Tensor) -> torch.Tensor:
+    return torch.empty_like(x)
+
+
+def head_view(device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """q as the model passes it: a (B, H, T, D) view of one part of a (B, T, 3 H D) projection."""
+    b, t, h, d = 2, 4, 2, 64
+    return torch.randn(b, t, 3 * h * d, device=device, dtype=dtype)[..., : h * d].view(b, t, h, d).transpose(1, 2)
+
+
+def entry_points(x: torch.Tensor, k: int) -> dict:
+    """Name -> zero-argument call. The straight-through op exists only where the backward has its own kernel."""
+    calls = {
+        "aten x.mul(2)": lambda: x.mul(2),
+        "trivial custom op": lambda: fresh_like(x),
+        "sfa::topk_code": lambda: topk_kernels.topk_code_op(x, k),
+        "sfa::topk_code_masked": lambda: topk_kernels.topk_code_masked_op(x, k),
+    }
+    straight_through = getattr(topk_kernels, "topk_straight_through_op", None)
+    if straight_through is not None:
+        _, _, masked, bits = topk_kernels.topk_code_masked_op(x, k)
+        grad = torch.randn_like(masked)
+        calls["sfa::topk_straight_through"] = lambda: straight_through(bits, grad, None, x.shape[-1], x.dtype)
+    return calls
+
+
+def host_us(fn, calls: int, device: torch.device) -> float:
+    for _ in range(50):  # warm-up: compiles and autotunes
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    elapsed = time.perf_counter() - t0  # no sync: the device work per call is a few microseconds
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return elapsed / calls * 1e6
+
+
+def where_the_time_goes(fn, calls: int, top: int) -> list[dict]:
+    profiler = cProfile.Profile()
+    profiler.enable()
+    for _ in range(calls):
+        fn()
+    profiler.disable()
+    stats = pstats.Stats(profiler, stream=io.StringIO())
+    rows = []
+    for (path, line, name), (_, ncalls, own, cumulative, _) in stats.stats.items():
+        rows.append(dict(function=f"{os.path.basename(path)}:{line}({name})", calls_per_call=ncalls / calls,
+                         own_us=own / calls * 1e6, cumulative_us=cumulative / calls * 1e6))
+    return sorted(rows, key=lambda r: -r["own_us"])[:top]
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=3000, help="timed calls per entry point (default 3000)")
+    parser.add_argument("--k", type=int, default=8, help="top-k of the 64-wide rows (default 8)")
+    parser.add_argument("--top", type=int, default=10, help="functions listed per entry point (default 10)")
+    parser.add_argument("--out", default=None, help="JSON path (also $OUT/bench_op_host.json when $OUT is set)")
+    args = parser.parse_args(argv)
+    if args.calls < 1 or not 1 <= args.k <= 64:
+        parser.error(f"--calls must be >= 1 and --k in 1..64 (got --calls {args.calls}, --k {args.k})")
+    if not torch.cuda.is_available():
+        sys.exit("bench_op_host.py measures the CUDA launch path: it needs a GPU")
+    device = torch.device("cuda")
+    x = head_view(device, torch.bfloat16)
+    results = []
+    for name, fn in entry_points(x, args.k).items():
+        results.append(dict(entry=name, host_us=host_us(fn, args.calls, device),
+                            functions=where_the_time_goes(fn, max(1, args.calls // 3), args.top)))
+
+    for r in results:
+        print(f"\n{r['entry']}: the {args.top} functions with the most own time (us per call, calls per call)")
+        for f in r["functions"]:
+            print(f"  {f['own_us']:>8.2f} {f['cumulative_us']:>9.2f} {f['calls_per_call']:>5.1f}  {f['function']}")
+    print(f"\n{'entry point':<30} {'host us/call':>13}")
+    for r in results:
+        print(f"{r['entry']:<30} {r['host_us']:>13.1f}")
+    payload = dict(versions=versions(), calls=args.calls, k=args.k, input=list(x.shape), results=results)
+    for path in filter(None, [args.out, os.environ.get("OUT") and os.path.join(os.environ["OUT"], "bench_op_host.json")]):
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=1)
+        print(f"wrote {path}")
+    return payload
+
+
+if __name__ == "__main__":
+    main()
