@@ -4,7 +4,6 @@ generate() / transformers' generate produce from the same weights, and bad input
 import importlib.util
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
