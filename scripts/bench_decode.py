@@ -24,6 +24,8 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from results_out import write_results  # noqa: E402
 import sfa  # noqa: E402
 from models.attention import StaticStep, static_dense_sdpa  # noqa: E402
 from sfa.kernels import decode as decode_mod  # noqa: E402
@@ -277,9 +279,7 @@ def main():
                   dense_decode_config=dense_best, dense_decode_config_wide_rows=dense_best_wide,
                   dense_rel_err_vs_fp32=dense_rel_err, sweep_shapes=sweep_shapes(), sweep=sweep, dense_sweep_top10=dense_sweep[:10],
                   table=table)
-    for path in filter(None, (args.out, os.environ.get("OUT") and os.path.join(os.environ["OUT"], "decode.json"))):
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+    write_results(result, args.out, "decode.json")
     print(json.dumps(env), f"copy {copy_gbps:.0f} GB/s", "config", best, f"rel_err {rel_err:.2e}")
     print(f"KV bytes/token/layer: dense {dense_bpt}, sfa {sfa_bpt} (cap {dense_bpt / sfa_bpt:.2f}x)")
     print("sweep ms at (B, L, T) =", sweep_shapes())

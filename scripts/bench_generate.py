@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
 import platform
 import sys
 import time
@@ -37,6 +36,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from results_out import write_results  # noqa: E402
 from models import build_model  # noqa: E402
 from models.decoding import WARMUP_STEPS, Decoder, available_bytes  # noqa: E402
 
@@ -445,9 +446,7 @@ def main(argv=None) -> dict:
     print("\n" + "\n".join(summary))
     result = dict(env=env, copy_gbps=copy_gbps, args=vars(args), summary=summary, rows=rows,
                   seconds=time.perf_counter() - began)
-    for path in filter(None, (args.out, os.environ.get("OUT") and os.path.join(os.environ["OUT"], "generate.json"))):
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+    write_results(result, args.out, "generate.json")
     return result
 
 

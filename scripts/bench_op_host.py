@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import cProfile
 import io
-import json
 import os
 import pstats
 import sys
@@ -29,6 +28,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from e2e_throughput import versions  # noqa: E402  (one owner of the run's versions)
+from results_out import write_results  # noqa: E402
 from sfa.kernels import topk as topk_kernels  # noqa: E402
 
 
@@ -113,9 +113,7 @@ def main(argv=None) -> dict:
     for r in results:
         print(f"{r['entry']:<30} {r['host_us']:>13.1f}")
     payload = dict(versions=versions(), calls=args.calls, k=args.k, input=list(x.shape), results=results)
-    for path in filter(None, [args.out, os.environ.get("OUT") and os.path.join(os.environ["OUT"], "bench_op_host.json")]):
-        with open(path, "w") as f:
-            json.dump(payload, f, indent=1)
+    for path in write_results(payload, args.out, "bench_op_host.json"):
         print(f"wrote {path}")
     return payload
 

@@ -28,6 +28,8 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from results_out import write_results  # noqa: E402
 import sfa  # noqa: E402
 from models.qwen3 import RMSNorm, RotaryEmbedding, apply_rope  # noqa: E402
 from sfa.kernels.masked import masked_features, masked_sfa_attention  # noqa: E402
@@ -189,9 +191,7 @@ def main():
         masked_gqa(*s) for s in ((2, 32, 8, 8192, 128, 16), (2, 16, 16, 8192, 128, 16), (1, 32, 8, 16384, 128, 16))]
     epilogue = [r for layout in EPILOGUE_LAYOUTS for r in qk_epilogue(**STUDY_SHAPE, layout=layout)]
     result = dict(env=env, topk=topk, masked=masked, qk_epilogue=epilogue)
-    for path in filter(None, (args.out, os.environ.get("OUT") and os.path.join(os.environ["OUT"], "topk.json"))):
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+    write_results(result, args.out, "topk.json")
     print(json.dumps(env))
     print(f"\n{'rows':>8} {'D':>4} {'k':>3} {'dtype':>8} {'exact':>5} {'fused ms':>9} {'+masked':>8} {'torch.topk':>10}"
           f" {'ref sort':>9} {'x topk':>7} {'GB/s':>6}")

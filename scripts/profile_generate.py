@@ -49,6 +49,7 @@ from bench_generate import (  # noqa: E402  (the benchmark's model, cache fill, 
     time_steps,
     weight_bytes_read,
 )
+from results_out import write_results  # noqa: E402
 from models.sampling import Sampler  # noqa: E402
 
 MODELS = ("qwen3_0.6b", "gpt2_small", "qwen3_tiny", "gpt2_tiny")
@@ -290,10 +291,7 @@ def main(argv=None) -> dict:
                             cache_ms=byte_floor_ms(0, context_bytes, copy_gbps),
                             lm_head_ms=byte_floor_ms(lm_head_bytes, 0, copy_gbps))
     print_report(result)
-    out_dir = os.environ.get("OUT")
-    for path in filter(None, (args.out, out_dir and os.path.join(out_dir, "profile_generate.json"))):
-        with open(path, "w") as f:
-            json.dump(result, f, indent=1)
+    write_results(result, args.out, "profile_generate.json")
     return result
 
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
 import re
 import sys
 import tempfile
@@ -35,6 +34,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "scripts"))
 from e2e_throughput import ATTENTION, COMMON, SHAPES, versions  # noqa: E402  (the arms: one owner)
 from profile_generate import device_activity, top_level_ops  # noqa: E402  (trace parsing: one owner)
+from results_out import write_results  # noqa: E402
 from training import distributed as dist  # noqa: E402
 from training.hydra_setup import compose_run_config  # noqa: E402
 from training.loop import train_step  # noqa: E402
@@ -209,10 +209,7 @@ def main(argv=None) -> None:
     print_tables(arms)
     result = dict(script="profile_train.py", shape=args.shape, compile=args.compile, warmup=args.warmup,
                   steps=args.steps, versions=versions(), arms=arms)
-    outs = [Path(p) for p in (args.out, os.environ.get("OUT") and Path(os.environ["OUT"]) / "profile_train.json") if p]
-    for path in outs:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(result, indent=1))
+    for path in write_results(result, args.out, "profile_train.json"):
         print(f"wrote {path}")
     return result
 
