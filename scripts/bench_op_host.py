@@ -27,6 +27,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
+from bench_generate import sync  # noqa: E402
 from e2e_throughput import versions  # noqa: E402  (one owner of the run's versions)
 from results_out import write_results  # noqa: E402
 from sfa.kernels import topk as topk_kernels  # noqa: E402
@@ -62,14 +63,12 @@ def entry_points(x: torch.Tensor, k: int) -> dict:
 def host_us(fn, calls: int, device: torch.device) -> float:
     for _ in range(50):  # warm-up: compiles and autotunes
         fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     t0 = time.perf_counter()
     for _ in range(calls):
         fn()
     elapsed = time.perf_counter() - t0  # no sync: the device work per call is a few microseconds
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+    sync(device)
     return elapsed / calls * 1e6
 
 
