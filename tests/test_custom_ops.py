@@ -2,6 +2,7 @@
 without graph breaks (which backend `auto` picks: tests/test_backend_choice.py)."""
 
 import math
+import os
 
 import pytest
 import torch
@@ -70,6 +71,35 @@ def test_compile_fullgraph_through_the_ops_forward_and_backward():
     for name, got, want in zip("qkv", grads, want_grads):
         torch.testing.assert_close(got, want, msg=lambda m, name=name: f"d{name}: {m}")
     assert ((grads[0] != 0).sum(-1) <= 4).all() and ((grads[1] != 0).sum(-1) <= 4).all()  # straight-through
+
+
+def test_gpu_ops_are_triton_ops_that_compile_and_differentiate():
+    """Off the interpreter (so, on the GPU) the kernel ops are torch.library.triton_ops, whose implementation
+    torch.compile traces into (sfa/kernels/_config.py, kernel_op). This machine has no GPU, so the traced
+    implementation takes its PyTorch fallback; the launch through wrap_triton is the GPU tests' part."""
+    import subprocess
+    import sys
+
+    code = (
+        "import torch, sfa, sfa.kernels\n"
+        "from torch._library.triton import triton_ops_to_kernels\n"
+        "from sfa.kernels.topk import fused_topk_masked, topk_code_op\n"
+        "ops = {'sfa::topk_code', 'sfa::topk_code_masked', 'sfa::flash_fwd', 'sfa::flash_bwd',\n"
+        "       'sfa::qk_norm_rope', 'sfa::qk_norm_rope_bwd'}\n"
+        "assert ops <= set(triton_ops_to_kernels), sorted(triton_ops_to_kernels)\n"
+        "x = torch.randn(2, 3, 9, 16, requires_grad=True)\n"
+        "f = torch.compile(lambda x: fused_topk_masked(x, 4)[1], fullgraph=True, backend='aot_eager')\n"
+        "y = f(x); g = torch.randn_like(y); y.backward(g)\n"
+        "want = sfa.topk_mask(x.detach(), 4)\n"
+        "assert torch.equal(y, want)\n"
+        "assert torch.equal(x.grad, g * (want != 0))\n"  # straight-through: the cotangent at the kept entries
+        "torch.library.opcheck(topk_code_op, (x, 4))\n"
+        "print('ok')\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env,
+                          cwd=__file__.rsplit("/tests/", 1)[0])
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
 
 
 def test_kernel_backends_are_registered():

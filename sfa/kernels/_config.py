@@ -45,3 +45,29 @@ def num_sms(device: torch.device) -> int:
     if device.type != "cuda":
         return 4
     return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def kernel_op(name: str, fake):
+    """Decorator: the torch.library op `name` whose implementation launches our Triton kernels.
+
+    On the GPU it is a `torch.library.triton_op`: torch.compile traces into the implementation and inductor
+    launches the kernels from its compiled graph, instead of each call paying Triton's Python launch path
+    (autotuner key, argument binding: ~100 us of host time, docs/benchmarks.md "Where SFA's training step
+    loses time"). Eagerly it runs like any custom op. Under TRITON_INTERPRET=1 the kernels are Python that
+    cannot run on the fake tensors tracing uses, so the op stays opaque: a `custom_op` with `fake` as its
+    meta kernel. Schema, autograd and results are the same either way. The implementation must launch every
+    kernel through `launchable(kernel, traceable=True)`."""
+    def define(fn):
+        if interpreting():
+            op = torch.library.custom_op(name, fn, mutates_args=())
+            op.register_fake(fake)
+            return op
+        return torch.library.triton_op(name, fn, mutates_args=())
+    return define
+
+
+def launchable(kernel, traceable: bool):
+    """`kernel` as a launcher calls it: wrapped by `torch.library.wrap_triton` inside a kernel_op's
+    implementation (so tracing records the launch), as it is elsewhere. Direct eager callers must not wrap
+    it: an eager wrap_triton launch dispatches a higher-order op, far slower than the launch itself."""
+    return torch.library.wrap_triton(kernel) if traceable and not interpreting() else kernel

@@ -31,7 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._config import KERNEL_DTYPES, interpreting, kernel_can_run_on, next_pow2, num_sms
+from ._config import KERNEL_DTYPES, interpreting, kernel_can_run_on, kernel_op, launchable, next_pow2, num_sms
 from .topk import MAX_DIM, keep_top_k
 
 
@@ -167,6 +167,7 @@ _tuned = {}
 
 
 def _launch(kernel, grid_rows, *args, **meta):
+    """Launch from an op's implementation (traceable: see kernel_op in sfa/kernels/_config.py)."""
     if interpreting():
         grid = (grid_rows(_INTERPRETER_BLOCK_R),)
         kernel[grid](*args, BLOCK_R=_INTERPRETER_BLOCK_R, **meta)
@@ -174,7 +175,7 @@ def _launch(kernel, grid_rows, *args, **meta):
     if kernel not in _tuned:
         _tuned[kernel] = triton.autotune(_GPU_CONFIGS, key=["D_PAD", "R", "K_PAD", "DENSE", "KEY64"])(kernel)
     grid = lambda cfg: (grid_rows(cfg["BLOCK_R"]),)  # noqa: E731
-    _tuned[kernel][grid](*args, **meta)
+    launchable(_tuned[kernel], traceable=True)[grid](*args, **meta)
 
 
 def selection_bytes(d: int) -> int:
@@ -245,10 +246,18 @@ def _backward(grad, x, weight, cos, sin, selection, eps: float, topk: int, dense
     return gx, partials.sum(0).to(weight.dtype)
 
 
-# ---- custom ops: opaque to torch.compile, with fake kernels and the backward as an op of its own
+# ---- the ops (kernel_op: compiled graphs launch the kernels themselves), the backward an op of its own
 
 
-@torch.library.custom_op("sfa::qk_norm_rope", mutates_args=())
+def _forward_outputs(x, weight, cos, sin, eps, topk, dense_dims, out_dtype):
+    return x.new_empty(x.shape, dtype=out_dtype), _new_selection(x, topk)
+
+
+def _backward_outputs(grad, x, weight, cos, sin, selection, eps, topk, dense_dims):
+    return x.new_empty(x.shape), weight.new_empty(weight.shape)
+
+
+@kernel_op("sfa::qk_norm_rope", fake=_forward_outputs)
 def qk_norm_rope_op(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | None, sin: torch.Tensor | None,
                     eps: float, topk: int, dense_dims: int, out_dtype: torch.dtype
                     ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -256,21 +265,11 @@ def qk_norm_rope_op(x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | N
     return _forward(x, weight, cos, sin, eps, topk, dense_dims, out_dtype)
 
 
-@qk_norm_rope_op.register_fake
-def _(x, weight, cos, sin, eps, topk, dense_dims, out_dtype):
-    return x.new_empty(x.shape, dtype=out_dtype), _new_selection(x, topk)
-
-
-@torch.library.custom_op("sfa::qk_norm_rope_bwd", mutates_args=())
+@kernel_op("sfa::qk_norm_rope_bwd", fake=_backward_outputs)
 def qk_norm_rope_bwd_op(grad: torch.Tensor, x: torch.Tensor, weight: torch.Tensor, cos: torch.Tensor | None,
                         sin: torch.Tensor | None, selection: torch.Tensor, eps: float, topk: int, dense_dims: int
                         ) -> tuple[torch.Tensor, torch.Tensor]:
     return _backward(grad, x, weight, cos, sin, selection, eps, topk, dense_dims)
-
-
-@qk_norm_rope_bwd_op.register_fake
-def _(grad, x, weight, cos, sin, selection, eps, topk, dense_dims):
-    return x.new_empty(x.shape), weight.new_empty(weight.shape)
 
 
 def _setup_context(ctx, inputs, output):

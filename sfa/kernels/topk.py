@@ -21,7 +21,7 @@ import triton.language as tl
 
 from ..topk import (SparseCode, check_dense_dims, index_dtype_for, register_topk_sparsify, topk_sparsify,
                     with_dense_prefix)
-from ._config import KERNEL_DTYPES, interpreting, kernel_can_run_on, next_pow2
+from ._config import KERNEL_DTYPES, interpreting, kernel_can_run_on, kernel_op, launchable, next_pow2
 
 MAX_DIM = 256  # column numbers must fit the 8 low bits of the key and a uint8 index
 
@@ -99,10 +99,12 @@ def kernel_supports(x: torch.Tensor, k: int) -> bool:
     return x.dtype in KERNEL_DTYPES and 1 <= x.shape[-1] <= MAX_DIM and kernel_can_run_on(x) and x.numel() > 0
 
 
-def topk_rows_into(x: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor, masked: torch.Tensor | None):
+def topk_rows_into(x: torch.Tensor, k: int, values: torch.Tensor, indices: torch.Tensor, masked: torch.Tensor | None,
+                   traceable: bool = False):
     """Run the kernel into preallocated outputs (tests poison them first to catch unwritten slots).
 
     x (..., D); values (..., k) in x's dtype; indices (..., k) uint8; masked (..., D) contiguous or None.
+    `traceable`: called from a kernel_op's implementation (see sfa/kernels/_config.py).
     """
     d = x.shape[-1]
     rows = x.reshape(-1, d)
@@ -121,7 +123,7 @@ def topk_rows_into(x: torch.Tensor, k: int, values: torch.Tensor, indices: torch
     else:
         grid = lambda cfg: (triton.cdiv(n_rows, cfg["BLOCK_R"]),)  # noqa: E731
         with torch.cuda.device(x.device):
-            _gpu_kernel()[grid](rows, values, indices, masked_arg, n_rows, rows.stride(0), **meta)
+            launchable(_gpu_kernel(), traceable)[grid](rows, values, indices, masked_arg, n_rows, rows.stride(0), **meta)
 
 
 def _new_outputs(x: torch.Tensor, k: int, with_masked: bool):
@@ -132,40 +134,38 @@ def _new_outputs(x: torch.Tensor, k: int, with_masked: bool):
     return values, indices, masked
 
 
-def _compute(x: torch.Tensor, k: int, with_masked: bool):
+def _compute(x: torch.Tensor, k: int, with_masked: bool, traceable: bool = False):
     if not kernel_supports(x, k):
         code = topk_sparsify(x.detach(), k)
         return code.values, code.indices, (code.to_dense() if with_masked else None)
     values, indices, masked = _new_outputs(x, k, with_masked)
     if x.numel() > 0:
-        topk_rows_into(x.detach(), k, values, indices, masked)
+        topk_rows_into(x.detach(), k, values, indices, masked, traceable)
     return values, indices, masked
 
 
-# ---- custom ops: opaque to torch.compile, with fake (meta) kernels and the straight-through backward
+# ---- the ops (kernel_op: compiled graphs launch the kernel themselves), with the straight-through backward
 
 
-@torch.library.custom_op("sfa::topk_code", mutates_args=())
-def topk_code_op(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    values, indices, _ = _compute(x, k, with_masked=False)
-    return values, indices
-
-
-@torch.library.custom_op("sfa::topk_code_masked", mutates_args=())
-def topk_code_masked_op(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    values, indices, masked = _compute(x, k, with_masked=True)
-    return values, indices, masked
-
-
-@topk_code_op.register_fake
-def _(x, k):
+def _code_outputs(x, k):
     values, indices, _ = _new_outputs(x, k, with_masked=False)
     return values, indices
 
 
-@topk_code_masked_op.register_fake
-def _(x, k):
+def _code_masked_outputs(x, k):
     return _new_outputs(x, k, with_masked=True)
+
+
+@kernel_op("sfa::topk_code", fake=_code_outputs)
+def topk_code_op(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    values, indices, _ = _compute(x, k, with_masked=False, traceable=True)
+    return values, indices
+
+
+@kernel_op("sfa::topk_code_masked", fake=_code_masked_outputs)
+def topk_code_masked_op(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    values, indices, masked = _compute(x, k, with_masked=True, traceable=True)
+    return values, indices, masked
 
 
 def _setup_context(ctx, inputs, output):
