@@ -25,7 +25,7 @@ import triton
 from ..backends import Capabilities, register_backend
 from ..reference import sfa_attention_reference
 from ..topk import SparseCode
-from ._config import KERNEL_DTYPES, LOG2E, dot_precision, interpreting, kernel_op, launchable
+from ._config import KERNEL_DTYPES, LOG2E, dot_precision, interpreting
 from .flash_bwd import flash_bwd_dkdv_kernel, flash_bwd_dq_kernel, flash_bwd_preprocess_kernel
 from .flash_fwd import flash_fwd_kernel
 from .masked import masked_features  # fused top-k -> masked-dense rows, straight-through backward
@@ -83,9 +83,8 @@ def _new_output(shape, dtype, device) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 # Launchers (plain functions on masked-dense tensors; the custom ops wrap them).
 # ---------------------------------------------------------------------------------------------
-def flash_forward(q, k, v, *, causal: bool, scale: float, config: dict | None = None, traceable: bool = False):
-    """out (B,Hq,Nq,Dv) in v's dtype and lse (B,Hq,Nq) fp32 (natural log of the scaled scores' sum).
-    `traceable`: called from a kernel_op's implementation (sfa/kernels/_config.py)."""
+def flash_forward(q, k, v, *, causal: bool, scale: float, config: dict | None = None):
+    """out (B,Hq,Nq,Dv) in v's dtype and lse (B,Hq,Nq) fp32 (natural log of the scaled scores' sum)."""
     b, hq, n_q, d = q.shape
     hkv, n_k, dv = k.shape[1], k.shape[2], v.shape[-1]
     out = _new_output((b, hq, n_q, dv), v.dtype, q.device)
@@ -95,7 +94,7 @@ def flash_forward(q, k, v, *, causal: bool, scale: float, config: dict | None = 
     cfg = launch_config("fwd", d, config)
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
     grid = (triton.cdiv(n_q, block_m), b * hq)
-    launchable(flash_fwd_kernel, traceable)[grid](
+    flash_fwd_kernel[grid](
         q, k, v, out, lse,
         *q.stride(), *k.stride(), *v.stride(), *out.stride(), *lse.stride(),
         hq, hq // hkv, n_q, n_k, n_k - n_q, scale * LOG2E.value,
@@ -105,8 +104,7 @@ def flash_forward(q, k, v, *, causal: bool, scale: float, config: dict | None = 
     return out, lse
 
 
-def flash_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, configs: dict | None = None,
-                   traceable: bool = False):
+def flash_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, configs: dict | None = None):
     """Gradients (dq̃, dk̃, dv) with respect to the masked-dense q̃, k̃ and v; dk, dv summed over GQA groups."""
     b, hq, n_q, d = q.shape
     hkv, n_k, dv_dim = k.shape[1], k.shape[2], v.shape[-1]
@@ -122,7 +120,7 @@ def flash_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, c
     block_d, block_dv, precision = _head_dim_block(d), _head_dim_block(dv_dim), dot_precision(q.dtype)
 
     pre_block = 64 if not interpreting() else 16
-    launchable(flash_bwd_preprocess_kernel, traceable)[(triton.cdiv(n_q, pre_block), b * hq)](
+    flash_bwd_preprocess_kernel[(triton.cdiv(n_q, pre_block), b * hq)](
         out, grad_out, delta, *out.stride(), *grad_out.stride(), *delta.stride(), hq, n_q,
         VALUE_DIM=dv_dim, BLOCK_DV=block_dv, BLOCK_M=pre_block,
     )
@@ -134,7 +132,7 @@ def flash_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, c
     # (docs/bench/attention.md, "Why, with the measurements", point 2).
     cfg = launch_config("dkdv", d, configs.get("dkdv"))
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    launchable(flash_bwd_dkdv_kernel, traceable)[(triton.cdiv(n_k, block_n), b * hkv)](
+    flash_bwd_dkdv_kernel[(triton.cdiv(n_k, block_n), b * hkv)](
         q, k, v, grad_out, lse, delta, dk, dv,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(), *dk.stride(), *dv.stride(),
         hkv, group, n_q, n_k, n_k - n_q, scale, scale * LOG2E.value,
@@ -143,7 +141,7 @@ def flash_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, c
 
     cfg = launch_config("dq", d, configs.get("dq"))
     block_m, block_n = cfg.pop("BLOCK_M"), cfg.pop("BLOCK_N")
-    launchable(flash_bwd_dq_kernel, traceable)[(triton.cdiv(n_q, block_m), b * hq)](
+    flash_bwd_dq_kernel[(triton.cdiv(n_q, block_m), b * hq)](
         q, k, v, grad_out, lse, delta, dq,
         *q.stride(), *k.stride(), *v.stride(), *grad_out.stride(), *lse.stride(), *dq.stride(),
         hq, group, n_q, n_k, n_k - n_q, scale, scale * LOG2E.value,
@@ -153,32 +151,36 @@ def flash_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, c
 
 
 # ---------------------------------------------------------------------------------------------
-# The ops (kernel_op: compiled graphs launch the kernels themselves, no graph breaks), differentiable
-# through register_autograd.
+# Custom ops: opaque to torch.compile (no graph breaks), differentiable through register_autograd.
+# Not kernel_op (sfa/kernels/_config.py) like the top-k and epilogue ops: inductor, recompiling
+# flash_fwd_kernel as a user kernel, fails in Triton's tl.dot on the accumulator (torch 2.11, Triton 3.6,
+# H200, 2026-12-04; docs/benchmarks.md "Kernel ops as triton_op").
 # ---------------------------------------------------------------------------------------------
+@torch.library.custom_op("sfa::flash_fwd", mutates_args=())
+def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
+              ) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashSFA forward on masked-dense q̃ (B,Hq,Nq,D), k̃ (B,Hkv,Nk,D), v (B,Hkv,Nk,Dv) -> (out, lse)."""
+    return flash_forward(q, k, v, causal=causal, scale=scale)
+
+
+@flash_fwd.register_fake
 def _flash_fwd_fake(q, k, v, causal, scale):
     b, hq, n_q, _ = q.shape
     return q.new_empty((b, hq, n_q, v.shape[-1]), dtype=v.dtype), q.new_empty((b, hq, n_q), dtype=torch.float32)
 
 
+@torch.library.custom_op("sfa::flash_bwd", mutates_args=())
+def flash_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """FlashSFA backward: (dq̃, dk̃, dv), dense in the masked-dense inputs; dk, dv summed over each GQA group."""
+    return flash_backward(grad_out, q, k, v, out, lse, causal=causal, scale=scale)
+
+
+@flash_bwd.register_fake
 def _flash_bwd_fake(grad_out, q, k, v, out, lse, causal, scale):
     # The kernels write fresh contiguous gradients; empty_like would copy a strided input's layout
     # (e.g. v as a transposed view of the projection), and compiled graphs then view them wrongly.
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)
-
-
-@kernel_op("sfa::flash_fwd", fake=_flash_fwd_fake)
-def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float
-              ) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlashSFA forward on masked-dense q̃ (B,Hq,Nq,D), k̃ (B,Hkv,Nk,D), v (B,Hkv,Nk,Dv) -> (out, lse)."""
-    return flash_forward(q, k, v, causal=causal, scale=scale, traceable=True)
-
-
-@kernel_op("sfa::flash_bwd", fake=_flash_bwd_fake)
-def flash_bwd(grad_out: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-              lse: torch.Tensor, causal: bool, scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """FlashSFA backward: (dq̃, dk̃, dv), dense in the masked-dense inputs; dk, dv summed over each GQA group."""
-    return flash_backward(grad_out, q, k, v, out, lse, causal=causal, scale=scale, traceable=True)
 
 
 def _setup_context(ctx, inputs, output):
