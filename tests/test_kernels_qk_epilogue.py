@@ -367,6 +367,34 @@ def test_gpu_bf16_backward_follows_the_recorded_selection(rope):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("topk", [None, 16])
+@pytest.mark.parametrize("rope", ["full", "decoupled"])
+def test_gpu_inductor_compiled_epilogue_equals_eager(rope, topk):
+    """What the op costs a compiled graph is its business; what it computes is not: inductor (fullgraph) and
+    eager agree on the rows and both gradients, q-like strides, bf16 (the reason for this test: a kernel
+    inductor recompiles as a user kernel, as kernel_op would have it, must compile there too)."""
+    rotary, dense_dims = ROPES[rope](128)
+    cos, sin = (t.cuda() for t in tables(1023, rotary))
+    x = torch.randn(2, 6, 1023, 128, device="cuda", dtype=torch.bfloat16).transpose(1, 2).requires_grad_()
+    w = (torch.rand(128, device="cuda") + 0.5).requires_grad_()
+    cotangent = torch.randn(x.shape, device="cuda", dtype=torch.bfloat16)
+
+    def run(fn):
+        x.grad = w.grad = None
+        out = fn(x, w)
+        out.backward(cotangent)
+        return out.detach(), x.grad, w.grad
+
+    def epilogue(x, w):
+        return qk_norm_rope(x, w, EPS, cos, sin, topk=topk, dense_dims=dense_dims if topk else 0)
+
+    got = run(torch.compile(epilogue, fullgraph=True))
+    want = run(epilogue)
+    for name, g, e in zip(("rows", "dx", "dweight"), got, want):
+        torch.testing.assert_close(g, e, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.gpu
 @pytest.mark.parametrize("attention", ["dense", "sfa-masked"])
 def test_gpu_qwen3_bf16_autocast_fused_equals_unfused(attention, monkeypatch):
     torch.manual_seed(0)
