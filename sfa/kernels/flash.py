@@ -152,9 +152,9 @@ def flash_backward(grad_out, q, k, v, out, lse, *, causal: bool, scale: float, c
 
 # ---------------------------------------------------------------------------------------------
 # Custom ops: opaque to torch.compile (no graph breaks), differentiable through register_autograd.
-# Not kernel_op (sfa/kernels/_config.py) like the top-k and epilogue ops: inductor, recompiling
-# flash_fwd_kernel as a user kernel, fails in Triton's tl.dot on the accumulator (torch 2.11, Triton 3.6,
-# H200, 2026-12-04; docs/benchmarks.md "Kernel ops as triton_op").
+# Not kernel_op (sfa/kernels/_config.py) like the top-k ops: inductor, recompiling flash_fwd_kernel as a
+# user kernel, fails in Triton's tl.dot on the accumulator (torch 2.11, Triton 3.6, H200, 2026-12-04), likely
+# because inductor passes the float scale as fp64 (docs/benchmarks.md "Kernel ops as triton_op").
 # ---------------------------------------------------------------------------------------------
 @torch.library.custom_op("sfa::flash_fwd", mutates_args=())
 def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, scale: float

@@ -247,8 +247,8 @@ def _backward(grad, x, weight, cos, sin, selection, eps: float, topk: int, dense
 
 # ---- custom ops: opaque to torch.compile, with fake kernels and the backward as an op of its own.
 # Not yet kernel_op (sfa/kernels/_config.py) like the top-k: inductor's recompiling of these kernels as user
-# kernels has not run on a GPU (the flash kernels' failed there), and tests/test_kernels_qk_epilogue.py's
-# compiled GPU test is what should decide it.
+# kernels has not run on a GPU (the flash kernels' failed there, likely on `eps`'s kind of argument: a Python
+# float, which inductor passes as fp64), and tests/test_kernels_qk_epilogue.py's compiled GPU test should decide.
 
 
 @torch.library.custom_op("sfa::qk_norm_rope", mutates_args=())
