@@ -9,7 +9,12 @@ the device never holds the host back, then the functions where the time goes (cP
 Baselines in the same run: one aten op (x.mul(2)) and a trivial torch.library custom op returning a fresh
 tensor: the floor a custom op pays for the dispatcher and autograd wrapper before any of our code runs.
 
-  python scripts/bench_op_host.py [--calls 3000] [--out FILE]
+Inside a compiled graph the ops cost what the graph's launcher costs: the "compiled" rows time a
+torch.compile'd chain of 16 masked top-k ops (each on the last one's output) and one of 16 trivial custom
+ops, and report the host time per op. On the GPU the top-k ops are triton_ops, whose kernel inductor launches
+itself (sfa/kernels/_config.py, kernel_op); the trivial op stays opaque, a dispatcher call per op.
+
+  python scripts/bench_op_host.py [--calls 3000] [--compile-backend inductor] [--out FILE]
 Prints a table and writes JSON (--out, and $OUT/bench_op_host.json when $OUT is set).
 """
 
@@ -60,6 +65,29 @@ def entry_points(x: torch.Tensor, k: int) -> dict:
     return calls
 
 
+CHAIN = 16  # ops per compiled call: the compiled function's own entry cost is shared by them
+
+
+def compiled_chains(x: torch.Tensor, k: int, backend: str) -> dict:
+    """Name -> (zero-argument call, ops per call): chains of ops compiled whole (fullgraph)."""
+    def topk_chain(rows):
+        for _ in range(CHAIN):
+            rows = topk_kernels.topk_code_masked_op(rows, k)[2]
+        return rows
+
+    def trivial_chain(rows):
+        for _ in range(CHAIN):
+            rows = fresh_like(rows)
+        return rows
+
+    topk_compiled = torch.compile(topk_chain, fullgraph=True, backend=backend)
+    trivial_compiled = torch.compile(trivial_chain, fullgraph=True, backend=backend)
+    return {
+        f"compiled: {CHAIN} trivial custom ops": (lambda: trivial_compiled(x), CHAIN),
+        f"compiled: {CHAIN} sfa::topk_code_masked": (lambda: topk_compiled(x), CHAIN),
+    }
+
+
 def host_us(fn, calls: int, device: torch.device) -> float:
     for _ in range(50):  # warm-up: compiles and autotunes
         fn()
@@ -91,6 +119,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--calls", type=int, default=3000, help="timed calls per entry point (default 3000)")
     parser.add_argument("--k", type=int, default=8, help="top-k of the 64-wide rows (default 8)")
     parser.add_argument("--top", type=int, default=10, help="functions listed per entry point (default 10)")
+    parser.add_argument("--compile-backend", default="inductor",
+                        help="torch.compile backend of the compiled rows (default inductor)")
     parser.add_argument("--out", default=None, help="JSON path (also $OUT/bench_op_host.json when $OUT is set)")
     args = parser.parse_args(argv)
     if args.calls < 1 or not 1 <= args.k <= 64:
@@ -101,17 +131,23 @@ def main(argv=None) -> dict:
     x = head_view(device, torch.bfloat16)
     results = []
     for name, fn in entry_points(x, args.k).items():
-        results.append(dict(entry=name, host_us=host_us(fn, args.calls, device),
+        results.append(dict(entry=name, ops_per_call=1, host_us=host_us(fn, args.calls, device),
                             functions=where_the_time_goes(fn, max(1, args.calls // 3), args.top)))
+    for name, (fn, ops) in compiled_chains(x, args.k, args.compile_backend).items():
+        calls = max(1, args.calls // ops)
+        results.append(dict(entry=name, ops_per_call=ops, host_us=host_us(fn, calls, device) / ops,
+                            functions=where_the_time_goes(fn, max(1, calls // 3), args.top)))
 
     for r in results:
-        print(f"\n{r['entry']}: the {args.top} functions with the most own time (us per call, calls per call)")
+        print(f"\n{r['entry']}: the {args.top} functions with the most own time (us, calls: per call of "
+              f"{r['ops_per_call']} op{'s' if r['ops_per_call'] > 1 else ''})")
         for f in r["functions"]:
             print(f"  {f['own_us']:>8.2f} {f['cumulative_us']:>9.2f} {f['calls_per_call']:>5.1f}  {f['function']}")
-    print(f"\n{'entry point':<30} {'host us/call':>13}")
+    print(f"\n{'entry point':<40} {'host us/op':>11}")
     for r in results:
-        print(f"{r['entry']:<30} {r['host_us']:>13.1f}")
-    payload = dict(versions=versions(), calls=args.calls, k=args.k, input=list(x.shape), results=results)
+        print(f"{r['entry']:<40} {r['host_us']:>11.1f}")
+    payload = dict(versions=versions(), calls=args.calls, k=args.k, compile_backend=args.compile_backend,
+                   input=list(x.shape), results=results)
     for path in write_results(payload, args.out, "bench_op_host.json"):
         print(f"wrote {path}")
     return payload

@@ -64,3 +64,20 @@ def test_bad_arguments_name_what_was_typed(argv, capsys):
     with pytest.raises(SystemExit):
         bench.main(argv)
     assert argv[1] in capsys.readouterr().err
+
+
+def test_compiled_chains_run_the_ops_in_one_graph(monkeypatch):
+    """aot_eager here (no code generation on CPU); on the GPU the default, inductor, launches the kernels."""
+    torch._dynamo.reset()
+    runs = []
+    compute = bench.topk_kernels._compute
+    monkeypatch.setattr(bench.topk_kernels, "_compute", lambda *a, **kw: runs.append(1) or compute(*a, **kw))
+    x = bench.head_view(torch.device("cpu"), torch.float32)
+    chains = bench.compiled_chains(x, 8, "aot_eager")
+    assert [ops for _, ops in chains.values()] == [bench.CHAIN, bench.CHAIN]
+    topk = next(fn for name, (fn, _) in chains.items() if "topk" in name)
+    out = topk()
+    assert len(runs) == bench.CHAIN  # the op ran CHAIN times in the call (the interpreter's custom op, eagerly)
+    assert torch.equal(out, bench.topk_kernels.fused_topk_masked(x, 8)[1])  # the chain keeps the first top-k
+    with torch._dynamo.config.patch(error_on_recompile=True):  # one graph for the whole chain, compiled once
+        topk()
