@@ -86,6 +86,9 @@ def test_gpu_ops_are_triton_ops_that_compile_and_differentiate():
         "from sfa.kernels.topk import fused_topk_masked, topk_code_op\n"
         "ops = {'sfa::topk_code', 'sfa::topk_code_masked'}\n"
         "assert ops <= set(triton_ops_to_kernels), sorted(triton_ops_to_kernels)\n"
+        # the compiled-graph cache keys on these kernels' source: an empty list would replay an edited kernel's old code
+        "assert all(k.__name__ == '_topk_rows_kernel' for op in ops for k in triton_ops_to_kernels[op])\n"
+        "assert all(triton_ops_to_kernels[op] for op in ops), {op: triton_ops_to_kernels[op] for op in ops}\n"
         "x = torch.randn(2, 3, 9, 16, requires_grad=True)\n"
         "f = torch.compile(lambda x: fused_topk_masked(x, 4)[1], fullgraph=True, backend='aot_eager')\n"
         "y = f(x); g = torch.randn_like(y); y.backward(g)\n"

@@ -47,7 +47,7 @@ def num_sms(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def kernel_op(name: str, fake):
+def kernel_op(name: str, fake, kernels: tuple = ()):
     """Decorator: the torch.library op `name` whose implementation launches our Triton kernels.
 
     On the GPU it is a `torch.library.triton_op`: torch.compile traces into the implementation and inductor
@@ -56,13 +56,23 @@ def kernel_op(name: str, fake):
     loses time"). Eagerly it runs like any custom op. Under TRITON_INTERPRET=1 the kernels are Python that
     cannot run on the fake tensors tracing uses, so the op stays opaque: a `custom_op` with `fake` as its
     meta kernel. Schema, autograd and results are the same either way. The implementation must launch every
-    kernel through `launchable(kernel, traceable=True)`."""
+    kernel through `launchable(kernel, traceable=True)`.
+
+    `kernels`: the @triton.jit functions the implementation launches. A compiled graph holds the kernel's code,
+    so torch's AOTAutograd cache keys a graph on the source of its triton_ops' kernels, which triton_op finds
+    by scanning the implementation's source. That scan misses kernels reached through helpers like ours, and
+    an edited kernel would then be replayed from a warm cache in its old version; naming them here puts their
+    source (and their @triton.jit helpers') in the key. Launch configs are not part of it."""
     def define(fn):
         if interpreting():
             op = torch.library.custom_op(name, fn, mutates_args=())
             op.register_fake(fake)
             return op
-        return torch.library.triton_op(name, fn, mutates_args=())
+        op = torch.library.triton_op(name, fn, mutates_args=())
+        registry = getattr(torch._library.triton, "triton_ops_to_kernels", None)  # what the cache key reads
+        if registry is not None:
+            registry[name] = list(kernels)
+        return op
     return define
 
 

@@ -156,13 +156,13 @@ def _code_masked_outputs(x, k):
     return _new_outputs(x, k, with_masked=True)
 
 
-@kernel_op("sfa::topk_code", fake=_code_outputs)
+@kernel_op("sfa::topk_code", fake=_code_outputs, kernels=(_topk_rows_kernel,))
 def topk_code_op(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     values, indices, _ = _compute(x, k, with_masked=False, traceable=True)
     return values, indices
 
 
-@kernel_op("sfa::topk_code_masked", fake=_code_masked_outputs)
+@kernel_op("sfa::topk_code_masked", fake=_code_masked_outputs, kernels=(_topk_rows_kernel,))
 def topk_code_masked_op(x: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     values, indices, masked = _compute(x, k, with_masked=True, traceable=True)
     return values, indices, masked
