@@ -12,7 +12,9 @@ tensor: the floor a custom op pays for the dispatcher and autograd wrapper befor
 Inside a compiled graph the ops cost what the graph's launcher costs: the "compiled" rows time a
 torch.compile'd chain of 16 masked top-k ops (each on the last one's output) and one of 16 trivial custom
 ops, and report the host time per op. On the GPU the top-k ops are triton_ops, whose kernel inductor launches
-itself (sfa/kernels/_config.py, kernel_op); the trivial op stays opaque, a dispatcher call per op.
+itself (sfa/kernels/_config.py, kernel_op); the trivial op stays opaque, a dispatcher call per op. The
+timing does not sync per call: a compiled row near the kernel's own device time (a few us on these inputs)
+says the device, not the host, set the pace.
 
   python scripts/bench_op_host.py [--calls 3000] [--compile-backend inductor] [--out FILE]
 Prints a table and writes JSON (--out, and $OUT/bench_op_host.json when $OUT is set).

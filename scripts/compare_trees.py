@@ -13,8 +13,8 @@ and records the commit in DIR/TREE_COMMIT. Add DIR to .git/info/exclude and carr
 TREE_COMMIT (for a tree without one: $GIT_COMMIT, else git's HEAD), so each result names the code that produced it.
 TORCHINDUCTOR_CACHE_DIR is set to a directory of the tree's own: inductor's cache keys do not see a custom op's
 implementation, so trees sharing a cache can replay each other's compiled graphs (docs/benchmarks.md, "A pitfall
-found on the way"). Call c starts with tree c (mod the number of trees), so no tree always runs first on a fresh
-machine. Prints wall ms, kernel ms and x dense per call, tree and arm, and writes JSON (--out, $OUT/compare_trees.json)
+found on the way"). Call c (counted from 1) starts with tree c - 1 (mod the number of trees), so no tree always runs
+first on a fresh machine. Prints wall ms, kernel ms and x dense per call, tree and arm, and writes JSON (--out, $OUT/compare_trees.json)
 with every profile_train result in full.
 """
 
