@@ -38,10 +38,10 @@ NOT_NEEDED_TO_RUN = {"docs", "tests", ".ci"}
 def prepare(commit: str, dest: Path) -> None:
     if dest.exists() and any(dest.iterdir()):
         sys.exit(f"compare_trees prepare: {dest} exists and is not empty; remove it or pick another folder")
-    names = subprocess.run(["git", "ls-tree", "--name-only", commit], cwd=REPO, capture_output=True, text=True)
+    names = subprocess.run(["git", "ls-tree", "-z", "--name-only", commit], cwd=REPO, capture_output=True, text=True)
     if names.returncode != 0:
         sys.exit(f"compare_trees prepare: git does not know commit {commit!r}: {names.stderr.strip()}")
-    paths = [n for n in names.stdout.split() if n not in NOT_NEEDED_TO_RUN]
+    paths = [n for n in names.stdout.split("\0") if n and n not in NOT_NEEDED_TO_RUN]  # -z: names may hold spaces
     dest.mkdir(parents=True, exist_ok=True)
     archive = subprocess.run(["git", "archive", commit, *paths], cwd=REPO, capture_output=True, check=True)
     subprocess.run(["tar", "x", "-C", str(dest)], input=archive.stdout, check=True)

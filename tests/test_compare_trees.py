@@ -71,3 +71,27 @@ def test_prepare_refuses_an_unknown_commit_and_a_full_folder(tmp_path):
     (tmp_path / "full" / "f").write_text("")
     with pytest.raises(SystemExit, match="exists and is not empty"):
         ct.main(["prepare", "HEAD", str(tmp_path / "full")])
+
+
+STUB_PROFILE = """import json, os, sys
+out = sys.argv[sys.argv.index("--out") + 1]
+arms = [dict(attention="dense", wall_ms=2.0, kernel_ms=1.0, tokens_per_s=100.0),
+        dict(attention="masked", wall_ms=4.0, kernel_ms=2.0, tokens_per_s=50.0)]
+json.dump(dict(arms=arms, commit=os.environ.get("GIT_COMMIT")), open(out, "w"))
+"""
+
+
+def test_two_calls_rotate_the_order_and_keep_each_trees_commit(tmp_path, capsys):
+    trees = []
+    for name, commit in (("a", "aaaa111"), ("b", "bbbb222")):
+        tree = tmp_path / name
+        (tree / "scripts").mkdir(parents=True)
+        (tree / "scripts" / "profile_train.py").write_text(STUB_PROFILE)
+        (tree / "TREE_COMMIT").write_text(commit + "\n")
+        trees.append(str(tree))
+    result = ct.main(["run", *trees, "--calls", "2", "--out", str(tmp_path / "cmp.json")])
+    runs = result["runs"]
+    assert [(r["call"], r["tree"]) for r in runs] == [(1, "0_a"), (1, "1_b"), (2, "1_b"), (2, "0_a")]
+    assert [r["result"]["commit"] for r in runs] == ["aaaa111", "bbbb222", "bbbb222", "aaaa111"]
+    rows = [line.split() for line in capsys.readouterr().out.splitlines() if " masked " in line]
+    assert [row[-1] for row in rows] == ["0.500"] * 4  # masked at half dense's tokens/s, per call and tree
