@@ -36,6 +36,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from results_out import write_results  # noqa: E402
 
+from sfa.kernels._config import interpreting, next_pow2  # noqa: E402
+from sfa.kernels.decode import GPU_DECODE_CONFIG, GPU_DECODE_CONFIG_WIDE, _decode_split_kernel  # noqa: E402
+from sfa.kernels.topk import _GPU_CONFIGS, _topk_rows_kernel  # noqa: E402
+
 BYTES_PER_ISSUE = 128 / 18  # thread instructions an SM issues per byte it receives at the byte floor (docstring)
 TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[0-9T] )?([A-Z0-9]+)[.A-Z0-9]*([^;]*);")
@@ -75,8 +79,7 @@ def _signature(kernel, pointers: dict, constexprs: dict) -> dict:
 
 
 def topk_rows() -> list[dict]:
-    from sfa.kernels.topk import _GPU_CONFIGS, _topk_rows_kernel as kernel
-
+    kernel = _topk_rows_kernel
     pointers = {"X": "*bf16", "VALUES": "*bf16", "INDICES": "*u8", "MASKED": "*bf16"}
     rows = []
     for config in _GPU_CONFIGS:
@@ -94,9 +97,7 @@ def topk_rows() -> list[dict]:
 
 
 def decode_keys() -> list[dict]:
-    from sfa.kernels._config import next_pow2
-    from sfa.kernels.decode import GPU_DECODE_CONFIG, GPU_DECODE_CONFIG_WIDE, _decode_split_kernel as kernel
-
+    kernel = _decode_split_kernel
     pointers = {n: "*bf16" for n in ("Q", "Q_COLS", "K_VAL", "K_DENSE", "V")}
     pointers.update(K_IDX="*u8", O_PART="*fp32", LSE_PART="*fp32", N_VALID="*i32", scale_log2="fp32")
     aligned = [n for n in pointers if n != "scale_log2"]
@@ -128,6 +129,8 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", help="JSON file to write")
     args = parser.parse_args(argv)
+    if interpreting():
+        sys.exit("sass_counts.py compiles with Triton's real compiler: unset TRITON_INTERPRET")
     rows = topk_rows() + decode_keys()
     print(f"\n{'case':<7} {'config':<24} {'thread instr':>12} {'bytes':>6} {'per byte':>9}  (issue-bound above "
           f"~{BYTES_PER_ISSUE:.1f})")
