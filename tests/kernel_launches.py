@@ -10,9 +10,10 @@ as triton_op"). Both halves of this check run without a GPU:
 
 `capture` runs every kernel op forward and backward on small CPU tensors and writes each launch's kernel and
 arguments (a tensor as its dtype). `compile` builds each kernel that a kernel_op registers from those
-arguments, floats typed fp64 as inductor types them, through Triton's compiler and ptxas for sm_90 (both ship
-in the triton wheel), and prints one JSON object: the registered kernels, which were never launched, which
-failed and why. tests/test_kernel_launches.py runs both.
+arguments (the interpreter's launch configs, which are not the GPU autotuner's), floats typed fp64 as inductor
+types them, through Triton's compiler and ptxas for sm_90 (both ship in the triton wheel). It prints one JSON
+object: the registered kernels, those never launched, and each failing launch with its error.
+tests/test_kernel_launches.py runs both.
 """
 
 from __future__ import annotations
