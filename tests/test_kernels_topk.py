@@ -153,3 +153,25 @@ def test_gpu_kv_cache_stores_the_reference_code(dense_dims):
     assert torch.equal(cache.key_values, want.values)
     if dense_dims:
         assert torch.equal(cache.key_dense, want.dense)
+
+
+@pytest.mark.parametrize("dtype", CPU_DTYPES)
+def test_special_values_come_back_bit_for_bit(dtype):
+    """The code's values are rebuilt from the packed keys' bits: infinities, a NaN, signed zeros and subnormals
+    (with their signs) must come back exactly, as the reference's values and at the reference's columns."""
+    tiny = torch.finfo(dtype).tiny
+    x = torch.randn(6, 32).to(dtype)
+    x[0, [3, 9]] = torch.tensor([float("inf"), float("-inf")], dtype=dtype)
+    x[1, 5] = float("nan")
+    x[1, 6] = -float("inf")
+    x[2] = -0.0
+    x[2, 7] = 0.0
+    x[3] = torch.tensor([tiny / 4, -tiny / 2] * 16, dtype=dtype)  # subnormals, both signs
+    x[4, 0::2] = -x[4, 1::2]
+    values, indices, masked = _poisoned_outputs(x, 8)
+    topk_rows_into(x, 8, values, indices, masked)
+    want = sfa.topk_sparsify(x, 8)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(indices, want.indices)
+    assert torch.equal(values.view(bits), want.values.view(bits))
+    assert torch.equal(masked.view(bits), want.to_dense().view(bits))
