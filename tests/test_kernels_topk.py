@@ -36,8 +36,9 @@ def _poisoned_outputs(x, k):
 @pytest.mark.parametrize("dtype", CPU_DTYPES)
 @pytest.mark.parametrize(
     "dim,k",
-    [(16, 1), (32, 4), (64, 8), (32, 16), (32, 32), (48, 5), (100, 7), (256, 16)],
-    ids=["k1", "k4", "k=D/8", "k=D/2", "k=D", "D48-k5", "D100-k7", "D256-k16"],
+    [(16, 1), (32, 4), (64, 8), (32, 16), (32, 32), (48, 5), (100, 7), (256, 16), (6, 5), (3, 3)],
+    ids=["k1", "k4", "k=D/8", "k=D/2", "k=D", "D48-k5", "D100-k7", "D256-k16", "D6-k5", "D3-k3"],  # the last two:
+    # k rounded up to a power of two exceeds the row's columns, so padding keys reach the top-k slots
 )
 def test_matches_topk_sparsify_bit_exactly(dtype, dim, k):
     x = _with_ties(torch.randn(3, 7, dim).to(dtype))  # 21 rows: two row blocks, the second partial
