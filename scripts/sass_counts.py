@@ -28,6 +28,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -37,7 +38,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from results_out import write_results  # noqa: E402
 
 from sfa.kernels._config import interpreting, next_pow2  # noqa: E402
-from sfa.kernels.decode import GPU_DECODE_CONFIG, GPU_DECODE_CONFIG_WIDE, _decode_split_kernel  # noqa: E402
+from sfa.kernels.decode import (GPU_DECODE_CONFIG, GPU_DECODE_CONFIG_FP32, GPU_DECODE_CONFIG_WIDE,  # noqa: E402
+                                GPU_DENSE_DECODE_CONFIG, GPU_DENSE_DECODE_CONFIG_FP32, GPU_DENSE_DECODE_CONFIG_WIDE,
+                                _decode_split_kernel, _launch_config)
 from sfa.kernels.topk import _GPU_CONFIGS, _topk_rows_kernel  # noqa: E402
 
 BYTES_PER_ISSUE = 128 / 18  # thread instructions an SM issues per byte it receives at the byte floor (docstring)
@@ -45,12 +48,18 @@ TOOLS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
 SASS_LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(?:@!?U?P[0-9T] )?([A-Z0-9]+)[.A-Z0-9]*([^;]*);")
 
 
-def sass(kernel, signature: dict, constexprs: dict, aligned: list[str], num_warps: int, num_stages: int = 3):
-    """[(address, opcode, operands)] of `kernel` compiled for sm_90."""
+def compile_for_sm90(kernel, signature: dict, constexprs: dict, aligned=(), num_warps: int = 4, num_stages: int = 3):
+    """`kernel` through Triton's compiler and ptxas for sm_90, no GPU needed; `aligned` names the arguments
+    Triton's JIT would specialize as 16-divisible (pointers and strides)."""
     names = [p.name for p in kernel.params]
     attrs = {(names.index(n),): [["tt.divisibility", 16]] for n in aligned}
-    compiled = triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": num_warps, "num_stages": num_stages})
+    return triton.compile(ASTSource(kernel, signature, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
+                          options={"num_warps": num_warps, "num_stages": num_stages})
+
+
+def sass(kernel, signature: dict, constexprs: dict, aligned: list[str], num_warps: int, num_stages: int = 3):
+    """[(address, opcode, operands)] of `kernel` compiled for sm_90."""
+    compiled = compile_for_sm90(kernel, signature, constexprs, aligned, num_warps, num_stages)
     with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
         f.write(compiled.asm["cubin"])
         f.flush()
@@ -103,11 +112,15 @@ def decode_keys() -> list[dict]:
     aligned = [n for n in pointers if n != "scale_log2"]
     aligned += [p.name for p in kernel.params if p.name.startswith("stride_") and p.name != "stride_nb"]
     group, d, k = 2, 128, 16
+    tables = {"sfa": (GPU_DECODE_CONFIG, GPU_DECODE_CONFIG_WIDE, GPU_DECODE_CONFIG_FP32),
+              "dense": (GPU_DENSE_DECODE_CONFIG, GPU_DENSE_DECODE_CONFIG_WIDE, GPU_DENSE_DECODE_CONFIG_FP32)}
     rows = []
     for tokens in (1, 4, 8):
         n_rows = next_pow2(group * tokens)
+        q, kv = (torch.empty(1, heads, length, d, dtype=torch.bfloat16, device="meta")
+                 for heads, length in ((8 * group, tokens), (8, 1)))
         for mode in ("sfa", "dense"):
-            plan = dict(GPU_DECODE_CONFIG if n_rows < 16 else GPU_DECODE_CONFIG_WIDE)
+            plan = _launch_config(None, q, kv, kv, *tables[mode])  # the plan decode_into / dense_decode_into take
             ksel = k if mode == "sfa" else 0
             constexprs = dict(GROUP=group, ROWS=n_rows, KSEL=ksel, KSEL_PAD=next_pow2(ksel), DENSE_DIMS=0 if ksel else d,
                               DENSE_PAD=2 if ksel else d, DV=d, DV_PAD=d, BLOCK_L=plan["BLOCK_L"], CAUSAL=True,

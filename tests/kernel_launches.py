@@ -18,8 +18,9 @@ tests/test_kernel_launches.py runs both.
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -95,15 +96,18 @@ def _registered_kernels() -> dict[str, list]:
     return {op: kernels for op, kernels in registry.items() if op.startswith("sfa::")}
 
 
-def _compile_for_hopper(kernel, args: dict) -> None:
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+@functools.cache
+def _sass_counts():
+    """scripts/sass_counts.py, owner of the sm_90 compile (loaded by path: scripts/ is not a package)."""
+    spec = importlib.util.spec_from_file_location("sass_counts", Path(__file__).parent.parent / "scripts" / "sass_counts.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
-    signature, constexprs, options = {}, {}, {"num_warps": 4}
-    for name in ("num_warps", "num_stages"):
-        if name in args:
-            options[name] = args[name]["value"]
+
+def _compile_for_hopper(kernel, args: dict) -> None:
+    options = {name: args[name]["value"] for name in ("num_warps", "num_stages") if name in args}
+    signature, constexprs = {}, {}
     for param in kernel.params:
         arg = args[param.name]
         if param.is_constexpr:
@@ -120,7 +124,7 @@ def _compile_for_hopper(kernel, args: dict) -> None:
         else:  # None: Triton's launcher makes it a constexpr
             signature[param.name] = "constexpr"
             constexprs[param.name] = None
-    triton.compile(ASTSource(kernel, signature, constexprs), target=GPUTarget("cuda", 90, 32), options=options)
+    _sass_counts().compile_for_sm90(kernel, signature, constexprs, **options)
 
 
 def compile_registered(path: Path) -> dict:
@@ -152,14 +156,15 @@ def compile_registered(path: Path) -> dict:
 
 
 if __name__ == "__main__":
+    from sfa.kernels._config import interpreting
+
     command, file = sys.argv[1], Path(sys.argv[2])
-    interpreting = os.environ.get("TRITON_INTERPRET") == "1"
     if command == "capture":
-        if not interpreting:
+        if not interpreting():
             sys.exit("capture runs the kernels on CPU tensors: set TRITON_INTERPRET=1")
         capture(file)
     elif command == "compile":
-        if interpreting:
+        if interpreting():
             sys.exit("compile needs the real Triton compiler: unset TRITON_INTERPRET")
         print(json.dumps(compile_registered(file)))
     else:
