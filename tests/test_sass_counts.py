@@ -35,7 +35,7 @@ def test_script_prints_and_writes_counts_for_both_kernels(tmp_path):
     rows = result["rows"]
     assert {r["case"] for r in rows} == {"topk", "decode"}
     assert [r["config"] for r in rows if r["case"] == "decode"] == [
-        f"{mode} T={t} rows={2 * t if t > 1 else 2}" for t in (1, 4, 8) for mode in ("sfa", "dense")]
+        f"{mode} T={t} rows={2 * t}" for t in (1, 4, 8) for mode in ("sfa", "dense")]  # 2 query heads per KV head
     for r in rows:
         assert r["per_byte"] > 0 and r["config"] in proc.stdout
     dense = {r["thread_instructions_per_key"] for r in rows if r["config"].startswith("dense")}
